@@ -1,0 +1,1 @@
+"""Demo data generator and demo config."""

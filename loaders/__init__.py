@@ -1,0 +1,1 @@
+"""duckswap update path: sources, loading, snapshots and swaps. Never imports aiohttp."""

@@ -1,0 +1,18 @@
+"""What a dataset must look like: lookup key and required, typed columns."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class DatasetSchema:
+    name: str
+    key: tuple[str, ...]
+    columns: Mapping[str, str]
+    required: bool = True
+
+
+class LoadError(Exception):
+    """An export that cannot become a version; the message is the reason shown to operators."""

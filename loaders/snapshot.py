@@ -1,0 +1,140 @@
+"""Versions, frozen Snapshots and the one mutable reference to the current Snapshot.
+
+Each Version is a DuckDB table. Each Snapshot is a schema of views, one per dataset, so an
+endpoint's SQL names datasets plainly and a cursor reads one Snapshot via its search_path.
+Old Snapshots and tables are dropped only after their readers drain.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+import duckdb
+
+from loaders.build import quote_ident
+
+
+@dataclass(frozen=True)
+class Version:
+    dataset: str
+    version_id: str
+    export_id: str
+    table: str
+    rows: int
+    load_seconds: float
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    id: int
+    schema: str
+    versions: Mapping[str, Version] = field(default_factory=lambda: MappingProxyType({}))
+
+    def version_ids(self, datasets: tuple[str, ...]) -> dict[str, str]:
+        return {d: self.versions[d].version_id for d in datasets if d in self.versions}
+
+
+EMPTY = Snapshot(0, "main")
+
+
+class Store:
+    """One in-process DuckDB database; holds the current Snapshot and retires old ones."""
+
+    def __init__(self, threads: int = 2, memory_limit: str | None = None) -> None:
+        config = {"threads": str(threads)}
+        if memory_limit:
+            config["memory_limit"] = memory_limit
+        self.db = duckdb.connect(":memory:", config=config)
+        self.db.execute("SET enable_progress_bar = false")
+        self._admin = self.db.cursor()
+        self._lock = threading.Lock()  # guards reader counts and the live lists
+        self._ddl = threading.Lock()  # one DDL writer at a time
+        self._readers: dict[int, int] = {}
+        self._retiring: list[Snapshot] = []
+        self._ids = itertools.count(1)
+        self._tables = itertools.count(1)
+        self.current: Snapshot = EMPTY
+
+    # -- request path -------------------------------------------------------------------
+    def acquire(self) -> Snapshot:
+        with self._lock:
+            snap = self.current
+            self._readers[snap.id] = self._readers.get(snap.id, 0) + 1
+            return snap
+
+    def release(self, snap: Snapshot) -> None:
+        with self._lock:
+            left = self._readers[snap.id] - 1
+            if left:
+                self._readers[snap.id] = left
+            else:
+                del self._readers[snap.id]
+
+    def cursor(self) -> duckdb.DuckDBPyConnection:
+        return self.db.cursor()
+
+    # -- update path --------------------------------------------------------------------
+    def new_table_name(self, dataset: str, version_id: str) -> str:
+        return f"t_{dataset}_{version_id}_{next(self._tables)}"
+
+    def load_cursor(self) -> duckdb.DuckDBPyConnection:
+        return self.db.cursor()
+
+    def publish(self, version: Version) -> Snapshot:
+        """Make a Snapshot with `version` replacing its dataset's, then swap it in."""
+        with self._ddl:
+            old = self.current
+            versions = dict(old.versions)
+            versions[version.dataset] = version
+            snap_id = next(self._ids)
+            schema = f"s_{snap_id}"
+            self._admin.execute(f"CREATE SCHEMA {schema}")
+            for name, v in versions.items():
+                self._admin.execute(
+                    f"CREATE VIEW {schema}.{quote_ident(name)} AS "
+                    f"SELECT * FROM main.{quote_ident(v.table)}"
+                )
+            snap = Snapshot(snap_id, schema, MappingProxyType(versions))
+            with self._lock:
+                self.current = snap  # the one assignment that publishes
+                if old is not EMPTY:
+                    self._retiring.append(old)
+            return snap
+
+    def has_garbage(self) -> bool:
+        with self._lock:
+            return any(s.id not in self._readers for s in self._retiring)
+
+    def collect(self) -> int:
+        """Drop drained old Snapshots and tables no live Snapshot uses. Idempotent."""
+        with self._ddl:
+            with self._lock:
+                drained = [s for s in self._retiring if s.id not in self._readers]
+                self._retiring = [s for s in self._retiring if s.id in self._readers]
+                live = [self.current, *self._retiring]
+            in_use = {v.table for s in live for v in s.versions.values()}
+            dropped_tables = {
+                v.table for s in drained for v in s.versions.values() if v.table not in in_use
+            }
+            for s in drained:
+                self._admin.execute(f"DROP SCHEMA IF EXISTS {s.schema} CASCADE")
+            for table in sorted(dropped_tables):
+                self._admin.execute(f"DROP TABLE IF EXISTS main.{quote_ident(table)}")
+            return len(drained)
+
+    def drop_table(self, table: str) -> None:
+        with self._ddl:
+            self._admin.execute(f"DROP TABLE IF EXISTS main.{quote_ident(table)}")
+
+    def table_count(self) -> int:
+        row = self.db.cursor().execute(
+            "SELECT count(*) FROM duckdb_tables() WHERE database_name = 'memory'"
+        ).fetchone()
+        return int(row[0]) if row else 0
+
+    def close(self) -> None:
+        self.db.close()

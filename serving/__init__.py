@@ -1,0 +1,1 @@
+"""duckswap HTTP serving layer."""

@@ -1,0 +1,107 @@
+"""The composition root: `duckswap serve | check-config | demo`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from aiohttp import web
+
+DEMO_CONFIG = Path(__file__).resolve().parent.parent / "data" / "demo.toml"
+DEMO_ROOT_ENV = "DUCKSWAP_SOURCE__URL"
+
+
+def _load(config: str | None) -> object:
+    from serving.settings import load_settings
+    from serving.sqlcheck import check_sql
+
+    if config is None:
+        # The bundled demo, with its source in ./duckswap-demo unless the env says otherwise.
+        env = dict(os.environ)
+        env.setdefault(DEMO_ROOT_ENV, f'"file://{Path.cwd() / "duckswap-demo"}"')
+        settings = load_settings(DEMO_CONFIG, env)
+        if not any(settings.source_path.glob("*/export-*")):
+            from data.generate import next_seq, write_export
+
+            print(f"writing demo export into {settings.source_path} ...", file=sys.stderr)
+            write_export(settings.source_path, next_seq(settings.source_path))
+    else:
+        settings = load_settings(config)
+    check_sql(settings)
+    return settings
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from serving.app import create_app
+    from serving.settings import ConfigError, Settings
+
+    try:
+        settings = _load(args.config)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    assert isinstance(settings, Settings)
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    host = args.host or settings.host
+    port = settings.port if args.port is None else args.port
+    logging.getLogger("duckswap").info(
+        "serving %d endpoints from %s on http://%s:%d",
+        len(settings.endpoints), settings.source_url, host, port,
+    )
+    web.run_app(create_app(settings), host=host, port=port, print=None, shutdown_timeout=5)
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from serving.settings import ConfigError, Settings
+
+    try:
+        settings = _load(args.config)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    assert isinstance(settings, Settings)
+    print(f"{args.config}: ok ({len(settings.datasets)} datasets, "
+          f"{len(settings.endpoints)} endpoints)")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from data.generate import next_seq, write_export
+
+    root = Path(args.root)
+    seq = args.seq if args.seq is not None else next_seq(root)
+    for name, folder in write_export(root, seq, args.size, manifest=args.manifest).items():
+        print(f"{name}: {folder}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="duckswap", description="Hot-swappable DuckDB serving")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="serve the endpoints of a config (default: the demo)")
+    serve.add_argument("--config", help="TOML config file; omit to serve the bundled demo")
+    serve.add_argument("--host", default=None)
+    serve.add_argument("--port", type=int, default=None)
+    serve.set_defaults(func=cmd_serve)
+    check = sub.add_parser("check-config", help="validate a config and prepare its SQL")
+    check.add_argument("config")
+    check.set_defaults(func=cmd_check)
+    demo = sub.add_parser("demo", help="write the next demo export (watch a swap happen)")
+    demo.add_argument("--root", default="duckswap-demo", help="source folder (default ./duckswap-demo)")
+    demo.add_argument("--size", choices=["default", "medium", "small"], default="default")
+    demo.add_argument("--seq", type=int, default=None, help="export number (default: next)")
+    demo.add_argument("--manifest", action="store_true", help="write _manifest.json, not _SUCCESS")
+    demo.set_defaults(func=cmd_demo)
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

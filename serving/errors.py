@@ -1,0 +1,53 @@
+"""One error tree, one error shape: {"error": code, "message": ..., "status": ...}."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class ApiError(Exception):
+    status: ClassVar[int] = 500
+    code: ClassVar[str] = "internal_error"
+
+    def __init__(self, message: str, **extra: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.extra = extra
+        self.headers: dict[str, str] = {}
+
+    def body(self) -> dict[str, Any]:
+        return {"error": self.code, "message": self.message, "status": self.status, **self.extra}
+
+
+class BadParameter(ApiError):
+    status = 400
+    code = "bad_parameter"
+
+
+class NotFound(ApiError):
+    status = 404
+    code = "not_found"
+
+
+class MethodNotAllowed(ApiError):
+    status = 405
+    code = "method_not_allowed"
+
+
+class NotReady(ApiError):
+    status = 503
+    code = "not_ready"
+
+    def __init__(self, message: str, retry_after: int = 1, **extra: Any) -> None:
+        super().__init__(message, **extra)
+        self.headers["Retry-After"] = str(retry_after)
+
+
+class QueryTimeout(ApiError):
+    status = 504
+    code = "query_timeout"
+
+
+class QueryFailed(ApiError):
+    status = 500
+    code = "query_failed"

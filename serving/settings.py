@@ -1,0 +1,342 @@
+"""Config parsed at the edge: one frozen Settings object from TOML, then environment overrides.
+
+Every error names the file, the key and what is wrong.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from loaders.schema import DatasetSchema
+
+ENV_PREFIX = "DUCKSWAP_"
+PARAM_TYPES = ("int", "float", "string", "enum", "bool")
+PATH_PARAM_RE = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+# Every documented setting; tests check each appears in README's config table.
+# `*` stands for a name chosen by the user.
+SETTING_KEYS: dict[str, str] = {
+    "server.host": "Address to listen on (default 127.0.0.1).",
+    "server.port": "TCP port (default 8080).",
+    "server.threads": "DuckDB query threads / cursors (default 2).",
+    "server.query_timeout": "Seconds before a query is interrupted and answered 504 (default 5).",
+    "server.log_level": "Python log level (default INFO).",
+    "source.url": "`file://` folder holding `<dataset>/<export-id>/` exports (required).",
+    "source.debounce_ms": "watchfiles debounce in milliseconds (default 200).",
+    "datasets.*.key": "Lookup key columns; the table is sorted by them (required).",
+    "datasets.*.columns": "Required columns and their DuckDB types (required).",
+    "datasets.*.required": "Whether /readyz and endpoints wait for this dataset (default true).",
+    "endpoints.*.path": "Route template, e.g. `/v1/champions/{champion_id}/stats` (required).",
+    "endpoints.*.sql": "SQL with `$name` parameters; values are bound, never pasted (required).",
+    "endpoints.*.datasets": "Datasets the SQL reads (required).",
+    "endpoints.*.row_limit": "Maximum rows returned; more are cut and flagged (default 1000).",
+    "endpoints.*.params.*.type": "`int`, `float`, `string`, `enum` or `bool` (required).",
+    "endpoints.*.params.*.list": "Accept a list (repeated or comma-separated) (default false).",
+    "endpoints.*.params.*.max_items": "Longest list accepted (default 50).",
+    "endpoints.*.params.*.required": "Must be given (default: true unless `default` is set).",
+    "endpoints.*.params.*.default": "Value when absent; absent and not required binds NULL.",
+    "endpoints.*.params.*.min": "Lowest int/float accepted.",
+    "endpoints.*.params.*.max": "Highest int/float accepted.",
+    "endpoints.*.params.*.max_length": "Longest string accepted (default 200).",
+    "endpoints.*.params.*.pattern": "Regular expression a string must match in full.",
+    "endpoints.*.params.*.values": "Allowed values of an enum (required for enum).",
+}
+
+
+class ConfigError(ValueError):
+    """A config that cannot be served; the message names the file and the key."""
+
+    def __init__(self, file: str, key: str, problem: str) -> None:
+        super().__init__(f"{file}: {key}: {problem}")
+        self.file = file
+        self.key = key
+        self.problem = problem
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    name: str
+    type: str
+    is_list: bool = False
+    max_items: int = 50
+    required: bool = True
+    default: Any = None
+    min: float | None = None
+    max: float | None = None
+    max_length: int = 200
+    pattern: str | None = None
+    values: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class EndpointSpec:
+    name: str
+    path: str
+    sql: str
+    datasets: tuple[str, ...]
+    params: Mapping[str, ParamSpec]
+    row_limit: int = 1000
+
+
+@dataclass(frozen=True)
+class Settings:
+    source_url: str
+    datasets: Mapping[str, DatasetSchema]
+    endpoints: Mapping[str, EndpointSpec]
+    host: str = "127.0.0.1"
+    port: int = 8080
+    threads: int = 2
+    query_timeout: float = 5.0
+    log_level: str = "INFO"
+    debounce_ms: int = 200
+    file: str = field(default="<config>", compare=False)
+
+    @property
+    def source_path(self) -> Path:
+        return Path(self.source_url.removeprefix("file://"))
+
+
+class _Reader:
+    """Reads one table of the config, tracking which keys were used."""
+
+    def __init__(self, file: str, prefix: str, table: Any) -> None:
+        self.file = file
+        self.prefix = prefix
+        if not isinstance(table, dict):
+            raise ConfigError(file, prefix or "<root>", "must be a table")
+        self.table: dict[str, Any] = table
+        self.used: set[str] = set()
+
+    def key(self, name: str) -> str:
+        return f"{self.prefix}.{name}" if self.prefix else name
+
+    def fail(self, name: str, problem: str) -> ConfigError:
+        return ConfigError(self.file, self.key(name), problem)
+
+    def get(self, name: str, kind: type | tuple[type, ...], default: Any = ..., ) -> Any:
+        self.used.add(name)
+        if name not in self.table:
+            if default is ...:
+                raise self.fail(name, "missing required key")
+            return default
+        value = self.table[name]
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        if isinstance(value, bool) and bool not in kinds:
+            raise self.fail(name, f"expected {_kind_names(kinds)}, got {value!r}")
+        if not isinstance(value, kinds):
+            raise self.fail(name, f"expected {_kind_names(kinds)}, got {value!r}")
+        return value
+
+    def sub(self, name: str, default: Any = ...) -> _Reader:
+        value = self.get(name, dict, default)
+        return _Reader(self.file, self.key(name), value)
+
+    def finish(self) -> None:
+        unknown = sorted(set(self.table) - self.used)
+        if unknown:
+            raise self.fail(unknown[0], "unknown key")
+
+
+def _kind_names(kinds: tuple[type, ...]) -> str:
+    names = {int: "an integer", float: "a number", str: "a string", bool: "a boolean",
+             list: "a list", dict: "a table"}
+    return " or ".join(names.get(k, k.__name__) for k in kinds)
+
+
+def _positive(r: _Reader, name: str, value: float) -> None:
+    if value <= 0:
+        raise r.fail(name, f"must be positive, got {value!r}")
+
+
+def _parse_param(r: _Reader, name: str) -> ParamSpec:
+    p = r.sub(name)
+    ptype = p.get("type", str)
+    if ptype not in PARAM_TYPES:
+        raise p.fail("type", f"must be one of {', '.join(PARAM_TYPES)}, got {ptype!r}")
+    values = tuple(p.get("values", list, [] if ptype != "enum" else ...))
+    if ptype == "enum" and (not values or not all(isinstance(v, str) for v in values)):
+        raise p.fail("values", "an enum needs a non-empty list of strings")
+    pattern = p.get("pattern", str, None)
+    if pattern is not None:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise p.fail("pattern", f"invalid regular expression: {exc}") from None
+    has_default = "default" in p.table
+    default = p.get("default", (int, float, str, bool, list), None)
+    spec = ParamSpec(
+        name=name,
+        type=ptype,
+        is_list=p.get("list", bool, False),
+        max_items=p.get("max_items", int, 50),
+        required=p.get("required", bool, not has_default),
+        default=default,
+        min=p.get("min", (int, float), None),
+        max=p.get("max", (int, float), None),
+        max_length=p.get("max_length", int, 200),
+        pattern=pattern,
+        values=values,
+    )
+    p.finish()
+    if spec.required and has_default:
+        raise p.fail("default", "a required parameter cannot have a default")
+    if has_default:
+        # Late import keeps settings free of a cycle; params validates the default itself.
+        from serving.params import ParamError, parse_value
+
+        raw = default if isinstance(default, list) else [default]
+        try:
+            parse_value(spec, [str(v).lower() if isinstance(v, bool) else str(v) for v in raw])
+        except ParamError as exc:
+            raise p.fail("default", exc.message) from None
+    return spec
+
+
+def _parse_endpoint(r: _Reader, name: str, datasets: Mapping[str, DatasetSchema]) -> EndpointSpec:
+    e = r.sub(name)
+    path = e.get("path", str)
+    if not path.startswith("/"):
+        raise e.fail("path", f"must start with '/', got {path!r}")
+    sql = e.get("sql", str).strip().rstrip(";").strip()
+    if not sql:
+        raise e.fail("sql", "must not be empty")
+    ds = e.get("datasets", list)
+    if not ds:
+        raise e.fail("datasets", "must name at least one dataset")
+    for d in ds:
+        if d not in datasets:
+            raise e.fail("datasets", f"reads undeclared dataset {d!r}")
+    params_r = e.sub("params", {})
+    params = {pname: _parse_param(params_r, pname) for pname in params_r.table}
+    row_limit = e.get("row_limit", int, 1000)
+    _positive(e, "row_limit", row_limit)
+    e.finish()
+    for pname in PATH_PARAM_RE.findall(path):
+        if pname not in params:
+            raise e.fail("path", f"path parameter {pname!r} has no spec in params")
+        if params[pname].is_list:
+            raise e.fail(f"params.{pname}.list", "a path parameter cannot be a list")
+    used = sql_parameters(sql, r.file, e.key("sql"))
+    for pname in used:
+        if pname not in params:
+            raise e.fail("sql", f"SQL parameter ${pname} has no spec in params")
+    for pname in params:
+        if pname not in used:
+            raise e.fail(f"params.{pname}", "declared but not used in the SQL")
+    return EndpointSpec(name, path, sql, tuple(ds), params, row_limit)
+
+
+def sql_parameters(sql: str, file: str, key: str) -> set[str]:
+    """Named `$parameters` of one SQL statement, as DuckDB's parser sees them."""
+    import duckdb
+
+    try:
+        statements = duckdb.extract_statements(sql)
+    except duckdb.Error as exc:
+        raise ConfigError(file, key, f"SQL does not parse: {exc}") from None
+    if len(statements) != 1:
+        raise ConfigError(file, key, f"must be exactly one statement, got {len(statements)}")
+    stmt = statements[0]
+    if stmt.type != duckdb.StatementType.SELECT:
+        raise ConfigError(file, key, f"must be a SELECT statement, got {stmt.type.name}")
+    return set(stmt.named_parameters)
+
+
+def _parse_dataset(r: _Reader, name: str) -> DatasetSchema:
+    if not NAME_RE.match(name):
+        raise r.fail(name, "dataset names must be SQL identifiers")
+    d = r.sub(name)
+    key = d.get("key", list)
+    cols_r = d.sub("columns")
+    columns = {c: cols_r.get(c, str) for c in cols_r.table}
+    if not columns:
+        raise d.fail("columns", "must declare at least one column")
+    for k in key:
+        if k not in columns:
+            raise d.fail("key", f"key column {k!r} is not in columns")
+    spec = DatasetSchema(name, tuple(key), columns, d.get("required", bool, True))
+    d.finish()
+    return spec
+
+
+def parse_settings(raw: Mapping[str, Any], file: str = "<config>") -> Settings:
+    root = _Reader(file, "", dict(raw))
+    server = root.sub("server", {})
+    source = root.sub("source")
+    ds_r = root.sub("datasets")
+    datasets = {name: _parse_dataset(ds_r, name) for name in ds_r.table}
+    if not datasets:
+        raise root.fail("datasets", "must declare at least one dataset")
+    ep_r = root.sub("endpoints")
+    endpoints = {name: _parse_endpoint(ep_r, name, datasets) for name in ep_r.table}
+    url = source.get("url", str)
+    if not url.startswith("file://"):
+        raise source.fail("url", f"only file:// sources are supported, got {url!r}")
+    settings = Settings(
+        source_url=url,
+        datasets=datasets,
+        endpoints=endpoints,
+        host=server.get("host", str, "127.0.0.1"),
+        port=server.get("port", int, 8080),
+        threads=server.get("threads", int, 2),
+        query_timeout=float(server.get("query_timeout", (int, float), 5.0)),
+        log_level=server.get("log_level", str, "INFO"),
+        debounce_ms=source.get("debounce_ms", int, 200),
+        file=file,
+    )
+    _positive(server, "threads", settings.threads)
+    _positive(server, "query_timeout", settings.query_timeout)
+    if not 0 <= settings.port <= 65535:
+        raise server.fail("port", f"must be 0-65535, got {settings.port}")
+    for r in (server, source, root):
+        r.finish()
+    paths = [e.path for e in endpoints.values()]
+    for e in endpoints.values():
+        if paths.count(e.path) > 1:
+            raise ConfigError(file, f"endpoints.{e.name}.path", f"duplicate path {e.path!r}")
+    return settings
+
+
+def _env_value(text: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_env(raw: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
+    """`DUCKSWAP_SERVER__PORT=9000` sets `server.port`; values are read as TOML, else string."""
+    for name, text in environ.items():
+        if not name.startswith(ENV_PREFIX) or "__" not in name:
+            continue
+        path = [p.lower() for p in name.removeprefix(ENV_PREFIX).split("__")]
+        node = raw
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = _env_value(text)
+    return raw
+
+
+def load_settings(path: str | Path, environ: Mapping[str, str] | None = None) -> Settings:
+    file = str(path)
+    try:
+        raw = tomllib.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(file, "<file>", "no such file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(file, "<file>", f"not valid TOML: {exc}") from None
+    raw = apply_env(raw, os.environ if environ is None else environ)
+    base = Path(path).resolve().parent
+    source = raw.get("source")
+    if isinstance(source, dict) and isinstance(source.get("url"), str):
+        url = source["url"]
+        if url.startswith("file://") and not url.startswith("file:///"):
+            source["url"] = "file://" + str((base / url.removeprefix("file://")).resolve())
+    return parse_settings(raw, file)
