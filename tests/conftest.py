@@ -1,0 +1,131 @@
+"""Shared fixtures: real Parquet exports on disk, real settings, a real server on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from aiohttp.test_utils import TestServer
+
+from serving.app import create_app
+from serving.settings import Settings, load_settings, parse_settings
+
+REPO = Path(__file__).resolve().parent.parent
+DEMO_CONFIG = REPO / "data" / "demo.toml"
+
+
+def write_seq_export(root: Path, seq: int, rows: int = 50, marker: str = "_SUCCESS") -> Path:
+    """A tiny `seqdata` export whose every row carries its export number."""
+    folder = root / "seqdata" / f"export-{seq:06d}"
+    folder.mkdir(parents=True, exist_ok=True)
+    half = rows // 2
+    for part, ks in enumerate((range(half), range(half, rows))):
+        table = pa.table({
+            "k": pa.array(list(ks), pa.int32()),
+            "export_seq": pa.array([seq] * len(ks), pa.int32()),
+            "label": pa.array([f"row-{k}-of-{seq}" for k in ks]),
+        })
+        tmp = folder / f"part-{part:05d}.parquet.part"
+        pq.write_table(table, tmp)
+        tmp.rename(folder / f"part-{part:05d}.parquet")
+    if marker:
+        (folder / marker).write_text("{}" if marker == "_manifest.json" else "")
+    return folder
+
+
+def seq_config(root: Path, **server: Any) -> Settings:
+    raw = {
+        "server": {"threads": 2, **server},
+        "source": {"url": f"file://{root}", "debounce_ms": 20},
+        "datasets": {
+            "seqdata": {
+                "key": ["k"],
+                "columns": {"k": "INTEGER", "export_seq": "INTEGER", "label": "VARCHAR"},
+            }
+        },
+        "endpoints": {
+            "rows": {
+                "path": "/v1/rows",
+                "datasets": ["seqdata"],
+                "sql": "SELECT k, export_seq, label FROM seqdata WHERE k >= $min_k ORDER BY k",
+                "params": {"min_k": {"type": "int", "min": 0, "default": 0}},
+            },
+            "slow": {
+                "path": "/v1/slow",
+                "datasets": ["seqdata"],
+                "sql": "SELECT count(*) AS n FROM range(100000000) a, range(1000000) b "
+                "WHERE a.range * b.range = $x",
+                "params": {"x": {"type": "int"}},
+            },
+        },
+    }
+    return parse_settings(raw, "test.toml")
+
+
+def demo_settings(root: Path) -> Settings:
+    return load_settings(DEMO_CONFIG, {"DUCKSWAP_SOURCE__URL": f'"file://{root}"'})
+
+
+async def wait_for(
+    check: Callable[[], Awaitable[bool]], timeout: float = 30.0, what: str = "condition"
+) -> None:
+    """Poll `check` until it holds or the deadline passes."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if await check():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+class Running:
+    def __init__(self, server: TestServer, session: aiohttp.ClientSession) -> None:
+        self.server = server
+        self.session = session
+        self.app = server.app
+
+    def url(self, path: str) -> str:
+        return str(self.server.make_url(path))
+
+    async def get(self, path: str, **kw: Any) -> tuple[int, Any]:
+        async with self.session.get(self.url(path), **kw) as resp:
+            return resp.status, await resp.json()
+
+    async def wait_ready(self, timeout: float = 60.0) -> None:
+        async def ready() -> bool:
+            status, _ = await self.get("/readyz")
+            return status == 200
+
+        await wait_for(ready, timeout, "/readyz to answer 200")
+
+    async def wait_export(self, path: str, seq: int, timeout: float = 30.0) -> None:
+        async def serving() -> bool:
+            status, body = await self.get(path)
+            return status == 200 and body["data"][0]["export_seq"] == seq
+
+        await wait_for(serving, timeout, f"export {seq} to be served")
+
+
+@pytest.fixture
+async def serve() -> Any:
+    """Start a real server for given settings on a loopback port."""
+    started: list[tuple[TestServer, aiohttp.ClientSession]] = []
+
+    async def start(settings: Settings) -> Running:
+        server = TestServer(create_app(settings), host="127.0.0.1")
+        await server.start_server()
+        session = aiohttp.ClientSession()
+        started.append((server, session))
+        return Running(server, session)
+
+    yield start
+    for server, session in started:
+        await session.close()
+        await server.close()

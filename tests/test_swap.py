@@ -1,0 +1,160 @@
+"""Hot swaps: zero failed requests, one export per response, no leaks, bad exports refused."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import Running, seq_config, wait_for, write_seq_export
+from loaders.snapshot import Store
+from loaders.source import LocalSource
+from loaders.updater import Updater
+from serving.app import STORE, UPDATER
+
+
+async def test_zero_failed_requests_during_30_swaps(tmp_path: Path, serve) -> None:
+    write_seq_export(tmp_path, 1)
+    srv: Running = await serve(seq_config(tmp_path))
+    await srv.wait_ready()
+    stop = asyncio.Event()
+    failures: list[str] = []
+    counts = [0] * 8
+
+    async def client(i: int) -> None:
+        last = 0
+        while not stop.is_set():
+            async with srv.session.get(srv.url("/v1/rows")) as resp:
+                if resp.status != 200:
+                    failures.append(f"client {i}: HTTP {resp.status} {await resp.text()}")
+                    continue
+                body = await resp.json()
+            seqs = {row["export_seq"] for row in body["data"]}
+            if len(seqs) != 1 or len(body["data"]) != 50:
+                failures.append(f"client {i}: mixed or partial rows {sorted(seqs)}")
+                continue
+            (seq,) = seqs
+            if seq < last:
+                failures.append(f"client {i}: went back from export {last} to {seq}")
+            last = seq
+            counts[i] += 1
+
+    clients = [asyncio.create_task(client(i)) for i in range(8)]
+    start = time.monotonic()
+    for seq in range(2, 33):  # 31 new exports
+        await asyncio.to_thread(write_seq_export, tmp_path, seq)
+        await srv.wait_export("/v1/rows", seq)
+    while time.monotonic() - start < 10:
+        await asyncio.sleep(0.05)  # keep the load on for at least 10 s in all
+    stop.set()
+    await asyncio.gather(*clients)
+    assert failures == []
+    assert all(c > 0 for c in counts)
+    status, body = await srv.get("/v1/rows")
+    assert status == 200 and body["data"][0]["export_seq"] == 32
+    assert body["meta"]["versions"]["seqdata"] == srv.app[STORE].current.versions[
+        "seqdata"].version_id
+    ok = [e for e in srv.app[UPDATER].history if e.ok]
+    assert len(ok) == 32
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_no_leak_across_100_swaps(tmp_path: Path) -> None:
+    store = Store(threads=2)
+    updater = Updater(LocalSource(tmp_path), store, seq_config(tmp_path).datasets)
+    cur = store.cursor()
+
+    def swap(seq: int) -> None:
+        folder = write_seq_export(tmp_path, seq, rows=20_000)
+        (event,) = updater.refresh()
+        assert event.ok, event.reason
+        snap = store.acquire()
+        cur.execute(f"SET search_path = '{snap.schema}'")
+        assert cur.execute("SELECT max(export_seq) FROM seqdata").fetchall() == [(seq,)]
+        store.release(snap)
+        store.collect()
+        shutil.rmtree(folder.parent / f"export-{seq - 1:06d}", ignore_errors=True)
+
+    for seq in range(1, 11):
+        swap(seq)
+    rss_10, tables_10 = _rss_bytes(), store.table_count()
+    for seq in range(11, 101):
+        swap(seq)
+    rss_100, tables_100 = _rss_bytes(), store.table_count()
+    assert tables_10 == tables_100 == 1
+    assert rss_100 <= rss_10 * 1.10, (rss_10, rss_100)
+    store.close()
+
+
+async def test_export_without_marker_is_never_loaded(tmp_path: Path, serve) -> None:
+    write_seq_export(tmp_path, 1)
+    srv: Running = await serve(seq_config(tmp_path))
+    await srv.wait_ready()
+    write_seq_export(tmp_path, 2, marker="")
+    write_seq_export(tmp_path, 3)  # a later complete export proves the watcher looked
+    await srv.wait_export("/v1/rows", 3)
+    loaded = [e.export_id for e in srv.app[UPDATER].history]
+    assert "export-000002" not in loaded
+
+
+async def test_folder_renamed_into_place_is_loaded(tmp_path: Path, serve) -> None:
+    write_seq_export(tmp_path, 1)
+    srv: Running = await serve(seq_config(tmp_path))
+    await srv.wait_ready()
+    staged = write_seq_export(tmp_path / "staging", 2)
+    staged.rename(tmp_path / "seqdata" / staged.name)
+    await srv.wait_export("/v1/rows", 2)
+
+
+async def test_unreadable_export_is_refused_and_old_keeps_serving(
+    tmp_path: Path, serve, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.ERROR, logger="duckswap.loader")
+    write_seq_export(tmp_path, 1)
+    srv: Running = await serve(seq_config(tmp_path))
+    await srv.wait_ready()
+    bad = tmp_path / "seqdata" / "export-000002"
+    bad.mkdir()
+    (bad / "part-00000.parquet").write_bytes(b"this is not parquet at all")
+    (bad / "_SUCCESS").write_text("")
+
+    async def refused() -> bool:
+        return any(not e.ok and e.export_id == "export-000002"
+                   for e in srv.app[UPDATER].history)
+
+    await wait_for(refused, 30, "the bad export to be refused")
+    (event,) = [e for e in srv.app[UPDATER].history if not e.ok]
+    assert "part-00000.parquet: not a readable Parquet file" in event.reason
+    assert "refused export seqdata/export-000002" in caplog.text
+    status, body = await srv.get("/v1/rows")
+    assert status == 200 and body["data"][0]["export_seq"] == 1
+    write_seq_export(tmp_path, 3)  # and the next good export still swaps in
+    await srv.wait_export("/v1/rows", 3)
+
+
+async def test_manifest_mismatch_is_refused(tmp_path: Path, serve) -> None:
+    write_seq_export(tmp_path, 1)
+    srv: Running = await serve(seq_config(tmp_path))
+    await srv.wait_ready()
+    folder = write_seq_export(tmp_path, 2, marker="")
+    (folder / "_manifest.json").write_text(
+        '{"files": [{"path": "part-00000.parquet", "rows": 7}, {"path": "part-00001.parquet"}]}'
+    )
+
+    async def refused() -> bool:
+        return any(not e.ok for e in srv.app[UPDATER].history)
+
+    await wait_for(refused, 30, "the export to be refused")
+    (event,) = [e for e in srv.app[UPDATER].history if not e.ok]
+    assert "part-00000.parquet: 25 rows != manifest rows 7" in event.reason
+    status, body = await srv.get("/v1/rows")
+    assert body["data"][0]["export_seq"] == 1
