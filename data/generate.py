@@ -40,7 +40,7 @@ SIZES = {
     # 30 x 10 x 10 x 5 x 170 = 2,550,000 champion_stats rows
     "default": Size(champions=170, patches=30, regions=10, ranks=10, parts=4, matchup_patches=3),
     "medium": Size(champions=60, patches=10, regions=5, ranks=5, parts=2, matchup_patches=2),
-    "small": Size(champions=12, patches=3, regions=2, ranks=3, parts=2, matchup_patches=2),
+    "small": Size(champions=12, patches=3, regions=2, ranks=5, parts=2, matchup_patches=2),
 }
 
 
@@ -67,7 +67,9 @@ def _rand(seed: str) -> str:
 
 def _setup(con: duckdb.DuckDBPyConnection, size: Size, seq: int) -> None:
     patches = patch_names(size.patches)
-    con.execute(f"CREATE TEMP TABLE patch_d AS SELECT * FROM (VALUES {_values(patches)}) t(pi, patch)")
+    con.execute(
+        f"CREATE TEMP TABLE patch_d AS SELECT * FROM (VALUES {_values(patches)}) t(pi, patch)"
+    )
     con.execute(
         f"CREATE TEMP TABLE region_d AS SELECT * FROM (VALUES {_values(REGIONS[: size.regions])})"
         " t(gi, region)"
@@ -147,7 +149,7 @@ def _write_dataset(
     con: duckdb.DuckDBPyConnection, folder: Path, sql: str, parts: int, manifest: bool
 ) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    entries = []
+    entries: list[dict[str, int | str]] = []
     for part in range(parts):
         final = folder / f"part-{part:05d}.parquet"
         tmp = folder / f"part-{part:05d}.parquet.part"
@@ -164,7 +166,7 @@ def _write_dataset(
             "sha256": hashlib.sha256(final.read_bytes()).hexdigest(),
         })
     if manifest:
-        doc = {"files": entries, "rows": sum(e["rows"] for e in entries)}
+        doc = {"files": entries, "rows": sum(int(e["rows"]) for e in entries)}
         (folder / "_manifest.json.part").write_text(json.dumps(doc, indent=2))
         (folder / "_manifest.json.part").rename(folder / "_manifest.json")
     else:

@@ -45,7 +45,7 @@ class Store:
     """One in-process DuckDB database; holds the current Snapshot and retires old ones."""
 
     def __init__(self, threads: int = 2, memory_limit: str | None = None) -> None:
-        config = {"threads": str(threads)}
+        config: dict[str, str | bool | int | float | list[str]] = {"threads": threads}
         if memory_limit:
             config["memory_limit"] = memory_limit
         self.db = duckdb.connect(":memory:", config=config)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Iterable, Mapping
@@ -131,7 +132,5 @@ class Updater:
         while not stop.is_set():
             if self.store.has_garbage():
                 await asyncio.to_thread(self.store.collect)
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=0.1)
-            except TimeoutError:
-                pass

@@ -36,7 +36,9 @@ def _default(value: Any) -> Any:
     return str(value)
 
 
-def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+def json_response(
+    body: Any, status: int = 200, headers: dict[str, str] | None = None
+) -> web.Response:
     return web.Response(
         body=orjson.dumps(body, default=_default, option=orjson.OPT_NON_STR_KEYS),
         status=status,

@@ -94,7 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     check.add_argument("config")
     check.set_defaults(func=cmd_check)
     demo = sub.add_parser("demo", help="write the next demo export (watch a swap happen)")
-    demo.add_argument("--root", default="duckswap-demo", help="source folder (default ./duckswap-demo)")
+    demo.add_argument(
+        "--root", default="duckswap-demo", help="source folder (default ./duckswap-demo)"
+    )
     demo.add_argument("--size", choices=["default", "medium", "small"], default="default")
     demo.add_argument("--seq", type=int, default=None, help="export number (default: next)")
     demo.add_argument("--manifest", action="store_true", help="write _manifest.json, not _SUCCESS")

@@ -40,7 +40,7 @@ def write_seq_export(root: Path, seq: int, rows: int = 50, marker: str = "_SUCCE
     return folder
 
 
-def seq_config(root: Path, **server: Any) -> Settings:
+def seq_config(root: Path, row_limit: int = 1000, **server: Any) -> Settings:
     raw = {
         "server": {"threads": 2, **server},
         "source": {"url": f"file://{root}", "debounce_ms": 20},
@@ -54,6 +54,7 @@ def seq_config(root: Path, **server: Any) -> Settings:
             "rows": {
                 "path": "/v1/rows",
                 "datasets": ["seqdata"],
+                "row_limit": row_limit,
                 "sql": "SELECT k, export_seq, label FROM seqdata WHERE k >= $min_k ORDER BY k",
                 "params": {"min_k": {"type": "int", "min": 0, "default": 0}},
             },

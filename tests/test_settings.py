@@ -1,0 +1,164 @@
+"""Config: errors name the file and the key; check-config prepares SQL; README documents keys."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import DEMO_CONFIG, REPO
+from serving.settings import SETTING_KEYS, ConfigError, load_settings, parse_settings
+from serving.sqlcheck import check_sql
+
+BASE: dict[str, Any] = {
+    "source": {"url": "file:///tmp/x"},
+    "datasets": {"stats": {"key": ["id"], "columns": {"id": "INTEGER", "games": "BIGINT"}}},
+    "endpoints": {
+        "one": {
+            "path": "/v1/stats/{id}",
+            "datasets": ["stats"],
+            "sql": "SELECT * FROM stats WHERE id = $id",
+            "params": {"id": {"type": "int"}},
+        }
+    },
+}
+
+
+def _with(path: str, value: Any) -> dict[str, Any]:
+    raw = copy.deepcopy(BASE)
+    *parents, last = path.split(".")
+    node = raw
+    for p in parents:
+        node = node[p]
+    if value is None:
+        del node[last]
+    else:
+        node[last] = value
+    return raw
+
+
+def _write(tmp_path: Path, raw: dict[str, Any]) -> Path:
+    def toml(v: Any) -> str:
+        if isinstance(v, str):
+            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, list):
+            return "[" + ", ".join(toml(x) for x in v) + "]"
+        if isinstance(v, dict):
+            return "{" + ", ".join(f"{k} = {toml(x)}" for k, x in v.items()) + "}"
+        return str(v)
+
+    lines = []
+    for section, body in raw.items():
+        for name, value in body.items():
+            lines.append(f"{section}.{name} = {toml(value)}")
+    path = tmp_path / "app.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "key", "problem"),
+    [
+        ("source.colour", "blue", "source.colour", "unknown key"),
+        ("endpoints.one.sqll", "x", "endpoints.one.sqll", "unknown key"),
+        ("source.url", None, "source.url", "missing required key"),
+        ("endpoints.one.sql", None, "endpoints.one.sql", "missing required key"),
+        ("endpoints.one.datasets", ["stats", "builds"], "endpoints.one.datasets",
+         "undeclared dataset 'builds'"),
+        ("endpoints.one.sql", "SELECT * FROM stats WHERE id = $id AND games > $min",
+         "endpoints.one.sql", "$min has no spec"),
+        ("endpoints.one.params", {"id": {"type": "integer"}}, "endpoints.one.params.id.type",
+         "must be one of"),
+        ("endpoints.one.params", {"id": {"type": "int", "min": "one"}},
+         "endpoints.one.params.id.min", "expected"),
+        ("endpoints.one.sql", "DELETE FROM stats WHERE id = $id", "endpoints.one.sql",
+         "must be a SELECT"),
+        ("endpoints.one.path", "/v1/stats/{champ}", "endpoints.one.path", "'champ' has no spec"),
+    ],
+)
+def test_config_errors_name_the_key(path: str, value: Any, key: str, problem: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_settings(_with(path, value), "app.toml")
+    assert info.value.key == key
+    assert problem in info.value.problem
+    assert str(info.value).startswith(f"app.toml: {key}: ")
+
+
+@pytest.mark.parametrize(
+    ("sql", "fragment"),
+    [
+        ("SELECT * FROM stats WHERE idd = $id", 'column "idd" not found'),
+        ("SELECT * FROM builds WHERE id = $id", "builds"),
+        ("SELECT sum(games) FROM stats WHERE id = $id GROUP BY nope", "nope"),
+    ],
+)
+def test_sql_that_does_not_prepare_is_rejected(sql: str, fragment: str) -> None:
+    settings = parse_settings(_with("endpoints.one.sql", sql), "app.toml")
+    with pytest.raises(ConfigError) as info:
+        check_sql(settings)
+    assert info.value.key == "endpoints.one.sql"
+    assert fragment in info.value.problem.lower() or fragment in info.value.problem
+
+
+def test_sql_reading_an_undeclared_dataset_is_rejected() -> None:
+    raw = _with("datasets.builds", {"key": ["id"], "columns": {"id": "INTEGER"}})
+    raw["endpoints"]["one"]["sql"] = "SELECT * FROM builds WHERE id = $id"
+    with pytest.raises(ConfigError) as info:
+        check_sql(parse_settings(raw, "app.toml"))
+    assert info.value.key == "endpoints.one.sql"
+
+
+def test_check_config_cli(tmp_path: Path) -> None:
+    ok = subprocess.run(
+        [sys.executable, "-m", "serving.cli", "check-config", str(DEMO_CONFIG)],
+        capture_output=True, text=True, cwd=tmp_path,
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert "ok (4 datasets, 6 endpoints)" in ok.stdout
+    bad = _write(tmp_path, _with("endpoints.one.sql", "SELECT * FROM stats WHERE idd = $id"))
+    res = subprocess.run(
+        [sys.executable, "-m", "serving.cli", "check-config", str(bad)],
+        capture_output=True, text=True, cwd=tmp_path,
+    )
+    assert res.returncode == 2
+    assert f"{bad}: endpoints.one.sql: SQL does not prepare" in res.stderr
+
+
+def test_env_overrides_single_keys(tmp_path: Path) -> None:
+    path = _write(tmp_path, BASE)
+    settings = load_settings(path, {"DUCKSWAP_SERVER__PORT": "9123",
+                                    "DUCKSWAP_SERVER__HOST": "0.0.0.0",
+                                    "DUCKSWAP_SOURCE__URL": "file://data/bucket"})
+    assert settings.port == 9123 and settings.host == "0.0.0.0"
+    assert settings.source_url == f"file://{(tmp_path / 'data' / 'bucket').resolve()}"
+    with pytest.raises(ConfigError) as info:
+        load_settings(path, {"DUCKSWAP_SERVER__PORT": "many"})
+    assert info.value.key == "server.port"
+
+
+def test_bad_toml_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "broken.toml"
+    path.write_text("[source\nurl=")
+    with pytest.raises(ConfigError) as info:
+        load_settings(path, {})
+    assert str(path) in str(info.value) and "not valid TOML" in str(info.value)
+
+
+def test_every_setting_is_in_the_readme() -> None:
+    readme = (REPO / "README.md").read_text()
+    missing = [k for k in SETTING_KEYS if f"`{k}`" not in readme]
+    assert missing == []
+
+
+def test_demo_config_uses_only_documented_keys() -> None:
+    raw = tomllib.loads(DEMO_CONFIG.read_text())
+    for section in ("server", "source"):
+        for key in raw[section]:
+            assert f"{section}.{key}" in SETTING_KEYS
