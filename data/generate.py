@@ -21,7 +21,7 @@ REGIONS = ["na", "euw", "eune", "kr", "br", "jp", "lan", "las", "oce", "tr"]
 RANKS = ["iron", "bronze", "silver", "gold", "platinum", "emerald", "diamond", "master",
          "grandmaster", "challenger"]
 ROLES = ["top", "jungle", "mid", "bot", "support"]
-DATASETS = ("champions", "champion_stats", "champion_builds", "matchups")
+DATASETS = ("patches", "champions", "champion_stats", "champion_builds", "matchups")
 _SYLLABLES = ["ka", "zar", "lu", "mor", "vi", "ash", "en", "tho", "ry", "na", "gal", "io",
               "sek", "dra", "ul", "fen", "qi", "ros", "ta", "bel"]
 
@@ -135,6 +135,14 @@ def _matchups_sql(size: Size) -> str:
     WHERE p.pi >= {size.patches - size.matchup_patches} AND c.champion_id <> e.champion_id"""
 
 
+def _patches_sql() -> str:
+    """The patch calendar: overlays look up the latest patch here, not by scanning stats."""
+    return """
+    SELECT patch, pi + 1 AS release_index, getvariable('seq')::INTEGER AS export_seq,
+           pi % 4 AS gi
+    FROM patch_d"""
+
+
 def _champions_sql() -> str:
     return """
     SELECT champion_id, name, getvariable('seq')::INTEGER AS export_seq, champion_id % 4 AS gi
@@ -187,6 +195,7 @@ def write_export(
     try:
         _setup(con, dims, seq)
         sqls = {
+            "patches": _patches_sql(),
             "champions": _champions_sql(),
             "champion_stats": _stats_sql(dims),
             "champion_builds": _builds_sql(),

@@ -42,7 +42,7 @@ async def demo(tmp_path: Path, serve) -> Running:
 
 def _direct(root: Path, sql: str, params: dict[str, Any]) -> list[dict[str, Any]]:
     con = duckdb.connect()
-    for ds in ("champions", "champion_stats", "champion_builds", "matchups"):
+    for ds in ("patches", "champions", "champion_stats", "champion_builds", "matchups"):
         con.execute(
             f"CREATE VIEW {ds} AS SELECT * FROM read_parquet('{root}/{ds}/export-000001/*.parquet')"
         )

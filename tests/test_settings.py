@@ -121,7 +121,7 @@ def test_check_config_cli(tmp_path: Path) -> None:
         capture_output=True, text=True, cwd=tmp_path,
     )
     assert ok.returncode == 0, ok.stderr
-    assert "ok (4 datasets, 6 endpoints)" in ok.stdout
+    assert "ok (5 datasets, 6 endpoints)" in ok.stdout
     bad = _write(tmp_path, _with("endpoints.one.sql", "SELECT * FROM stats WHERE idd = $id"))
     res = subprocess.run(
         [sys.executable, "-m", "serving.cli", "check-config", str(bad)],
