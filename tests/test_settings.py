@@ -162,3 +162,13 @@ def test_demo_config_uses_only_documented_keys() -> None:
     for section in ("server", "source"):
         for key in raw[section]:
             assert f"{section}.{key}" in SETTING_KEYS
+
+
+def test_serve_refuses_a_wrong_config(tmp_path: Path) -> None:
+    bad = _write(tmp_path, _with("endpoints.one.datasets", ["stats", "builds"]))
+    res = subprocess.run(
+        [sys.executable, "-m", "serving.cli", "serve", "--config", str(bad)],
+        capture_output=True, text=True, cwd=tmp_path, timeout=60,
+    )
+    assert res.returncode == 2
+    assert f"{bad}: endpoints.one.datasets: reads undeclared dataset 'builds'" in res.stderr
