@@ -1,0 +1,1 @@
+"""The duckswap load benchmark: open loop, during swaps, with a CI gate."""

@@ -1,0 +1,286 @@
+"""`python -m bench run | ci | sweep`: drive overlay load at a fixed rate while exports swap."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from bench.mix import DEFAULT_MIX
+from bench.report import Phase, Swap, plot, read_rows, summarise, table
+from data.generate import DATASETS, SIZES, write_export
+
+DEMO_CONFIG = Path(__file__).resolve().parent.parent / "data" / "demo.toml"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _get_json(url: str, timeout: float = 2.0) -> tuple[int, Any]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, None
+    except OSError:
+        return 0, None
+
+
+def _taskset(cpus: str | None) -> list[str]:
+    return ["taskset", "-c", cpus] if cpus else []
+
+
+class Server:
+    """A duckswap server on the demo config, in its own process."""
+
+    def __init__(self, source: Path, cpus: str | None, threads: int) -> None:
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = dict(os.environ, DUCKSWAP_SOURCE__URL=f'"file://{source}"',
+                   DUCKSWAP_SERVER__PORT=str(self.port), DUCKSWAP_SERVER__THREADS=str(threads),
+                   DUCKSWAP_SERVER__LOG_LEVEL="WARNING")
+        self.log = open(source.parent / "server.log", "wb")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [*_taskset(cpus), sys.executable, "-m", "serving.cli", "serve",
+             "--config", str(DEMO_CONFIG)], env=env, stdout=self.log, stderr=subprocess.STDOUT)
+
+    def wait_ready(self, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise SystemExit(f"server exited with {self.proc.returncode}")
+            if _get_json(self.url + "/readyz")[0] == 200:
+                return
+            time.sleep(0.05)
+        raise SystemExit("server did not become ready")
+
+    def peak_rss_kb(self) -> int | None:
+        try:
+            for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+        except OSError:
+            return None
+        return None
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.log.close()
+
+
+def run_loadgen(url: str, rate: float, duration: float, out: Path, args: argparse.Namespace,
+                path: str | None = None) -> subprocess.Popen[bytes]:
+    cmd = [*_taskset(args.loadgen_cpus), sys.executable, "-m", "bench.loadgen", "--url", url,
+           "--rate", str(rate), "--duration", str(duration), "--out", str(out),
+           "--mix", str(args.mix), "--champions", str(SIZES[args.size].champions),
+           "--timeout", str(args.timeout)]
+    if path:
+        cmd += ["--path", path]
+    if args.unique:
+        cmd.append("--unique")
+    return subprocess.Popen(cmd)
+
+
+def swapper(source: Path, staging: Path, url: str, interval: float, stop: threading.Event,
+            swaps: list[Swap], first: int) -> None:
+    """Every `interval` s rename a staged export into the source and time until it is served."""
+    seq = first
+    while not stop.wait(interval):
+        seq += 1
+        staged = [staging / ds / f"export-{seq:06d}" for ds in DATASETS]
+        if not all(p.exists() for p in staged):
+            return
+        _, before = _get_json(url + "/readyz")
+        old = (before or {}).get("versions", {}).get("champion_stats")
+        swap = Swap(seq, time.time())
+        for ds, p in zip(DATASETS, staged, strict=True):
+            (source / ds).mkdir(parents=True, exist_ok=True)
+            p.rename(source / ds / p.name)
+        swap.marker_at = time.time()
+        swaps.append(swap)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not stop.is_set():
+            _, body = _get_json(url + "/readyz")
+            if body and body["versions"].get("champion_stats") not in (None, old):
+                swap.served_at = time.time()
+                break
+            time.sleep(0.02)
+
+
+def one_run(args: argparse.Namespace, rate: float, work: Path, server: Server | None,
+            url: str, source: Path | None, staging: Path | None, first: int,
+            label: str) -> dict[str, Any]:
+    floor = None
+    if args.floor_seconds > 0:
+        out = work / f"{label}-healthz.jsonl"
+        run_loadgen(url, rate, args.floor_seconds, out, args, path="/healthz").wait()
+        floor = Phase("healthz", rate, args.floor_seconds, read_rows(out))
+    out = work / f"{label}-load.jsonl"
+    swaps: list[Swap] = []
+    stop = threading.Event()
+    thread = None
+    if source is not None and staging is not None and args.swap_every > 0:
+        thread = threading.Thread(target=swapper, args=(
+            source, staging, url, args.swap_every, stop, swaps, first), daemon=True)
+    gen = run_loadgen(url, rate, args.duration, out, args)
+    if thread:
+        thread.start()
+    gen.wait()
+    stop.set()
+    if thread:
+        thread.join()
+    phase = Phase("load", rate, args.duration, read_rows(out))
+    summary = summarise(phase, swaps, server.peak_rss_kb() if server else None, floor)
+    summary["label"] = label
+    if phase.rows:
+        plot(phase, swaps, args.out / f"{label}.png",
+             f"duckswap {label}: {rate:.0f} req/s, size {args.size}, swaps every "
+             f"{args.swap_every:g}s")
+    return summary
+
+
+def prepare(args: argparse.Namespace, work: Path, rounds: int) -> tuple[Path, Path]:
+    source, staging = work / "source", work / "staging"
+    write_export(source, 1, args.size)
+    per_run = int(args.duration // args.swap_every) + 1 if args.swap_every > 0 else 0
+    for seq in range(2, 2 + per_run * rounds):
+        write_export(staging, seq, args.size)
+    return source, staging
+
+
+def execute(args: argparse.Namespace, rates: list[float]) -> list[dict[str, Any]]:
+    args.out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="duckswap-bench-"))
+    server = None
+    results: list[dict[str, Any]] = []
+    try:
+        if args.url:
+            url, source, staging = args.url.rstrip("/"), args.source, args.source
+            if source is not None:
+                source, staging = prepare_external(args, work, source, len(rates))
+        else:
+            source, staging = prepare(args, work, len(rates))
+            server = Server(source, args.server_cpus, args.threads)
+            server.wait_ready()
+            url = server.url
+        per_run = int(args.duration // args.swap_every) + 1 if args.swap_every > 0 else 0
+        for i, rate in enumerate(rates):
+            label = f"{args.mode}-{rate:.0f}"
+            s = one_run(args, rate, work, server, url, source, staging, 1 + i * per_run, label)
+            print(f"\n== {label} ==\n{table(s)}", flush=True)
+            results.append(s)
+            if args.mode == "sweep" and not holds(s, args.max_p99_ms):
+                break
+    finally:
+        if server:
+            server.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    (args.out / f"{args.mode}.json").write_text(json.dumps(results, indent=2))
+    return results
+
+
+def prepare_external(args: argparse.Namespace, work: Path, source: Path,
+                     rounds: int) -> tuple[Path, Path]:
+    from data.generate import next_seq
+
+    first = next_seq(source) - 1
+    staging = work / "staging"
+    per_run = int(args.duration // args.swap_every) + 1
+    for seq in range(first + 1, first + 1 + per_run * rounds):
+        write_export(staging, seq, args.size)
+    args.first_seq = first
+    return source, staging
+
+
+def holds(s: dict[str, Any], max_p99: float) -> bool:
+    return bool(s["latency_ms"]["p99"] < max_p99 and s["errors"]["total"] == 0)
+
+
+def gate(s: dict[str, Any], args: argparse.Namespace) -> list[str]:
+    failed = []
+    if s["latency_ms"]["p99"] >= args.max_p99_ms:
+        failed.append(f"p99 {s['latency_ms']['p99']} ms >= bound {args.max_p99_ms} ms")
+    if s["errors"]["total"] > args.max_errors:
+        failed.append(f"{s['errors']['total']} failed requests > bound {args.max_errors}: "
+                      f"{s['errors']} {s['error_statuses']}")
+    if s["swaps"] < args.min_swaps:
+        failed.append(f"{s['swaps']} swaps served < bound {args.min_swaps}")
+    if s["send_rate"] < args.rate * 0.9:
+        failed.append(f"generator sent {s['send_rate']} req/s, under 90% of {args.rate}")
+    return failed
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    p.add_argument("mode", choices=["run", "ci", "sweep"])
+    p.add_argument("--url", help="target a running server instead of starting one")
+    p.add_argument("--source", type=Path, help="with --url: its source folder, for swaps")
+    p.add_argument("--size", choices=sorted(SIZES), default=None)
+    p.add_argument("--rate", type=float, default=None, help="target arrival rate (req/s)")
+    p.add_argument("--duration", type=float, default=None, help="seconds of load per rate")
+    p.add_argument("--swap-every", type=float, default=10.0)
+    p.add_argument("--floor-seconds", type=float, default=None,
+                   help="seconds of /healthz at the same rate first (the floor reference)")
+    p.add_argument("--mix", type=Path, default=DEFAULT_MIX)
+    p.add_argument("--unique", action="store_true", help="every request distinct")
+    p.add_argument("--timeout", type=float, default=5.0, help="per-request timeout (s)")
+    p.add_argument("--threads", type=int, default=2, help="server query threads")
+    p.add_argument("--max-p99-ms", type=float, default=None)
+    p.add_argument("--max-errors", type=int, default=0)
+    p.add_argument("--min-swaps", type=int, default=None)
+    p.add_argument("--rates", default="100,200,300,400,600,800,1200,1600,2400,3200",
+                   help="sweep: rising rates")
+    p.add_argument("--server-cpus", help="taskset CPU list for the server")
+    p.add_argument("--loadgen-cpus", help="taskset CPU list for the load generator")
+    p.add_argument("--out", type=Path, default=Path("bench-results"))
+    args = p.parse_args(argv)
+    defaults = {  # mode: size, rate, duration, floor seconds, p99 bound, min swaps
+        "run": ("default", 200.0, 60.0, 10.0, 100.0, 1),
+        "ci": ("medium", 500.0, 45.0, 8.0, 100.0, 3),
+        "sweep": ("default", 0.0, 20.0, 5.0, 10.0, 0),
+    }[args.mode]
+    for name, value in zip(("size", "rate", "duration", "floor_seconds", "max_p99_ms",
+                            "min_swaps"), defaults, strict=True):
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.url and args.source is None:
+        args.swap_every = 0
+    rates = ([float(r) for r in args.rates.split(",")] if args.mode == "sweep"
+             else [args.rate])
+    results = execute(args, rates)
+    print(f"\nresults: {args.out}/{args.mode}.json and {args.out}/*.png")
+    if args.mode == "sweep":
+        held = [s for s in results if holds(s, args.max_p99_ms)]
+        if held:
+            best = held[-1]
+            print(f"highest rate holding p99 < {args.max_p99_ms} ms with no errors: "
+                  f"{best['target_rate']:.0f} req/s (p50 {best['latency_ms']['p50']} ms, "
+                  f"p99 {best['latency_ms']['p99']} ms, p99.9 {best['latency_ms']['p99.9']} ms)")
+        else:
+            print(f"no rate held p99 < {args.max_p99_ms} ms")
+        return 0
+    failed = gate(results[0], args) if args.mode == "ci" else []
+    if failed:
+        print("BENCH GATE FAILED: " + "; ".join(failed))
+        return 1
+    if args.mode == "ci":
+        print("bench gate passed")
+    return 0

@@ -1,0 +1,106 @@
+"""The benchmark works, its gate can fail, and its generator is open loop."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from bench.report import read_rows
+from data.generate import write_export
+
+REPO = Path(__file__).resolve().parent.parent
+BENCH = [sys.executable, "-m", "bench"]
+SHORT = ["--size", "small", "--rate", "100", "--duration", "6", "--floor-seconds", "1",
+         "--swap-every", "2"]
+
+
+def test_ci_gate_fails_on_an_impossible_bound_and_draws_the_swaps(tmp_path: Path) -> None:
+    res = subprocess.run([*BENCH, "ci", *SHORT, "--max-p99-ms", "0.01", "--min-swaps", "1",
+                          "--out", str(tmp_path)], capture_output=True, text=True, cwd=REPO,
+                         timeout=120)
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert "BENCH GATE FAILED: p99" in res.stdout and ">= bound 0.01 ms" in res.stdout
+    (summary,) = json.loads((tmp_path / "ci.json").read_text())
+    assert summary["errors"]["total"] == 0
+    assert summary["swaps"] >= 1 and all(lag > 0 for lag in summary["freshness_lag_s"])
+    assert summary["healthz_ms"]["count"] == 100
+    png = tmp_path / "ci-100.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_ci_gate_reports_errors_when_the_server_stops(tmp_path: Path) -> None:
+    write_export(tmp_path / "src", 1, "small")
+    port = 18000 + int(time.time() * 1000) % 2000
+    env = {"DUCKSWAP_SOURCE__URL": f'"file://{tmp_path / "src"}"',
+           "DUCKSWAP_SERVER__PORT": str(port)}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "serving.cli", "serve", "--config", str(REPO / "data/demo.toml")],
+        env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.05)  # poll until the server is ready
+        bench = subprocess.Popen(
+            [*BENCH, "ci", "--url", f"http://127.0.0.1:{port}", "--rate", "100", "--duration",
+             "6", "--floor-seconds", "0", "--min-swaps", "0", "--timeout", "1",
+             "--out", str(tmp_path / "out")],
+            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        time.sleep(2)  # the fault: the server dies 2 s into the 6 s run
+        server.kill()
+        out, _ = bench.communicate(timeout=120)
+    finally:
+        server.kill()
+        server.wait()
+    assert bench.returncode == 1, out
+    assert "BENCH GATE FAILED" in out and "failed requests" in out
+    (summary,) = json.loads((tmp_path / "out" / "ci.json").read_text())
+    assert summary["errors"].get("connection", 0) > 0
+    assert 0 < summary["latency_ms"]["count"] == 600
+
+
+async def test_generator_is_open_loop(tmp_path: Path) -> None:
+    """One request at a time is served, 100 ms each; requests are sent at 20/s regardless."""
+    lock = asyncio.Lock()
+
+    async def slow(request: web.Request) -> web.Response:
+        async with lock:
+            await asyncio.sleep(0.1)
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_get("/slow", slow)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    out = tmp_path / "rows.jsonl"
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "bench.loadgen", "--url", str(server.make_url("")),
+            "--path", "/slow", "--rate", "20", "--duration", "2", "--out", str(out),
+            cwd=REPO)
+        assert await proc.wait() == 0
+    finally:
+        await server.close()
+    rows = read_rows(out)
+    assert len(rows) == 40
+    # Sent on schedule: the send lag stays small although the server is 2x over capacity.
+    assert max(r["lag_us"] for r in rows) < 200_000
+    span = max(r["t"] for r in rows) - min(r["t"] for r in rows)
+    assert 1.8 < span < 2.2
+    # Latency counts the queueing: the last request waits for the 39 before it (~4 s total),
+    # where a closed-loop client would report ~100 ms each.
+    lat = sorted(r["lat_us"] / 1e6 for r in rows)
+    assert lat[-1] > 1.5 and lat[len(lat) // 2] > 0.8
