@@ -7,14 +7,18 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from aiohttp import web
+
+if TYPE_CHECKING:
+    from serving.settings import Settings
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "data" / "demo.toml"
 DEMO_ROOT_ENV = "DUCKSWAP_SOURCE__URL"
 
 
-def _load(config: str | None) -> object:
+def _load(config: str | None) -> Settings:
     from serving.settings import load_settings
     from serving.sqlcheck import check_sql
 
@@ -34,16 +38,23 @@ def _load(config: str | None) -> object:
     return settings
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    from serving.app import create_app
-    from serving.settings import ConfigError, Settings
+def _settings_or_none(config: str | None) -> Settings | None:
+    """The validated settings, or None after printing the config error."""
+    from serving.settings import ConfigError
 
     try:
-        settings = _load(args.config)
+        return _load(config)
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
+        return None
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from serving.app import create_app
+
+    settings = _settings_or_none(args.config)
+    if settings is None:
         return 2
-    assert isinstance(settings, Settings)
     logging.basicConfig(
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -59,14 +70,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from serving.settings import ConfigError, Settings
-
-    try:
-        settings = _load(args.config)
-    except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
+    settings = _settings_or_none(args.config)
+    if settings is None:
         return 2
-    assert isinstance(settings, Settings)
     print(f"{args.config}: ok ({len(settings.datasets)} datasets, "
           f"{len(settings.endpoints)} endpoints)")
     return 0
