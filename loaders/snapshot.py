@@ -81,9 +81,6 @@ class Store:
     def new_table_name(self, dataset: str, version_id: str) -> str:
         return f"t_{dataset}_{version_id}_{next(self._tables)}"
 
-    def load_cursor(self) -> duckdb.DuckDBPyConnection:
-        return self.db.cursor()
-
     def publish(self, version: Version) -> Snapshot:
         """Make a Snapshot with `version` replacing its dataset's, then swap it in."""
         with self._ddl:

@@ -71,7 +71,7 @@ class Updater:
             version_id, expected_rows = verify(export)
             validate_files(export, schema, expected_rows)
             table = self.store.new_table_name(export.dataset, version_id)
-            cur = self.store.load_cursor()
+            cur = self.store.cursor()
             try:
                 rows = load_table(cur, export, schema, table)
             finally:
