@@ -18,7 +18,7 @@ from typing import Any
 
 from bench.mix import DEFAULT_MIX
 from bench.report import Phase, Swap, plot, read_rows, summarise, table
-from data.generate import DATASETS, SIZES, write_export
+from data.generate import DATASETS, SIZES, next_seq, write_export
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "data" / "demo.toml"
 
@@ -126,7 +126,7 @@ def swapper(source: Path, staging: Path, url: str, interval: float, stop: thread
 
 
 def one_run(args: argparse.Namespace, rate: float, work: Path, server: Server | None,
-            url: str, source: Path | None, staging: Path | None, first: int,
+            url: str, source: Path | None, staging: Path, first: int,
             label: str) -> dict[str, Any]:
     floor = None
     if args.floor_seconds > 0:
@@ -137,7 +137,7 @@ def one_run(args: argparse.Namespace, rate: float, work: Path, server: Server | 
     swaps: list[Swap] = []
     stop = threading.Event()
     thread = None
-    if source is not None and staging is not None and args.swap_every > 0:
+    if source is not None and args.swap_every > 0:
         thread = threading.Thread(target=swapper, args=(
             source, staging, url, args.swap_every, stop, swaps, first), daemon=True)
     gen = run_loadgen(url, rate, args.duration, out, args)
@@ -157,13 +157,16 @@ def one_run(args: argparse.Namespace, rate: float, work: Path, server: Server | 
     return summary
 
 
-def prepare(args: argparse.Namespace, work: Path, rounds: int) -> tuple[Path, Path]:
-    source, staging = work / "source", work / "staging"
-    write_export(source, 1, args.size)
+def prepare(args: argparse.Namespace, source: Path, staging: Path, rounds: int) -> int:
+    """Stage the exports the swapper will rename in; returns the last sequence already served."""
+    first = next_seq(source) - 1
+    if first == 0:
+        write_export(source, 1, args.size)
+        first = 1
     per_run = int(args.duration // args.swap_every) + 1 if args.swap_every > 0 else 0
-    for seq in range(2, 2 + per_run * rounds):
+    for seq in range(first + 1, first + 1 + per_run * rounds):
         write_export(staging, seq, args.size)
-    return source, staging
+    return first
 
 
 def execute(args: argparse.Namespace, rates: list[float]) -> list[dict[str, Any]]:
@@ -172,19 +175,20 @@ def execute(args: argparse.Namespace, rates: list[float]) -> list[dict[str, Any]
     server = None
     results: list[dict[str, Any]] = []
     try:
+        staging = work / "staging"
+        source = args.source if args.url else work / "source"
+        first = prepare(args, source, staging, len(rates)) if source is not None else 0
         if args.url:
-            url, source, staging = args.url.rstrip("/"), args.source, args.source
-            if source is not None:
-                source, staging = prepare_external(args, work, source, len(rates))
+            url = args.url.rstrip("/")
         else:
-            source, staging = prepare(args, work, len(rates))
             server = Server(source, args.server_cpus, args.threads)
             server.wait_ready()
             url = server.url
         per_run = int(args.duration // args.swap_every) + 1 if args.swap_every > 0 else 0
         for i, rate in enumerate(rates):
             label = f"{args.mode}-{rate:.0f}"
-            s = one_run(args, rate, work, server, url, source, staging, 1 + i * per_run, label)
+            s = one_run(args, rate, work, server, url, source, staging, first + i * per_run,
+                        label)
             print(f"\n== {label} ==\n{table(s)}", flush=True)
             results.append(s)
             if args.mode == "sweep" and not holds(s, args.max_p99_ms):
@@ -195,19 +199,6 @@ def execute(args: argparse.Namespace, rates: list[float]) -> list[dict[str, Any]
         shutil.rmtree(work, ignore_errors=True)
     (args.out / f"{args.mode}.json").write_text(json.dumps(results, indent=2))
     return results
-
-
-def prepare_external(args: argparse.Namespace, work: Path, source: Path,
-                     rounds: int) -> tuple[Path, Path]:
-    from data.generate import next_seq
-
-    first = next_seq(source) - 1
-    staging = work / "staging"
-    per_run = int(args.duration // args.swap_every) + 1
-    for seq in range(first + 1, first + 1 + per_run * rounds):
-        write_export(staging, seq, args.size)
-    args.first_seq = first
-    return source, staging
 
 
 def holds(s: dict[str, Any], max_p99: float) -> bool:
