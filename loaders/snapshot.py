@@ -123,10 +123,6 @@ class Store:
                 self._admin.execute(f"DROP TABLE IF EXISTS main.{quote_ident(table)}")
             return len(drained)
 
-    def drop_table(self, table: str) -> None:
-        with self._ddl:
-            self._admin.execute(f"DROP TABLE IF EXISTS main.{quote_ident(table)}")
-
     def table_count(self) -> int:
         row = self.db.cursor().execute(
             "SELECT count(*) FROM duckdb_tables() WHERE database_name = 'memory'"
