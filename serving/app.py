@@ -120,7 +120,8 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     task = asyncio.create_task(app[UPDATER].run(stop), name="duckswap-updater")
     yield
     stop.set()
-    with contextlib.suppress(asyncio.CancelledError):
+    # A load in flight is abandoned after 5 s: shutdown must not hang on it.
+    with contextlib.suppress(asyncio.CancelledError, TimeoutError):
         await asyncio.wait_for(task, timeout=5)
     app[RUNNER].close()
     store.close()
