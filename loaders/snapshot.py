@@ -33,6 +33,7 @@ class Snapshot:
     id: int
     schema: str
     versions: Mapping[str, Version] = field(default_factory=lambda: MappingProxyType({}))
+    base: int = 0  # the Snapshot this one was staged on
 
     def version_ids(self, datasets: tuple[str, ...]) -> dict[str, str]:
         return {d: self.versions[d].version_id for d in datasets if d in self.versions}
@@ -55,6 +56,7 @@ class Store:
         self._ddl = threading.Lock()  # one DDL writer at a time
         self._readers: dict[int, int] = {}
         self._retiring: list[Snapshot] = []
+        self._staged: list[Snapshot] = []
         self._ids = itertools.count(1)
         self._tables = itertools.count(1)
         self.current: Snapshot = EMPTY
@@ -63,6 +65,12 @@ class Store:
     def acquire(self) -> Snapshot:
         with self._lock:
             snap = self.current
+            self._readers[snap.id] = self._readers.get(snap.id, 0) + 1
+            return snap
+
+    def hold(self, snap: Snapshot) -> Snapshot:
+        """Count one more reader of `snap`, which the caller already holds or just staged."""
+        with self._lock:
             self._readers[snap.id] = self._readers.get(snap.id, 0) + 1
             return snap
 
@@ -83,10 +91,16 @@ class Store:
 
     def publish(self, version: Version) -> Snapshot:
         """Make a Snapshot with `version` replacing its dataset's, then swap it in."""
+        return self.commit(self.stage([version]))
+
+    def stage(self, new: list[Version]) -> Snapshot:
+        """Build, but do not publish, a Snapshot of the current one with `new` replacing
+        their datasets' versions. It can be queried (warmed) before `commit`."""
         with self._ddl:
             old = self.current
             versions = dict(old.versions)
-            versions[version.dataset] = version
+            for version in new:
+                versions[version.dataset] = version
             snap_id = next(self._ids)
             schema = f"s_{snap_id}"
             self._admin.execute(f"CREATE SCHEMA {schema}")
@@ -95,12 +109,29 @@ class Store:
                     f"CREATE VIEW {schema}.{quote_ident(name)} AS "
                     f"SELECT * FROM main.{quote_ident(v.table)}"
                 )
-            snap = Snapshot(snap_id, schema, MappingProxyType(versions))
+            snap = Snapshot(snap_id, schema, MappingProxyType(versions), base=old.id)
             with self._lock:
-                self.current = snap  # the one assignment that publishes
-                if old is not EMPTY:
-                    self._retiring.append(old)
+                self._staged.append(snap)
             return snap
+
+    def commit(self, snap: Snapshot) -> Snapshot:
+        """Publish a staged Snapshot: the one assignment every request reads."""
+        with self._lock:
+            if snap.base != self.current.id:
+                raise RuntimeError(f"snapshot {snap.id} was staged on {snap.base}, "
+                                   f"but {self.current.id} is current")
+            old = self.current
+            self.current = snap
+            self._staged.remove(snap)
+            if old is not EMPTY:
+                self._retiring.append(old)
+            return snap
+
+    def discard(self, snap: Snapshot) -> None:
+        """Forget a staged Snapshot that will not be published; `collect` drops it."""
+        with self._lock:
+            self._staged.remove(snap)
+            self._retiring.append(snap)
 
     def has_garbage(self) -> bool:
         with self._lock:
@@ -112,7 +143,7 @@ class Store:
             with self._lock:
                 drained = [s for s in self._retiring if s.id not in self._readers]
                 self._retiring = [s for s in self._retiring if s.id in self._readers]
-                live = [self.current, *self._retiring]
+                live = [self.current, *self._retiring, *self._staged]
             in_use = {v.table for s in live for v in s.versions.values()}
             dropped_tables = {
                 v.table for s in drained for v in s.versions.values() if v.table not in in_use

@@ -6,7 +6,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import watchfiles
 
 from loaders.build import load_table, validate_files, verify
 from loaders.schema import DatasetSchema, LoadError
-from loaders.snapshot import Store, Version
+from loaders.snapshot import Snapshot, Store, Version
 from loaders.source import Export, LocalSource, is_ignored
 
 log = logging.getLogger("duckswap.loader")
@@ -37,17 +38,22 @@ class Updater:
         store: Store,
         schemas: Mapping[str, DatasetSchema],
         debounce_ms: int = 200,
+        before_publish: Callable[[Snapshot], object] | None = None,
     ) -> None:
         self.source = source
         self.store = store
         self.schemas = dict(schemas)
         self.debounce_ms = debounce_ms
+        self.before_publish = before_publish
         self.refused: dict[tuple[str, str], str] = {}
         self.history: list[LoadEvent] = []
+        self.outcomes: Counter[tuple[str, str]] = Counter()
 
     def refresh(self, datasets: Iterable[str] | None = None) -> list[LoadEvent]:
-        """Load the newest complete export of each dataset if it is not served yet."""
+        """Load the newest complete export of each dataset not served yet, and publish them
+        together in one Snapshot (after `before_publish`, which warms it)."""
         events = []
+        built: list[Version] = []
         for name in sorted(self.schemas if datasets is None else set(datasets)):
             if name not in self.schemas:
                 continue
@@ -60,10 +66,30 @@ class Updater:
                 continue
             if (name, newest.export_id) in self.refused:
                 continue
-            events.append(self._load(newest))
+            event, version = self._build(newest)
+            events.append(event)
+            if version is not None:
+                built.append(version)
+        if built:
+            self._publish(built)
         return events
 
-    def _load(self, export: Export) -> LoadEvent:
+    def _publish(self, built: list[Version]) -> None:
+        start = time.perf_counter()
+        snap = self.store.stage(built)
+        if self.before_publish is not None:
+            try:
+                self.before_publish(snap)
+            except Exception:  # warming is an optimisation: never block a publish
+                log.exception("warming snapshot %d failed; publishing it cold", snap.id)
+        self.store.commit(snap)
+        log.info(
+            "published %s in %.3fs after the build",
+            ", ".join(f"{v.dataset}/{v.export_id} as {v.version_id}" for v in built),
+            time.perf_counter() - start,
+        )
+
+    def _build(self, export: Export) -> tuple[LoadEvent, Version | None]:
         schema = self.schemas[export.dataset]
         start = time.perf_counter()
         table = None
@@ -80,7 +106,6 @@ class Updater:
                 export.dataset, version_id, export.export_id, table, rows,
                 time.perf_counter() - start,
             )
-            self.store.publish(version)
         except (LoadError, OSError) as exc:
             reason = str(exc)
             self.refused[(export.dataset, export.export_id)] = reason
@@ -91,17 +116,22 @@ class Updater:
                 "refused export %s/%s: %s (previous version keeps serving)",
                 export.dataset, export.export_id, reason,
             )
-        else:
-            event = LoadEvent(
-                export.dataset, export.export_id, True, "", version.load_seconds, version_id
-            )
-            log.info(
-                "swapped in %s/%s as version %s: %d rows in %.3fs",
-                export.dataset, export.export_id, version_id, rows, version.load_seconds,
-            )
+            self._record(event)
+            return event, None
+        event = LoadEvent(
+            export.dataset, export.export_id, True, "", version.load_seconds, version_id
+        )
+        log.info(
+            "built %s/%s as version %s: %d rows in %.3fs",
+            export.dataset, export.export_id, version_id, rows, version.load_seconds,
+        )
+        self._record(event)
+        return event, version
+
+    def _record(self, event: LoadEvent) -> None:
+        self.outcomes[(event.dataset, "ok" if event.ok else "refused")] += 1
         self.history.append(event)
         del self.history[:-1000]
-        return event
 
     def _watch_filter(self, change: watchfiles.Change, path: str) -> bool:
         return not is_ignored(Path(path).name)

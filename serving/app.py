@@ -4,21 +4,36 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import decimal
+import hashlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-import orjson
 from aiohttp import web
 
-from loaders.snapshot import Store
+from loaders.snapshot import Snapshot, Store
 from loaders.source import LocalSource
 from loaders.updater import Updater
+from serving.cache import Popularity, ResponseCache
 from serving.errors import ApiError, BadParameter, MethodNotAllowed, NotFound, NotReady
-from serving.params import ParamError, bind_params
+from serving.metrics import CONTENT_TYPE, CollectorRegistry, Metrics, render
+from serving.params import ParamError, bind_params, cache_key
 from serving.query import QueryRunner
+from serving.responses import (
+    IMMUTABLE,
+    NO_STORE,
+    TOKEN_LENGTH,
+    Entry,
+    dumps,
+    encode_body,
+    etag,
+    fingerprint,
+    if_none_match,
+    token,
+    versions_header,
+)
 from serving.settings import EndpointSpec, Settings
+from serving.warm import Warmer
 
 log = logging.getLogger("duckswap.server")
 
@@ -26,25 +41,22 @@ SETTINGS = web.AppKey("settings", Settings)
 STORE = web.AppKey("store", Store)
 RUNNER = web.AppKey("runner", QueryRunner)
 UPDATER = web.AppKey("updater", Updater)
+WARMER = web.AppKey("warmer", Warmer)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-def _default(value: Any) -> Any:
-    if isinstance(value, decimal.Decimal):
-        return float(value)
-    return str(value)
 
 
 def json_response(
     body: Any, status: int = 200, headers: dict[str, str] | None = None
 ) -> web.Response:
     return web.Response(
-        body=orjson.dumps(body, default=_default, option=orjson.OPT_NON_STR_KEYS),
-        status=status,
-        content_type="application/json",
-        headers=headers,
+        body=dumps(body), status=status, content_type="application/json", headers=headers
     )
+
+
+def error_response(err: ApiError) -> web.Response:
+    """Errors are never cached: a CDN must not pin a 404 or a 503 under a data URL."""
+    return json_response(err.body(), err.status, {"Cache-Control": NO_STORE, **err.headers})
 
 
 @web.middleware
@@ -52,50 +64,193 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         return await handler(request)
     except ApiError as exc:
-        return json_response(exc.body(), exc.status, exc.headers)
+        return error_response(exc)
     except web.HTTPNotFound:
-        err: ApiError = NotFound(f"no route for {request.path}")
-        return json_response(err.body(), err.status)
+        return error_response(NotFound(f"no route for {request.path}"))
     except web.HTTPMethodNotAllowed:
-        err = MethodNotAllowed(f"{request.method} is not allowed on {request.path}")
-        return json_response(err.body(), err.status)
+        return error_response(
+            MethodNotAllowed(f"{request.method} is not allowed on {request.path}")
+        )
     except web.HTTPException:
         raise
     except Exception:
         log.exception("unhandled error on %s", request.path)
-        return json_response(ApiError("internal error").body(), 500)
+        return error_response(ApiError("internal error"))
+
+
+class Serving:
+    """Request-path state: version tokens per Snapshot, the response cache, popularity."""
+
+    def __init__(self, settings: Settings, store: Store) -> None:
+        self.store = store
+        self.endpoints = settings.endpoints
+        self.fingerprints = {n: fingerprint(e) for n, e in settings.endpoints.items()}
+        self.cache = ResponseCache(int(settings.cache_mb * 2**20))
+        self.popularity = Popularity(settings.warm_keys)
+        self._tokens: dict[int, dict[str, str]] = {}
+        self._pointer: tuple[int, bytes, str] | None = None
+
+    def tokens(self, snap: Snapshot) -> dict[str, str]:
+        """Token of every endpoint whose datasets are all loaded in `snap` (memoised)."""
+        tokens = self._tokens.get(snap.id)
+        if tokens is None:
+            tokens = {}
+            for name, spec in self.endpoints.items():
+                versions = snap.version_ids(spec.datasets)
+                if len(versions) == len(spec.datasets):
+                    tokens[name] = token(self.fingerprints[name], versions)
+            if len(self._tokens) >= 8:
+                del self._tokens[min(self._tokens)]
+            self._tokens[snap.id] = tokens
+        return tokens
+
+    def pointer(self) -> tuple[bytes, str]:
+        """The encoded `/v1/version` document of the current Snapshot and its ETag."""
+        snap = self.store.current
+        if self._pointer is None or self._pointer[0] != snap.id:
+            tokens = self.tokens(snap)
+            body = dumps({
+                "datasets": {
+                    n: {"version": v.version_id, "export_id": v.export_id, "rows": v.rows}
+                    for n, v in sorted(snap.versions.items())
+                },
+                "endpoints": {
+                    n: {"path": e.path, "token": tokens.get(n)}
+                    for n, e in self.endpoints.items()
+                },
+            })
+            tag = '"' + hashlib.blake2b(body, digest_size=8).hexdigest() + '"'
+            self._pointer = (snap.id, body, tag)
+        return self._pointer[1], self._pointer[2]
+
+
+SERVING = web.AppKey("serving", Serving)
+REGISTRY = web.AppKey("registry", CollectorRegistry)
+
+
+def _entry_response(entry: Entry, version_token: str, cache_control: str) -> web.Response:
+    return web.Response(body=entry.body, headers={
+        "Content-Type": "application/json",
+        "ETag": entry.etag,
+        "Cache-Control": cache_control,
+        "X-Duckswap-Token": version_token,
+        "X-Duckswap-Versions": entry.versions_header,
+    })
 
 
 def endpoint_handler(spec: EndpointSpec) -> Handler:
-    datasets = spec.datasets
+    name = spec.name
 
     async def handle(request: web.Request) -> web.StreamResponse:
+        app = request.app
+        serving = app[SERVING]
+        raw, wanted = _query(request)
         try:
-            params = bind_params(spec.params, request.match_info, _query(request))
+            params = bind_params(spec.params, request.match_info, raw)
         except ParamError as exc:
             raise BadParameter(f"{exc.name}: {exc.message}", parameter=exc.name) from None
-        result = await request.app[RUNNER].run(spec.sql, datasets, params, spec.row_limit)
-        cols = result.columns
-        body = {
-            "data": [dict(zip(cols, row, strict=True)) for row in result.rows],
-            "meta": {
-                "endpoint": spec.name,
-                "versions": result.versions,
-                "rows": len(result.rows),
-                "truncated": result.truncated,
-            },
-        }
-        header = ",".join(f"{d}={v}" for d, v in result.versions.items())
-        return json_response(body, headers={"X-Duckswap-Versions": header})
+        key = cache_key(params)
+        serving.popularity.seen(name, key)
+        cache = serving.cache
+        store = serving.store
+        snap = store.acquire()
+        try:
+            tok = serving.tokens(snap).get(name)
+            if tok is None:
+                missing = [d for d in spec.datasets if d not in snap.versions]
+                raise NotReady(f"dataset {missing[0]!r} has no loaded version yet",
+                               missing=missing)
+            if wanted is not None and wanted != tok:
+                held = cache.peek((wanted, key))
+                if held is not None:  # an older version's exact bytes: still true for its URL
+                    return _entry_response(held, wanted, IMMUTABLE)
+                return _moved(request, tok)
+            cache_control = spec.cache_control if wanted is None else IMMUTABLE
+            tag = etag(tok, key)
+            if if_none_match(request.headers.get("If-None-Match"), tag):
+                return web.Response(status=304, headers={
+                    "ETag": tag, "Cache-Control": cache_control, "X-Duckswap-Token": tok})
+            entry = cache.get((tok, key))
+            if entry is None:
+                entry = await _compute(app, spec, snap, tok, key, params)
+            return _entry_response(entry, tok, cache_control)
+        finally:
+            store.release(snap)
 
     return handle
 
 
-def _query(request: web.Request) -> dict[str, list[str]]:
+async def _compute(app: web.Application, spec: EndpointSpec, snap: Snapshot, tok: str,
+                   key: tuple[Any, ...], params: dict[str, Any]) -> Entry:
+    """Query once per key and version: concurrent misses for the same key wait for one."""
+    cache = app[SERVING].cache
+    ck = (tok, key)
+    pending = cache.inflight.get(ck)
+    if pending is not None:
+        cache.coalesced += 1
+        return await asyncio.shield(pending)
+    fut: asyncio.Future[Entry] = asyncio.get_running_loop().create_future()
+    fut.add_done_callback(_consume)
+    cache.inflight[ck] = fut
+    try:
+        result = await app[RUNNER].run(spec.sql, spec.datasets, params, spec.row_limit, snap)
+        versions = snap.version_ids(spec.datasets)
+        entry = Entry(
+            encode_body(spec, tok, versions, result.columns, result.rows, result.truncated),
+            etag(tok, key),
+            versions_header(versions),
+        )
+        cache.put(ck, entry)
+        fut.set_result(entry)
+        return entry
+    except asyncio.CancelledError:
+        fut.cancel()
+        raise
+    except BaseException as exc:
+        fut.set_exception(exc)
+        raise
+    finally:
+        del cache.inflight[ck]
+
+
+def _consume(fut: asyncio.Future[Entry]) -> None:
+    if not fut.cancelled():
+        fut.exception()
+
+
+def _moved(request: web.Request, current: str) -> web.Response:
+    """`?v=` names a version this process does not hold: point at the current one, uncached."""
+    location = str(request.rel_url.update_query(v=current))
+    body = {"error": "version_not_held", "status": 307, "token": current,
+            "message": "this server does not hold that version; follow Location for the "
+                       "current one"}
+    return json_response(body, 307, {"Location": location, "Cache-Control": NO_STORE})
+
+
+def _query(request: web.Request) -> tuple[dict[str, list[str]], str | None]:
+    """Query parameters, and the `v` version token if one was given."""
     out: dict[str, list[str]] = {}
+    wanted = None
     for key, value in request.query.items():
-        out.setdefault(key, []).append(value)
-    return out
+        if key == "v":
+            if wanted is not None:
+                raise BadParameter("v: expected a single version token", parameter="v")
+            if len(value) != TOKEN_LENGTH or value.strip("0123456789abcdef"):
+                raise BadParameter(f"v: expected a {TOKEN_LENGTH}-character version token "
+                                   "from /v1/version", parameter="v")
+            wanted = value
+        else:
+            out.setdefault(key, []).append(value)
+    return out, wanted
+
+
+async def version_pointer(request: web.Request) -> web.Response:
+    """`/v1/version`: current dataset versions and every endpoint's token. Tiny, short TTL."""
+    body, tag = request.app[SERVING].pointer()
+    headers = {"ETag": tag, "Cache-Control": request.app[SETTINGS].version_cache_control}
+    if if_none_match(request.headers.get("If-None-Match"), tag):
+        return web.Response(status=304, headers=headers)
+    return web.Response(body=body, content_type="application/json", headers=headers)
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -107,16 +262,22 @@ async def readyz(request: web.Request) -> web.Response:
     snap = request.app[STORE].current
     missing = [n for n, d in settings.datasets.items() if d.required and n not in snap.versions]
     if missing:
-        err = NotReady("waiting for datasets to load", missing=missing)
-        return json_response(err.body(), err.status, err.headers)
+        return error_response(NotReady("waiting for datasets to load", missing=missing))
     versions = {n: v.version_id for n, v in snap.versions.items()}
     return json_response({"status": "ready", "versions": versions})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus text format: cache hit ratio, loads and refusals, dataset versions, warming."""
+    return web.Response(body=render(request.app[REGISTRY]),
+                        headers={"Content-Type": CONTENT_TYPE, "Cache-Control": NO_STORE})
 
 
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     store = app[STORE]
     stop = asyncio.Event()
+    app[WARMER].loop = asyncio.get_running_loop()
     task = asyncio.create_task(app[UPDATER].run(stop), name="duckswap-updater")
     yield
     stop.set()
@@ -133,14 +294,25 @@ def create_app(settings: Settings) -> web.Application:
     store = Store(threads=settings.threads)
     source_root = settings.source_path
     source_root.mkdir(parents=True, exist_ok=True)
+    serving = Serving(settings, store)
+    warmer = Warmer(store, serving.cache, serving.popularity, settings.endpoints,
+                    serving.fingerprints, settings.warm_seconds, settings.warm_keys)
     app[SETTINGS] = settings
     app[STORE] = store
+    app[SERVING] = serving
+    app[WARMER] = warmer
     app[RUNNER] = QueryRunner(store, settings.threads, settings.query_timeout)
     app[UPDATER] = Updater(
-        LocalSource(source_root), store, settings.datasets, debounce_ms=settings.debounce_ms
+        LocalSource(source_root), store, settings.datasets, debounce_ms=settings.debounce_ms,
+        before_publish=warmer,
     )
+    app[REGISTRY] = CollectorRegistry()
+    app[REGISTRY].register(Metrics(store, serving.cache, app[UPDATER], warmer))
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    app.router.add_get("/v1/version", version_pointer)
+    if settings.metrics:
+        app.router.add_get("/metrics", metrics)
     for spec in settings.endpoints.values():
         app.router.add_get(spec.path, endpoint_handler(spec), name=spec.name)
     app.cleanup_ctx.append(_lifecycle)

@@ -43,10 +43,16 @@ def _scalar(spec: ParamSpec, text: str) -> Scalar:
             return False
         raise ParamError(name, f"expected true or false, got {text!r}")
     elif t == "enum":
+        if spec.ignore_case:
+            for v in spec.values:
+                if v.lower() == text.lower():
+                    return v
         if text not in spec.values:
             raise ParamError(name, f"expected one of {', '.join(spec.values)}, got {text!r}")
         return text
     else:
+        if spec.ignore_case:
+            text = text.lower()
         if len(text) > spec.max_length:
             raise ParamError(name, f"expected at most {spec.max_length} characters")
         if spec.pattern is not None and not re.fullmatch(spec.pattern, text):
@@ -68,14 +74,19 @@ def parse_value(spec: ParamSpec, raw: Sequence[str]) -> Scalar | list[Scalar]:
     items = [part for text in raw for part in text.split(",") if part != ""]
     if len(items) > spec.max_items:
         raise ParamError(spec.name, f"expected at most {spec.max_items} items")
-    return [_scalar(spec, item) for item in items]
+    values = [_scalar(spec, item) for item in items]
+    if spec.unordered:
+        values = sorted(set(values))
+    return values
 
 
 def _default(spec: ParamSpec) -> Any:
     d = spec.default
     if d is None:
         return [] if spec.is_list else None
-    return list(d) if isinstance(d, list) else d
+    if isinstance(d, list):
+        return sorted(set(d)) if spec.unordered else list(d)
+    return d
 
 
 def bind_params(
@@ -98,3 +109,8 @@ def bind_params(
             continue
         bound[name] = parse_value(spec, raw)
     return bound
+
+
+def cache_key(bound: Mapping[str, Any]) -> tuple[Any, ...]:
+    """Hashable normalised form of bound values (spec order, so spelling does not matter)."""
+    return tuple(tuple(v) if isinstance(v, list) else v for v in bound.values())

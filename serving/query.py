@@ -56,19 +56,22 @@ class QueryRunner:
         cur = self._cursor(job.snapshot.schema)
         job.cursor = cur
         try:
-            cur.execute(f"SELECT * FROM ({job.sql}) AS q LIMIT {job.limit + 1}", job.params)
-            rows = cur.fetchall()
-            columns = [d[0] for d in cur.description or []]
+            return execute(cur, job.sql, job.params, job.limit)
         finally:
             job.cursor = None
-        return Result(columns, rows[: job.limit], len(rows) > job.limit)
 
     async def run(
-        self, sql: str, datasets: tuple[str, ...], params: dict[str, Any], limit: int
+        self,
+        sql: str,
+        datasets: tuple[str, ...],
+        params: dict[str, Any],
+        limit: int,
+        snapshot: Snapshot | None = None,
     ) -> Result:
-        """Run on the current Snapshot, held until the query ends (even past its deadline)."""
+        """Run on `snapshot` (default: the current one), held until the query ends (even
+        past its deadline)."""
         store = self.store
-        snap = store.acquire()
+        snap = store.acquire() if snapshot is None else store.hold(snapshot)
         missing = [d for d in datasets if d not in snap.versions]
         if missing:
             store.release(snap)
@@ -94,6 +97,17 @@ class QueryRunner:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def execute(
+    cur: duckdb.DuckDBPyConnection, sql: str, params: dict[str, Any], limit: int
+) -> Result:
+    """One endpoint query on a cursor whose search_path is a Snapshot; one extra row tells
+    whether the answer was cut at `limit`."""
+    cur.execute(f"SELECT * FROM ({sql}) AS q LIMIT {limit + 1}", params)
+    rows = cur.fetchall()
+    columns = [d[0] for d in cur.description or []]
+    return Result(columns, rows[:limit], len(rows) > limit)
 
 
 def _consume(fut: asyncio.Future[Result]) -> None:

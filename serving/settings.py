@@ -28,6 +28,12 @@ SETTING_KEYS: dict[str, str] = {
     "server.threads": "DuckDB query threads / cursors (default 2).",
     "server.query_timeout": "Seconds before a query is interrupted and answered 504 (default 5).",
     "server.log_level": "Python log level (default INFO).",
+    "server.cache_mb": "Byte budget of the response cache in MiB; 0 turns it off (default 256).",
+    "server.warm_seconds": "Time budget for computing responses before a publish (default 2).",
+    "server.warm_keys": "Most popular keys per endpoint replayed before a publish (default 20000).",
+    "server.version_cache_control": "`Cache-Control` of `/v1/version` (default "
+    "`public, max-age=1`).",
+    "server.metrics": "Serve Prometheus metrics on `/metrics` (default true).",
     "source.url": "`file://` folder holding `<dataset>/<export-id>/` exports (required).",
     "source.debounce_ms": "watchfiles debounce in milliseconds (default 200).",
     "datasets.*.key": "Lookup key columns; the table is sorted by them (required).",
@@ -37,6 +43,10 @@ SETTING_KEYS: dict[str, str] = {
     "endpoints.*.sql": "SQL with `$name` parameters; values are bound, never pasted (required).",
     "endpoints.*.datasets": "Datasets the SQL reads (required).",
     "endpoints.*.row_limit": "Maximum rows returned; more are cut and flagged (default 1000).",
+    "endpoints.*.cache_control": "`Cache-Control` without `?v=` (default "
+    "`public, max-age=5, stale-while-revalidate=30`).",
+    "endpoints.*.warm": "Compute this endpoint's popular responses before a publish "
+    "(default true).",
     "endpoints.*.params.*.type": "`int`, `float`, `string`, `enum` or `bool` (required).",
     "endpoints.*.params.*.list": "Accept a list (repeated or comma-separated) (default false).",
     "endpoints.*.params.*.max_items": "Longest list accepted (default 50).",
@@ -47,6 +57,10 @@ SETTING_KEYS: dict[str, str] = {
     "endpoints.*.params.*.max_length": "Longest string accepted (default 200).",
     "endpoints.*.params.*.pattern": "Regular expression a string must match in full.",
     "endpoints.*.params.*.values": "Allowed values of an enum (required for enum).",
+    "endpoints.*.params.*.ignore_case": "Match an enum or string case-insensitively; the value "
+    "is normalised (default false).",
+    "endpoints.*.params.*.unordered": "A list whose order and repeats do not matter; it is "
+    "sorted and deduplicated (default false).",
 }
 
 
@@ -73,6 +87,12 @@ class ParamSpec:
     max_length: int = 200
     pattern: str | None = None
     values: tuple[str, ...] = ()
+    ignore_case: bool = False
+    unordered: bool = False
+
+
+DEFAULT_CACHE_CONTROL = "public, max-age=5, stale-while-revalidate=30"
+RESERVED_PATHS = ("/healthz", "/readyz", "/metrics", "/v1/version", "/admin")
 
 
 @dataclass(frozen=True)
@@ -83,6 +103,8 @@ class EndpointSpec:
     datasets: tuple[str, ...]
     params: Mapping[str, ParamSpec]
     row_limit: int = 1000
+    cache_control: str = DEFAULT_CACHE_CONTROL
+    warm: bool = True
 
 
 @dataclass(frozen=True)
@@ -96,6 +118,11 @@ class Settings:
     query_timeout: float = 5.0
     log_level: str = "INFO"
     debounce_ms: int = 200
+    cache_mb: float = 256.0
+    warm_seconds: float = 2.0
+    warm_keys: int = 20000
+    version_cache_control: str = "public, max-age=1"
+    metrics: bool = True
     file: str = field(default="<config>", compare=False)
 
     @property
@@ -183,8 +210,16 @@ def _parse_param(r: _Reader, name: str) -> ParamSpec:
         max_length=p.get("max_length", int, 200),
         pattern=pattern,
         values=values,
+        ignore_case=p.get("ignore_case", bool, False),
+        unordered=p.get("unordered", bool, False),
     )
     p.finish()
+    if spec.ignore_case and ptype not in ("enum", "string"):
+        raise p.fail("ignore_case", "applies to enum and string parameters only")
+    if spec.unordered and not spec.is_list:
+        raise p.fail("unordered", "applies to list parameters only")
+    if spec.ignore_case and ptype == "enum" and len({v.lower() for v in values}) != len(values):
+        raise p.fail("values", "values differ only in case, so ignore_case is ambiguous")
     if spec.required and has_default:
         raise p.fail("default", "a required parameter cannot have a default")
     if has_default:
@@ -204,6 +239,9 @@ def _parse_endpoint(r: _Reader, name: str, datasets: Mapping[str, DatasetSchema]
     path = e.get("path", str)
     if not path.startswith("/"):
         raise e.fail("path", f"must start with '/', got {path!r}")
+    for reserved in RESERVED_PATHS:
+        if path == reserved or path.startswith(reserved + "/"):
+            raise e.fail("path", f"{reserved} is reserved by the server")
     sql = e.get("sql", str).strip().rstrip(";").strip()
     if not sql:
         raise e.fail("sql", "must not be empty")
@@ -215,8 +253,12 @@ def _parse_endpoint(r: _Reader, name: str, datasets: Mapping[str, DatasetSchema]
             raise e.fail("datasets", f"reads undeclared dataset {d!r}")
     params_r = e.sub("params", {})
     params = {pname: _parse_param(params_r, pname) for pname in params_r.table}
+    if "v" in params:
+        raise params_r.fail("v", "`v` is reserved for version tokens (`?v=`)")
     row_limit = e.get("row_limit", int, 1000)
     _positive(e, "row_limit", row_limit)
+    cache_control = e.get("cache_control", str, DEFAULT_CACHE_CONTROL)
+    warm = e.get("warm", bool, True)
     e.finish()
     for pname in PATH_PARAM_RE.findall(path):
         if pname not in params:
@@ -230,7 +272,7 @@ def _parse_endpoint(r: _Reader, name: str, datasets: Mapping[str, DatasetSchema]
     for pname in params:
         if pname not in used:
             raise e.fail(f"params.{pname}", "declared but not used in the SQL")
-    return EndpointSpec(name, path, sql, tuple(ds), params, row_limit)
+    return EndpointSpec(name, path, sql, tuple(ds), params, row_limit, cache_control, warm)
 
 
 def sql_parameters(sql: str, file: str, key: str) -> set[str]:
@@ -289,8 +331,16 @@ def parse_settings(raw: Mapping[str, Any], file: str = "<config>") -> Settings:
         query_timeout=float(server.get("query_timeout", (int, float), 5.0)),
         log_level=server.get("log_level", str, "INFO"),
         debounce_ms=source.get("debounce_ms", int, 200),
+        cache_mb=float(server.get("cache_mb", (int, float), 256.0)),
+        warm_seconds=float(server.get("warm_seconds", (int, float), 2.0)),
+        warm_keys=server.get("warm_keys", int, 20000),
+        version_cache_control=server.get("version_cache_control", str, "public, max-age=1"),
+        metrics=server.get("metrics", bool, True),
         file=file,
     )
+    for name in ("cache_mb", "warm_seconds", "warm_keys"):
+        if getattr(settings, name) < 0:
+            raise server.fail(name, f"must not be negative, got {getattr(settings, name)!r}")
     _positive(server, "threads", settings.threads)
     _positive(server, "query_timeout", settings.query_timeout)
     if not 0 <= settings.port <= 65535:

@@ -1,0 +1,106 @@
+"""Response cache (bytes per version token and normalised parameters) and key popularity.
+
+Only the event loop touches these objects; the warmer reaches them through the loop.
+Entries are keyed by the endpoint's version token, so a swap of a dataset an endpoint does not
+read leaves its entries valid, and entries of replaced versions simply age out of the LRU.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import Iterable
+from typing import Any
+
+from cachetools import LRUCache
+
+from serving.responses import Entry
+
+Key = tuple[str, tuple[Any, ...]]  # (version token, normalised parameters)
+
+
+class ResponseCache:
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._lru: LRUCache[Key, Entry] = LRUCache(
+            maxsize=max(1, max_bytes), getsizeof=Entry.size
+        )
+        self.inflight: dict[Key, asyncio.Future[Entry]] = {}
+        self.hits = 0
+        self.misses = 0
+        self.coalesced = 0
+        self.warmed = 0
+
+    def get(self, key: Key) -> Entry | None:
+        entry = self._lru.get(key)
+        if entry is None:
+            self.misses += 1
+        else:
+            self.hits += 1
+        return entry
+
+    def peek(self, key: Key) -> Entry | None:
+        """Look up without counting (for `?v=` of versions that may not be current)."""
+        return self._lru.get(key)
+
+    def put(self, key: Key, entry: Entry) -> None:
+        if entry.size() <= self.max_bytes:
+            self._lru[key] = entry
+
+    def put_many(self, items: Iterable[tuple[Key, Entry]]) -> int:
+        n = 0
+        for key, entry in items:
+            self.put(key, entry)
+            n += 1
+        self.warmed += n
+        return n
+
+    def __contains__(self, key: Key) -> bool:
+        return key in self._lru
+
+    @property
+    def bytes(self) -> int:
+        return int(self._lru.currsize)
+
+    def __len__(self) -> int:
+        return len(self._lru)
+
+    def stats(self) -> dict[str, Any]:
+        looked = self.hits + self.misses
+        return {
+            "entries": len(self._lru),
+            "bytes": self.bytes,
+            "max_bytes": self.max_bytes,
+            "hits": self.hits,
+            "misses": self.misses,
+            "coalesced": self.coalesced,
+            "warmed": self.warmed,
+            "hit_ratio": round(self.hits / looked, 4) if looked else None,
+        }
+
+
+class Popularity:
+    """Request counts per endpoint and normalised parameters, bounded; the warmer's guide.
+
+    Counts are halved when a table outgrows twice its limit, so old favourites fade.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._counts: dict[str, Counter[tuple[Any, ...]]] = {}
+
+    def seen(self, endpoint: str, key: tuple[Any, ...]) -> None:
+        if not self.limit:
+            return
+        counts = self._counts.get(endpoint)
+        if counts is None:
+            counts = self._counts[endpoint] = Counter()
+        counts[key] += 1
+        if len(counts) > 2 * self.limit:
+            kept = counts.most_common(self.limit)
+            counts.clear()
+            counts.update({k: max(1, c // 2) for k, c in kept})
+
+    def hottest(self, endpoint: str, n: int) -> list[tuple[Any, ...]]:
+        counts = self._counts.get(endpoint)
+        return [k for k, _ in counts.most_common(n)] if counts else []

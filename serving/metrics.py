@@ -1,0 +1,72 @@
+"""Prometheus metrics, read from the live objects at scrape time (nothing on the request path)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from loaders.snapshot import Store
+from loaders.updater import Updater
+
+if TYPE_CHECKING:
+    from serving.cache import ResponseCache
+    from serving.warm import Warmer
+
+__all__ = ["CONTENT_TYPE", "CollectorRegistry", "Metrics", "render"]
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+def render(registry: CollectorRegistry) -> bytes:
+    return generate_latest(registry)
+
+
+class Metrics(Collector):
+    def __init__(self, store: Store, cache: ResponseCache, updater: Updater,
+                 warmer: Warmer) -> None:
+        self.store = store
+        self.cache = cache
+        self.updater = updater
+        self.warmer = warmer
+
+    def collect(self) -> Iterator[Metric]:
+        c = self.cache
+        lookups = CounterMetricFamily("duckswap_cache_lookups", "Response cache lookups",
+                                      labels=["result"])
+        lookups.add_metric(["hit"], c.hits)
+        lookups.add_metric(["miss"], c.misses)
+        yield lookups
+        yield CounterMetricFamily("duckswap_cache_coalesced",
+                                  "Misses that waited for an identical query in flight",
+                                  value=c.coalesced)
+        yield CounterMetricFamily("duckswap_cache_warmed",
+                                  "Responses computed before a publish", value=c.warmed)
+        yield GaugeMetricFamily("duckswap_cache_bytes", "Bytes held by the response cache",
+                                value=c.bytes)
+        yield GaugeMetricFamily("duckswap_cache_entries", "Responses held", value=len(c))
+        loads = CounterMetricFamily("duckswap_loads", "Exports built, by outcome",
+                                    labels=["dataset", "outcome"])
+        for (dataset, outcome), n in sorted(self.updater.outcomes.items()):
+            loads.add_metric([dataset, outcome], n)
+        yield loads
+        refused = GaugeMetricFamily("duckswap_refused_exports", "Exports refused, not retried",
+                                    labels=["dataset"])
+        per: dict[str, int] = {}
+        for dataset, _ in self.updater.refused:
+            per[dataset] = per.get(dataset, 0) + 1
+        for dataset, n in sorted(per.items()):
+            refused.add_metric([dataset], n)
+        yield refused
+        info = GaugeMetricFamily("duckswap_dataset_rows", "Rows of the served version",
+                                 labels=["dataset", "version", "export_id"])
+        for name, v in sorted(self.store.current.versions.items()):
+            info.add_metric([name, v.version_id, v.export_id], v.rows)
+        yield info
+        last = self.warmer.last
+        yield GaugeMetricFamily("duckswap_warm_last_seconds", "Duration of the last warm",
+                                value=last.seconds if last else 0.0)
+        yield GaugeMetricFamily("duckswap_warm_last_entries", "Responses of the last warm",
+                                value=last.entries if last else 0)

@@ -1,0 +1,104 @@
+"""Encoded endpoint responses: version tokens, ETags and the bytes every path serves.
+
+A response is a pure function of (endpoint spec, versions of the datasets it reads, normalised
+parameters), so it is computed once and served as bytes: from the cache, after a warm, or from a
+query. All three paths encode through `encode_body`, so they are byte-identical.
+"""
+
+from __future__ import annotations
+
+import decimal
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from serving.settings import EndpointSpec
+
+IMMUTABLE = "public, max-age=31536000, immutable"
+NO_STORE = "no-store"
+TOKEN_LENGTH = 16
+
+
+def _default(value: Any) -> Any:
+    if isinstance(value, decimal.Decimal):
+        return float(value)
+    return str(value)
+
+
+def dumps(body: Any) -> bytes:
+    return orjson.dumps(body, default=_default, option=orjson.OPT_NON_STR_KEYS)
+
+
+def _digest(data: bytes, size: int) -> str:
+    return hashlib.blake2b(data, digest_size=size).hexdigest()
+
+
+def fingerprint(spec: EndpointSpec) -> bytes:
+    """Everything about an endpoint that shapes its answers; a config change changes tokens."""
+    params = {n: repr(p) for n, p in spec.params.items()}
+    return dumps([spec.name, spec.sql, spec.datasets, spec.row_limit, params])
+
+
+def token(spec_fingerprint: bytes, versions: Mapping[str, str]) -> str:
+    """The endpoint's version token: it changes only when a dataset it reads changes."""
+    parts = "\n".join(f"{d}={v}" for d, v in sorted(versions.items())).encode()
+    return _digest(spec_fingerprint + b"\0" + parts, TOKEN_LENGTH // 2)
+
+
+def etag(version_token: str, key: tuple[Any, ...]) -> str:
+    """Strong validator: version token plus normalised parameters."""
+    return f'"{version_token}-{_digest(dumps(key), 8)}"'
+
+
+def encode_body(
+    spec: EndpointSpec,
+    version_token: str,
+    versions: Mapping[str, str],
+    columns: list[str],
+    rows: list[tuple[Any, ...]],
+    truncated: bool,
+) -> bytes:
+    return dumps({
+        "data": [dict(zip(columns, row, strict=True)) for row in rows],
+        "meta": {
+            "endpoint": spec.name,
+            "token": version_token,
+            "versions": dict(versions),
+            "rows": len(rows),
+            "truncated": truncated,
+        },
+    })
+
+
+@dataclass(slots=True)
+class Entry:
+    """One cached response."""
+
+    body: bytes
+    etag: str
+    versions_header: str
+
+    def size(self) -> int:
+        return len(self.body) + len(self.etag) + len(self.versions_header) + 200
+
+
+def versions_header(versions: Mapping[str, str]) -> str:
+    return ",".join(f"{d}={v}" for d, v in versions.items())
+
+
+def if_none_match(header: str | None, current: str) -> bool:
+    """RFC 9110 weak comparison for If-None-Match: `*`, a list, `W/` prefixes."""
+    if not header:
+        return False
+    if header.strip() == "*":
+        return True
+    for part in header.split(","):
+        tag = part.strip()
+        if tag.startswith("W/"):
+            tag = tag[2:]
+        if tag == current:
+            return True
+    return False

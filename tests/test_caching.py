@@ -1,0 +1,272 @@
+"""CDN-native responses: version pointer, versioned URLs, ETags, the response cache, warming."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import DEMO_CONFIG, Running, demo_settings, wait_for, write_seq_export
+from data.generate import write_export
+from serving.app import SERVING
+from serving.responses import IMMUTABLE, etag
+from serving.settings import DEFAULT_CACHE_CONTROL, Settings, load_settings, parse_settings
+from serving.warm import batch_sql, enumerate_keys
+
+STATS = "/v1/champions/3/stats?role=mid&rank=gold&region=na"
+
+
+async def _raw(srv: Running, path: str, **kw: Any) -> tuple[int, Any, bytes]:
+    async with srv.session.get(srv.url(path), allow_redirects=False, **kw) as resp:
+        return resp.status, resp.headers.copy(), await resp.read()
+
+
+async def _demo(serve: Any, root: Path, **server: Any) -> Running:
+    env = {f"DUCKSWAP_SERVER__{k.upper()}": str(v) for k, v in server.items()}
+    settings = load_settings(DEMO_CONFIG, {"DUCKSWAP_SOURCE__URL": f'"file://{root}"', **env})
+    srv: Running = await serve(settings)
+    await srv.wait_ready()
+    return srv
+
+
+@pytest.fixture
+async def demo(tmp_path: Path, serve: Any) -> Running:
+    write_export(tmp_path, 1, size="small")
+    return await _demo(serve, tmp_path)
+
+
+async def _pointer(srv: Running) -> dict[str, Any]:
+    status, body = await srv.get("/v1/version")
+    assert status == 200
+    return body
+
+
+async def test_pointer_lists_versions_and_tokens_with_a_short_ttl(demo: Running) -> None:
+    status, headers, _ = await _raw(demo, "/v1/version")
+    assert status == 200
+    assert headers["Cache-Control"] == "public, max-age=1"
+    assert "Vary" not in headers
+    body = await _pointer(demo)
+    assert set(body["datasets"]) == {"patches", "champions", "champion_stats",
+                                     "champion_builds", "matchups"}
+    assert body["datasets"]["champion_stats"]["export_id"] == "export-000001"
+    tokens = {n: e["token"] for n, e in body["endpoints"].items()}
+    assert all(len(t) == 16 for t in tokens.values())
+    assert len(set(tokens.values())) == len(tokens)  # each endpoint its own token
+    status, _, _ = await _raw(demo, "/v1/version", headers={"If-None-Match": headers["ETag"]})
+    assert status == 304
+
+
+async def test_cache_headers_versioned_and_unversioned(demo: Running) -> None:
+    tok = (await _pointer(demo))["endpoints"]["champion_stats"]["token"]
+    status, headers, plain = await _raw(demo, STATS)
+    assert status == 200
+    assert headers["Cache-Control"] == DEFAULT_CACHE_CONTROL
+    assert headers["X-Duckswap-Token"] == tok
+    assert "Vary" not in headers
+    status, headers, versioned = await _raw(demo, f"{STATS}&v={tok}")
+    assert status == 200
+    assert headers["Cache-Control"] == IMMUTABLE == "public, max-age=31536000, immutable"
+    assert "Vary" not in headers
+    assert versioned == plain
+
+
+async def test_errors_are_not_cached(demo: Running) -> None:
+    for path in ("/v1/champions/x/stats?role=mid", "/nope", "/v1/champions/3/stats"):
+        status, headers, _ = await _raw(demo, path)
+        assert status in (400, 404)
+        assert headers["Cache-Control"] == "no-store"
+
+
+async def test_if_none_match_answers_304_before_any_query(demo: Running) -> None:
+    status, headers, _ = await _raw(demo, STATS)
+    tag = headers["ETag"]
+    assert tag.startswith('"') and tag.endswith('"')  # strong
+    for header in (tag, f'"other", {tag}', f"W/{tag}", "*"):
+        status, h304, body = await _raw(demo, STATS, headers={"If-None-Match": header})
+        assert status == 304, header
+        assert h304["ETag"] == tag and body == b""
+    # A key never asked for: its ETag is known from the token, and 304 runs no query.
+    cache = demo.app[SERVING].cache
+    tok = (await _pointer(demo))["endpoints"]["champion_stats"]["token"]
+    key = (7, "top", "iron", "kr", None)
+    misses, entries = cache.misses, len(cache)
+    status, _, _ = await _raw(demo, "/v1/champions/7/stats?role=top&rank=iron&region=kr",
+                              headers={"If-None-Match": etag(tok, key)})
+    assert status == 304
+    assert (cache.misses, len(cache)) == (misses, entries)
+    status, _, _ = await _raw(demo, STATS, headers={"If-None-Match": '"stale"'})
+    assert status == 200
+
+
+async def test_equivalent_spellings_share_one_entry(demo: Running) -> None:
+    cache = demo.app[SERVING].cache
+    spellings = [
+        "/v1/tierlist/mid?ranks=gold,iron&region=na",
+        "/v1/tierlist/MID?region=NA&ranks=iron&ranks=gold",
+        "/v1/tierlist/mid?ranks=iron,gold,gold&region=na&min_games=1000&limit=20",
+    ]
+    before = len(cache)
+    bodies, tags = set(), set()
+    for path in spellings:
+        status, headers, body = await _raw(demo, path)
+        assert status == 200, body
+        bodies.add(body)
+        tags.add(headers["ETag"])
+    assert len(cache) == before + 1
+    assert len(bodies) == 1 and len(tags) == 1
+    # Defaults spelled out or left out are the same request too.
+    _, h1, _ = await _raw(demo, "/v1/champions/3/stats?role=mid")
+    _, h2, _ = await _raw(demo, "/v1/champions/3/stats?role=mid&rank=platinum&region=euw")
+    assert h1["ETag"] == h2["ETag"]
+
+
+async def test_version_not_held_redirects_uncached(demo: Running, tmp_path: Path) -> None:
+    status, headers, _ = await _raw(demo, f"{STATS}&v=0123456789abcdef")
+    tok = (await _pointer(demo))["endpoints"]["champion_stats"]["token"]
+    assert status == 307
+    assert headers["Cache-Control"] == "no-store"
+    assert f"v={tok}" in headers["Location"] and "role=mid" in headers["Location"]
+    status, _, body = await _raw(demo, f"{STATS}&v=not-a-token")
+    assert status == 400 and b'"parameter":"v"' in body
+    # An old version's exact bytes stay valid under its own URL while this process holds them.
+    _, _, old_body = await _raw(demo, f"{STATS}&v={tok}")
+    write_export(tmp_path, 2, size="small")
+
+    async def moved() -> bool:
+        return (await _pointer(demo))["endpoints"]["champion_stats"]["token"] != tok
+
+    await wait_for(moved, what="the new version")
+    status, headers, body = await _raw(demo, f"{STATS}&v={tok}")
+    assert status == 200 and body == old_body
+    assert headers["Cache-Control"] == IMMUTABLE
+    status, _, _ = await _raw(demo, f"/v1/champions/9/stats?role=top&v={tok}")
+    assert status == 307  # never computed for the old version: not held
+
+
+def _two_datasets(root: Path) -> Settings:
+    cols = {"k": "INTEGER", "export_seq": "INTEGER", "label": "VARCHAR"}
+    return parse_settings({
+        "source": {"url": f"file://{root}", "debounce_ms": 20},
+        "datasets": {"seqdata": {"key": ["k"], "columns": cols},
+                     "other": {"key": ["k"], "columns": cols}},
+        "endpoints": {
+            "rows": {"path": "/v1/rows", "datasets": ["seqdata"],
+                     "sql": "SELECT k, export_seq FROM seqdata WHERE k = $k",
+                     "params": {"k": {"type": "int"}}},
+            "other": {"path": "/v1/other", "datasets": ["other"],
+                      "sql": "SELECT k, export_seq FROM other WHERE k = $k",
+                      "params": {"k": {"type": "int"}}},
+        },
+    }, "two.toml")
+
+
+async def test_swap_of_one_dataset_keeps_other_tokens_and_entries(
+    tmp_path: Path, serve: Any
+) -> None:
+    write_seq_export(tmp_path, 1)
+    write_seq_export(tmp_path / "o", 1)
+    (tmp_path / "o" / "seqdata").rename(tmp_path / "other")
+    srv: Running = await serve(_two_datasets(tmp_path))
+    await srv.wait_ready()
+    before = (await _pointer(srv))["endpoints"]
+    _, h_other, b_other = await _raw(srv, "/v1/other?k=3")
+    cache = srv.app[SERVING].cache
+    write_seq_export(tmp_path, 2)
+    await srv.wait_export("/v1/rows?k=3", 2)
+    after = (await _pointer(srv))["endpoints"]
+    assert after["rows"]["token"] != before["rows"]["token"]
+    assert after["other"]["token"] == before["other"]["token"]
+    hits = cache.hits
+    _, h2, b2 = await _raw(srv, "/v1/other?k=3")
+    assert cache.hits == hits + 1  # still the same entry
+    assert (h2["ETag"], b2) == (h_other["ETag"], b_other)
+
+
+async def test_warmed_swap_serves_first_requests_from_cache(demo: Running, tmp_path: Path) -> None:
+    hot = [STATS, "/v1/champions/1/stats?role=top", "/v1/matchups/1/2?role=support",
+           "/v1/champions/4/builds?role=bot", "/v1/champions/2/trend?role=jungle"]
+    for path in hot:
+        for _ in range(3):
+            assert (await _raw(demo, path))[0] == 200
+    old = (await _pointer(demo))["endpoints"]
+    write_export(tmp_path, 2, size="small")
+
+    async def swapped() -> bool:
+        return (await _pointer(demo))["endpoints"]["champion_stats"]["token"] != \
+            old["champion_stats"]["token"]
+
+    await wait_for(swapped, what="export 2")
+    cache = demo.app[SERVING].cache
+    misses = cache.misses
+    for path in hot:
+        status, headers, body = await _raw(demo, path)
+        assert status == 200
+        assert b"export-000002" not in body  # meta carries versions, not export ids
+        assert headers["X-Duckswap-Token"] != old[_endpoint_of(path)]["token"]
+    assert cache.misses == misses, "a request after the swap had to run its query"
+    # The small tier-list space (role x region) was enumerated before the publish, too.
+    assert (await _raw(demo, "/v1/tierlist/top?region=kr"))[0] == 200
+    assert cache.misses == misses
+
+
+def _endpoint_of(path: str) -> str:
+    for prefix, name in (("/v1/matchups", "matchup"), ("/builds", "champion_builds"),
+                         ("/trend", "champion_trend"), ("/stats", "champion_stats")):
+        if prefix in path:
+            return name
+    raise AssertionError(path)
+
+
+async def test_cached_and_warmed_bytes_equal_uncached(tmp_path: Path, serve: Any) -> None:
+    write_export(tmp_path, 1, size="small")
+    cached = await _demo(serve, tmp_path)
+    uncached = await _demo(serve, tmp_path, cache_mb=0)
+    paths = [STATS, "/v1/champions/12/stats?role=bot&rank=iron&region=euw&patch=25.01",
+             "/v1/tierlist/mid?min_games=10&limit=5", "/v1/champions/2/trend?role=jungle",
+             "/v1/champions/4/builds?role=bot&limit=3", "/v1/matchups/1/2?role=support",
+             "/v1/champions?prefix=a", "/v1/champions/99/stats?role=mid"]
+    for path in paths:
+        first = await _raw(cached, path)
+        second = await _raw(cached, path)
+        plain = await _raw(uncached, path)
+        assert first[0] == 200
+        assert first[2] == second[2] == plain[2], path
+        assert first[1]["ETag"] == plain[1]["ETag"]
+    warmed_before = cached.app[SERVING].cache.warmed
+    write_export(tmp_path, 2, size="small")
+    for srv in (cached, uncached):
+        async def moved(s: Running = srv) -> bool:
+            return (await _pointer(s))["datasets"]["champion_stats"]["export_id"] == \
+                "export-000002"
+        await wait_for(moved, what="export 2")
+    assert cached.app[SERVING].cache.warmed > warmed_before
+    misses = cached.app[SERVING].cache.misses
+    for path in paths:
+        assert (await _raw(cached, path))[2] == (await _raw(uncached, path))[2], path
+    assert cached.app[SERVING].cache.misses == misses  # all of them were warmed
+    assert uncached.app[SERVING].cache.hits == 0
+
+
+async def test_hit_ratio_is_in_metrics(demo: Running) -> None:
+    for _ in range(3):
+        await _raw(demo, STATS)
+    status, headers, body = await _raw(demo, "/metrics")
+    assert status == 200 and headers["Content-Type"].startswith("text/plain")
+    text = body.decode()
+    assert 'duckswap_cache_lookups_total{result="hit"} 2.0' in text
+    assert 'duckswap_loads_total{dataset="champion_stats",outcome="ok"} 1.0' in text
+    assert "duckswap_cache_bytes" in text
+
+
+def test_batch_rewrite_and_enumeration(tmp_path: Path) -> None:
+    eps = demo_settings(tmp_path).endpoints
+    sql = batch_sql(eps["champion_stats"])
+    assert sql is not None and '__k."champion_id"' in sql and "$" not in sql
+    assert batch_sql(eps["tier_list"]) is None  # many rows per key: order matters
+    assert enumerate_keys(eps["champion_stats"]) == []  # champion_id is unbounded
+    keys = enumerate_keys(eps["tier_list"])
+    assert len(keys) == 5 * 11  # role x (region values + absent)
+    assert {k["ranks"] for k in map(lambda k: {"ranks": tuple(k["ranks"])}, keys)} == {
+        ("diamond", "emerald", "platinum")}
