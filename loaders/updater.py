@@ -5,9 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +22,16 @@ from loaders.snapshot import Snapshot, Store, Version
 from loaders.source import Export, LocalSource, is_ignored
 
 log = logging.getLogger("duckswap.loader")
+
+
+def lower_priority(nice: int) -> None:
+    """Raise this thread's nice value (Linux schedules threads separately); best effort."""
+    if nice <= 0 or not hasattr(os, "setpriority"):
+        return
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+    except OSError as exc:
+        log.warning("could not lower the loader thread's priority: %s", exc)
 
 
 @dataclass(frozen=True)
@@ -39,12 +52,17 @@ class Updater:
         schemas: Mapping[str, DatasetSchema],
         debounce_ms: int = 200,
         before_publish: Callable[[Snapshot], object] | None = None,
+        nice: int = 0,
     ) -> None:
         self.source = source
         self.store = store
         self.schemas = dict(schemas)
         self.debounce_ms = debounce_ms
         self.before_publish = before_publish
+        # Builds, warming and collection share one thread, below the request threads' priority.
+        self._executor = ThreadPoolExecutor(
+            1, thread_name_prefix="duckswap-loader", initializer=lower_priority, initargs=(nice,)
+        )
         self.refused: dict[tuple[str, str], str] = {}
         self.history: list[LoadEvent] = []
         self.outcomes: Counter[tuple[str, str]] = Counter()
@@ -138,7 +156,8 @@ class Updater:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Initial scan, then watch the folder until `stop` is set."""
-        await asyncio.to_thread(self.refresh)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._executor, self.refresh)
         collector = asyncio.create_task(self._collect_forever(stop))
         try:
             async for changes in watchfiles.awatch(
@@ -152,15 +171,17 @@ class Updater:
                 names = {self.source.dataset_of(Path(p)) for _, p in changes}
                 touched = {n for n in names if n is not None}
                 if touched:
-                    await asyncio.to_thread(self.refresh, touched)
+                    await loop.run_in_executor(self._executor, self.refresh, touched)
         finally:
             collector.cancel()
             await asyncio.gather(collector, return_exceptions=True)
+            self._executor.shutdown(wait=False, cancel_futures=True)
 
     async def _collect_forever(self, stop: asyncio.Event) -> None:
         """Retire drained Snapshots; wakes often, works only when there is garbage."""
         while not stop.is_set():
             if self.store.has_garbage():
-                await asyncio.to_thread(self.store.collect)
+                await asyncio.get_running_loop().run_in_executor(
+                    self._executor, self.store.collect)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=0.1)

@@ -14,6 +14,7 @@ from aiohttp import web
 from loaders.snapshot import Snapshot, Store
 from loaders.source import LocalSource
 from loaders.updater import Updater
+from serving.batcher import Batcher
 from serving.cache import Popularity, ResponseCache
 from serving.errors import ApiError, BadParameter, MethodNotAllowed, NotFound, NotReady
 from serving.metrics import CONTENT_TYPE, CollectorRegistry, Metrics, render
@@ -33,7 +34,7 @@ from serving.responses import (
     versions_header,
 )
 from serving.settings import EndpointSpec, Settings
-from serving.warm import Warmer
+from serving.warm import Warmer, batch_sql
 
 log = logging.getLogger("duckswap.server")
 
@@ -81,7 +82,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
 class Serving:
     """Request-path state: version tokens per Snapshot, the response cache, popularity."""
 
-    def __init__(self, settings: Settings, store: Store) -> None:
+    def __init__(self, settings: Settings, store: Store, runner: QueryRunner) -> None:
         self.store = store
         self.endpoints = settings.endpoints
         self.fingerprints = {n: fingerprint(e) for n, e in settings.endpoints.items()}
@@ -89,6 +90,8 @@ class Serving:
         self.popularity = Popularity(settings.warm_keys)
         self._tokens: dict[int, dict[str, str]] = {}
         self._pointer: tuple[int, bytes, str] | None = None
+        self.batch_sql = {n: batch_sql(e) for n, e in settings.endpoints.items()}
+        self.batcher = Batcher(runner)
 
     def tokens(self, snap: Snapshot) -> dict[str, str]:
         """Token of every endpoint whose datasets are all loaded in `snap` (memoised)."""
@@ -193,7 +196,12 @@ async def _compute(app: web.Application, spec: EndpointSpec, snap: Snapshot, tok
     fut.add_done_callback(_consume)
     cache.inflight[ck] = fut
     try:
-        result = await app[RUNNER].run(spec.sql, spec.datasets, params, spec.row_limit, snap)
+        serving = app[SERVING]
+        sql = serving.batch_sql.get(spec.name)
+        if sql is not None and spec.name not in serving.batcher.disabled:
+            result = await serving.batcher.run(spec, sql, snap, params)
+        else:
+            result = await app[RUNNER].run(spec.sql, spec.datasets, params, spec.row_limit, snap)
         versions = snap.version_ids(spec.datasets)
         entry = Entry(
             encode_body(spec, tok, versions, result.columns, result.rows, result.truncated),
@@ -291,20 +299,22 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
 
 def create_app(settings: Settings) -> web.Application:
     app = web.Application(middlewares=[error_middleware])
-    store = Store(threads=settings.threads)
+    store = Store(threads=settings.threads, worker_nice=settings.build_nice)
     source_root = settings.source_path
     source_root.mkdir(parents=True, exist_ok=True)
-    serving = Serving(settings, store)
+    runner = QueryRunner(store, settings.threads, settings.query_timeout)
+    serving = Serving(settings, store, runner)
     warmer = Warmer(store, serving.cache, serving.popularity, settings.endpoints,
-                    serving.fingerprints, settings.warm_seconds, settings.warm_keys)
+                    serving.fingerprints, serving.batch_sql, settings.warm_seconds,
+                    settings.warm_keys)
     app[SETTINGS] = settings
     app[STORE] = store
     app[SERVING] = serving
     app[WARMER] = warmer
-    app[RUNNER] = QueryRunner(store, settings.threads, settings.query_timeout)
+    app[RUNNER] = runner
     app[UPDATER] = Updater(
         LocalSource(source_root), store, settings.datasets, debounce_ms=settings.debounce_ms,
-        before_publish=warmer,
+        before_publish=warmer, nice=settings.build_nice,
     )
     app[REGISTRY] = CollectorRegistry()
     app[REGISTRY].register(Metrics(store, serving.cache, app[UPDATER], warmer))

@@ -101,6 +101,7 @@ class Popularity:
             counts.clear()
             counts.update({k: max(1, c // 2) for k, c in kept})
 
-    def hottest(self, endpoint: str, n: int) -> list[tuple[Any, ...]]:
+    def hottest(self, endpoint: str, n: int) -> list[tuple[tuple[Any, ...], int]]:
+        """The `n` most requested keys of an endpoint with their counts, most first."""
         counts = self._counts.get(endpoint)
-        return [k for k, _ in counts.most_common(n)] if counts else []
+        return counts.most_common(n) if counts else []

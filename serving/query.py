@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import duckdb
+import pyarrow as pa
 
 from loaders.snapshot import Snapshot, Store
 from serving.errors import NotReady, QueryFailed, QueryTimeout
+from serving.settings import EndpointSpec
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -23,10 +28,8 @@ class Result:
 
 
 @dataclass
-class _Job:
-    sql: str
-    params: dict[str, Any]
-    limit: int
+class _Job(Generic[T]):
+    work: Callable[[duckdb.DuckDBPyConnection], T]
     snapshot: Snapshot
     cancelled: bool = False
     cursor: duckdb.DuckDBPyConnection | None = field(default=None, repr=False)
@@ -50,13 +53,13 @@ class QueryRunner:
             local.schema = schema
         return cur
 
-    def _run(self, job: _Job) -> Result:
+    def _run(self, job: _Job[T]) -> T:
         if job.cancelled:
             raise QueryTimeout("query waited past its deadline")
         cur = self._cursor(job.snapshot.schema)
         job.cursor = cur
         try:
-            return execute(cur, job.sql, job.params, job.limit)
+            return job.work(cur)
         finally:
             job.cursor = None
 
@@ -70,19 +73,36 @@ class QueryRunner:
     ) -> Result:
         """Run on `snapshot` (default: the current one), held until the query ends (even
         past its deadline)."""
+        snap = self._hold(datasets, snapshot)
+        result = await self._submit(snap, lambda cur: execute(cur, sql, params, limit))
+        result.versions = snap.version_ids(datasets)
+        return result
+
+    async def run_batch(
+        self, spec: EndpointSpec, sql: str, keys: list[dict[str, Any]], snapshot: Snapshot
+    ) -> list[Result | None]:
+        """Many parameter sets of one endpoint in one query; see `execute_batch`."""
+        snap = self._hold(spec.datasets, snapshot)
+        return await self._submit(snap, lambda cur: execute_batch(cur, spec, sql, keys))
+
+    def _hold(self, datasets: tuple[str, ...], snapshot: Snapshot | None) -> Snapshot:
         store = self.store
         snap = store.acquire() if snapshot is None else store.hold(snapshot)
         missing = [d for d in datasets if d not in snap.versions]
         if missing:
             store.release(snap)
             raise NotReady(f"dataset {missing[0]!r} has no loaded version yet", missing=missing)
-        job = _Job(sql, params, limit, snap)
+        return snap
+
+    async def _submit(self, snap: Snapshot, work: Callable[[duckdb.DuckDBPyConnection], T]) -> T:
+        """Run `work` on a pool cursor reading `snap` (already held; released when the work
+        ends, even past its deadline, which interrupts it)."""
+        store = self.store
+        job = _Job(work, snap)
         fut = asyncio.get_running_loop().run_in_executor(self._pool, self._run, job)
         fut.add_done_callback(lambda _: store.release(snap))
         try:
-            result = await asyncio.wait_for(asyncio.shield(fut), self.timeout)
-            result.versions = snap.version_ids(datasets)
-            return result
+            return await asyncio.wait_for(asyncio.shield(fut), self.timeout)
         except TimeoutError:
             job.cancelled = True
             cur = job.cursor
@@ -110,6 +130,37 @@ def execute(
     return Result(columns, rows[:limit], len(rows) > limit)
 
 
-def _consume(fut: asyncio.Future[Result]) -> None:
+_ARROW = {"int": pa.int64(), "float": pa.float64(), "string": pa.string(), "enum": pa.string(),
+          "bool": pa.bool_()}
+
+
+def execute_batch(
+    cur: duckdb.DuckDBPyConnection, spec: EndpointSpec, sql: str, keys: list[dict[str, Any]]
+) -> list[Result | None]:
+    """Answer many parameter sets of one endpoint in one query (`sql` from `batch_sql`).
+    A key whose answer has more rows than the row limit gets None: which rows are kept depends
+    on the order of the rows, which only the single query defines."""
+    columns: dict[str, Any] = {"__i": pa.array(range(len(keys)), pa.int64())}
+    for name, p in spec.params.items():
+        t = _ARROW[p.type]
+        columns[name] = pa.array([k[name] for k in keys], pa.list_(t) if p.is_list else t)
+    cur.register("__keys", pa.table(columns))
+    try:
+        cur.execute(sql)
+        rows = cur.fetchall()
+        names = [d[0] for d in cur.description or []][1:]
+    finally:
+        cur.unregister("__keys")
+    per_key: dict[int, list[tuple[Any, ...]]] = {}
+    for row in rows:
+        per_key.setdefault(row[0], []).append(row[1:])
+    out: list[Result | None] = []
+    for i in range(len(keys)):
+        got = per_key.get(i, [])
+        out.append(None if len(got) > spec.row_limit else Result(names, got, False))
+    return out
+
+
+def _consume(fut: asyncio.Future[Any]) -> None:
     if not fut.cancelled():
         fut.exception()

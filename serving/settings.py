@@ -29,11 +29,13 @@ SETTING_KEYS: dict[str, str] = {
     "server.query_timeout": "Seconds before a query is interrupted and answered 504 (default 5).",
     "server.log_level": "Python log level (default INFO).",
     "server.cache_mb": "Byte budget of the response cache in MiB; 0 turns it off (default 256).",
-    "server.warm_seconds": "Time budget for computing responses before a publish (default 2).",
+    "server.warm_seconds": "Seconds spent computing responses before a publish (default 1).",
     "server.warm_keys": "Most popular keys per endpoint replayed before a publish (default 20000).",
     "server.version_cache_control": "`Cache-Control` of `/v1/version` (default "
     "`public, max-age=1`).",
     "server.metrics": "Serve Prometheus metrics on `/metrics` (default true).",
+    "server.build_nice": "Nice value of the loader thread and DuckDB's workers, so builds yield "
+    "to requests; 0 keeps normal priority (default 5).",
     "source.url": "`file://` folder holding `<dataset>/<export-id>/` exports (required).",
     "source.debounce_ms": "watchfiles debounce in milliseconds (default 200).",
     "datasets.*.key": "Lookup key columns; the table is sorted by them (required).",
@@ -119,10 +121,11 @@ class Settings:
     log_level: str = "INFO"
     debounce_ms: int = 200
     cache_mb: float = 256.0
-    warm_seconds: float = 2.0
+    warm_seconds: float = 1.0
     warm_keys: int = 20000
     version_cache_control: str = "public, max-age=1"
     metrics: bool = True
+    build_nice: int = 5
     file: str = field(default="<config>", compare=False)
 
     @property
@@ -332,15 +335,18 @@ def parse_settings(raw: Mapping[str, Any], file: str = "<config>") -> Settings:
         log_level=server.get("log_level", str, "INFO"),
         debounce_ms=source.get("debounce_ms", int, 200),
         cache_mb=float(server.get("cache_mb", (int, float), 256.0)),
-        warm_seconds=float(server.get("warm_seconds", (int, float), 2.0)),
+        warm_seconds=float(server.get("warm_seconds", (int, float), 1.0)),
         warm_keys=server.get("warm_keys", int, 20000),
         version_cache_control=server.get("version_cache_control", str, "public, max-age=1"),
         metrics=server.get("metrics", bool, True),
+        build_nice=server.get("build_nice", int, 5),
         file=file,
     )
-    for name in ("cache_mb", "warm_seconds", "warm_keys"):
+    for name in ("cache_mb", "warm_seconds", "warm_keys", "build_nice"):
         if getattr(settings, name) < 0:
             raise server.fail(name, f"must not be negative, got {getattr(settings, name)!r}")
+    if settings.build_nice > 19:
+        raise server.fail("build_nice", f"must be 0-19, got {settings.build_nice}")
     _positive(server, "threads", settings.threads)
     _positive(server, "query_timeout", settings.query_timeout)
     if not 0 <= settings.port <= 65535:

@@ -20,13 +20,12 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import duckdb
-import pyarrow as pa
 
 from loaders.build import quote_ident
 from loaders.snapshot import Snapshot, Store
 from serving.cache import Key, Popularity, ResponseCache
 from serving.params import cache_key
-from serving.query import execute
+from serving.query import Result, execute, execute_batch
 from serving.responses import Entry, encode_body, etag, token, versions_header
 from serving.settings import EndpointSpec, ParamSpec
 
@@ -34,8 +33,6 @@ log = logging.getLogger("duckswap.warm")
 
 T = TypeVar("T")
 ENUMERATE_LIMIT = 1000  # largest parameter space enumerated in full
-_ARROW = {"int": pa.int64(), "float": pa.float64(), "string": pa.string(), "enum": pa.string(),
-          "bool": pa.bool_()}
 
 
 @dataclass
@@ -133,7 +130,7 @@ class Warmer:
 
     def __init__(self, store: Store, cache: ResponseCache, popularity: Popularity,
                  endpoints: Mapping[str, EndpointSpec], fingerprints: Mapping[str, bytes],
-                 seconds: float, keys: int) -> None:
+                 batch: Mapping[str, str | None], seconds: float, keys: int) -> None:
         self.store = store
         self.cache = cache
         self.popularity = popularity
@@ -142,7 +139,7 @@ class Warmer:
         self.seconds = seconds
         self.keys = keys
         self.loop: asyncio.AbstractEventLoop | None = None
-        self._batch = {n: batch_sql(e) for n, e in self.endpoints.items()}
+        self._batch = dict(batch)
         self.last: WarmReport | None = None
 
     def _on_loop(self, fn: Callable[[], T]) -> T:
@@ -160,7 +157,7 @@ class Warmer:
         deadline = start + self.seconds
         report = WarmReport(snap.id)
         old = self.store.current
-        work: list[tuple[EndpointSpec, str, dict[str, str], list[dict[str, Any]]]] = []
+        work: list[_Job] = []
         for name, spec in self.endpoints.items():
             versions = snap.version_ids(spec.datasets)
             if len(versions) != len(spec.datasets):
@@ -170,17 +167,29 @@ class Warmer:
             tok = token(self.fingerprints[name], versions)
             keys = self._keys(spec, tok)
             if keys:
-                work.append((spec, tok, versions, keys))
+                work.append(_Job(spec, tok, versions, keys))
         if not work or self.seconds <= 0:
             return report
         cur = self.store.cursor()
         try:
             cur.execute(f"SET search_path = '{snap.schema}'")
-            for spec, tok, versions, keys in work:
-                entries = self._warm_endpoint(cur, spec, tok, versions, keys, deadline, report)
-                self._on_loop(lambda e=entries: self.cache.put_many(e))  # type: ignore[misc]
-                report.per_endpoint[spec.name] = len(entries)
-                report.entries += len(entries)
+            singles: list[tuple[int, int, _Job, dict[str, Any]]] = []
+            for i, job in enumerate(work):
+                rest = self._batched(cur, job, report)
+                singles.extend((count, i, job, k) for k, count in rest)
+            # Then key by key, the most requested first across endpoints, until the deadline.
+            singles.sort(key=lambda s: (-s[0], s[1]))
+            for _, _, job, k in singles:
+                if time.perf_counter() >= deadline:
+                    report.skipped += 1
+                    continue
+                result = execute(cur, job.spec.sql, k, job.spec.row_limit)
+                job.add(k, result)
+                report.single += 1
+            for job in work:
+                self._on_loop(lambda j=job: self.cache.put_many(j.entries))  # type: ignore[misc]
+                report.per_endpoint[job.spec.name] = len(job.entries)
+                report.entries += len(job.entries)
         finally:
             cur.close()
         report.seconds = time.perf_counter() - start
@@ -192,77 +201,60 @@ class Warmer:
         )
         return report
 
-    def _keys(self, spec: EndpointSpec, tok: str) -> list[dict[str, Any]]:
-        """Hottest first, then the small-space enumeration; without ones already cached."""
+    def _keys(self, spec: EndpointSpec, tok: str) -> list[tuple[dict[str, Any], int]]:
+        """(key, request count): hottest first, then the small-space enumeration (count 0);
+        without those already cached."""
         names = list(spec.params)
         hot = self._on_loop(lambda: self.popularity.hottest(spec.name, self.keys))
-        keys = [{n: list(v) if isinstance(v, tuple) else v for n, v in zip(names, k, strict=True)}
-                for k in hot]
-        keys.extend(enumerate_keys(spec))
+        keys = [({n: list(v) if isinstance(v, tuple) else v
+                  for n, v in zip(names, k, strict=True)}, count) for k, count in hot]
+        keys.extend((k, 0) for k in enumerate_keys(spec))
         out, seen = [], set()
-        for k in keys:
+        for k, count in keys:
             ck = cache_key(k)
             if ck not in seen:
                 seen.add(ck)
-                out.append(k)
-        cached = self._on_loop(lambda: [(tok, cache_key(k)) in self.cache for k in out])
-        return [k for k, c in zip(out, cached, strict=True) if not c]
+                out.append((k, count))
+        cached = self._on_loop(lambda: [(tok, cache_key(k)) in self.cache for k, _ in out])
+        return [kc for kc, c in zip(out, cached, strict=True) if not c]
 
-    def _warm_endpoint(self, cur: duckdb.DuckDBPyConnection, spec: EndpointSpec, tok: str,
-                       versions: dict[str, str], keys: list[dict[str, Any]], deadline: float,
-                       report: WarmReport) -> list[tuple[Key, Entry]]:
-        vh = versions_header(versions)
-        entries: list[tuple[Key, Entry]] = []
-
-        def add(k: dict[str, Any], columns: list[str], rows: list[tuple[Any, ...]],
-                truncated: bool) -> None:
-            ck = cache_key(k)
-            body = encode_body(spec, tok, versions, columns, rows, truncated)
-            entries.append(((tok, ck), Entry(body, etag(tok, ck), vh)))
-
-        sql = self._batch.get(spec.name)
-        rest = keys
-        if sql is not None:
-            try:
-                rest = self._run_batch(cur, spec, sql, keys, add)
-                report.batched += len(keys) - len(rest)
-            except duckdb.Error as exc:
-                log.warning("batched warm of %s failed (%s); warming key by key",
-                            spec.name, type(exc).__name__)
-                self._batch[spec.name] = None
-        for k in rest:
-            if time.perf_counter() >= deadline:
-                report.skipped += 1
-                continue
-            result = execute(cur, spec.sql, k, spec.row_limit)
-            add(k, result.columns, result.rows, result.truncated)
-            report.single += 1
-        return entries
-
-    def _run_batch(self, cur: duckdb.DuckDBPyConnection, spec: EndpointSpec, sql: str,
-                   keys: list[dict[str, Any]],
-                   add: Callable[[dict[str, Any], list[str], list[tuple[Any, ...]], bool], None],
-                   ) -> list[dict[str, Any]]:
-        """One query for all keys; returns the keys it could not answer unambiguously."""
-        columns: dict[str, Any] = {"__i": pa.array(range(len(keys)), pa.int64())}
-        for name, p in spec.params.items():
-            t = _ARROW[p.type]
-            columns[name] = pa.array([k[name] for k in keys], pa.list_(t) if p.is_list else t)
-        cur.register("__keys", pa.table(columns))
+    def _batched(self, cur: duckdb.DuckDBPyConnection, job: _Job,
+                 report: WarmReport) -> list[tuple[dict[str, Any], int]]:
+        """Answer what one batched query can; return the keys left for single queries."""
+        sql = self._batch.get(job.spec.name)
+        if sql is None:
+            return job.keys
+        keys = [k for k, _ in job.keys]
         try:
-            cur.execute(sql)
-            rows = cur.fetchall()
-            names = [d[0] for d in cur.description or []][1:]
-        finally:
-            cur.unregister("__keys")
-        per_key: dict[int, list[tuple[Any, ...]]] = {}
-        for row in rows:
-            per_key.setdefault(row[0], []).append(row[1:])
+            results = execute_batch(cur, job.spec, sql, keys)
+        except duckdb.Error as exc:
+            log.warning("batched warm of %s failed (%s); warming key by key",
+                        job.spec.name, type(exc).__name__)
+            self._batch[job.spec.name] = None  # this process warms it key by key from now
+            return job.keys
         rest = []
-        for i, k in enumerate(keys):
-            got = per_key.get(i, [])
-            if len(got) > spec.row_limit:
-                rest.append(k)  # cut: which row comes first is the query's business
+        for kc, result in zip(job.keys, results, strict=True):
+            if result is None:
+                rest.append(kc)
             else:
-                add(k, names, got, False)
+                job.add(kc[0], result)
+                report.batched += 1
         return rest
+
+
+@dataclass
+class _Job:
+    """One endpoint to warm for a staged Snapshot, and the entries computed so far."""
+
+    spec: EndpointSpec
+    token: str
+    versions: dict[str, str]
+    keys: list[tuple[dict[str, Any], int]]
+    entries: list[tuple[Key, Entry]] = field(default_factory=list)
+
+    def add(self, k: dict[str, Any], result: Result) -> None:
+        ck = cache_key(k)
+        body = encode_body(self.spec, self.token, self.versions, result.columns, result.rows,
+                           result.truncated)
+        self.entries.append(((self.token, ck), Entry(body, etag(self.token, ck),
+                                                     versions_header(self.versions))))
