@@ -80,7 +80,8 @@ def parse_value(spec: ParamSpec, raw: Sequence[str]) -> Scalar | list[Scalar]:
     return values
 
 
-def _default(spec: ParamSpec) -> Any:
+def default_value(spec: ParamSpec) -> Any:
+    """What an absent optional parameter binds."""
     d = spec.default
     if d is None:
         return [] if spec.is_list else None
@@ -105,7 +106,7 @@ def bind_params(
         if not raw:
             if spec.required:
                 raise ParamError(name, f"required parameter ({spec.type}) is missing")
-            bound[name] = _default(spec)
+            bound[name] = default_value(spec)
             continue
         bound[name] = parse_value(spec, raw)
     return bound

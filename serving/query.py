@@ -7,7 +7,7 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import duckdb
 import pyarrow as pa
@@ -15,6 +15,9 @@ import pyarrow as pa
 from loaders.snapshot import Snapshot, Store
 from serving.errors import NotReady, QueryFailed, QueryTimeout
 from serving.settings import EndpointSpec
+
+if TYPE_CHECKING:
+    from serving.warm import BatchPlan
 
 T = TypeVar("T")
 
@@ -79,11 +82,12 @@ class QueryRunner:
         return result
 
     async def run_batch(
-        self, spec: EndpointSpec, sql: str, keys: list[dict[str, Any]], snapshot: Snapshot
+        self, spec: EndpointSpec, plan: BatchPlan, keys: list[dict[str, Any]],
+        snapshot: Snapshot,
     ) -> list[Result | None]:
         """Many parameter sets of one endpoint in one query; see `execute_batch`."""
         snap = self._hold(spec.datasets, snapshot)
-        return await self._submit(snap, lambda cur: execute_batch(cur, spec, sql, keys))
+        return await self._submit(snap, lambda cur: execute_batch(cur, spec, plan, keys))
 
     def _hold(self, datasets: tuple[str, ...], snapshot: Snapshot | None) -> Snapshot:
         store = self.store
@@ -135,29 +139,37 @@ _ARROW = {"int": pa.int64(), "float": pa.float64(), "string": pa.string(), "enum
 
 
 def execute_batch(
-    cur: duckdb.DuckDBPyConnection, spec: EndpointSpec, sql: str, keys: list[dict[str, Any]]
+    cur: duckdb.DuckDBPyConnection, spec: EndpointSpec, plan: BatchPlan,
+    keys: list[dict[str, Any]],
 ) -> list[Result | None]:
-    """Answer many parameter sets of one endpoint in one query (`sql` from `batch_sql`).
-    A key whose answer has more rows than the row limit gets None: which rows are kept depends
-    on the order of the rows, which only the single query defines."""
-    columns: dict[str, Any] = {"__i": pa.array(range(len(keys)), pa.int64())}
-    for name, p in spec.params.items():
-        t = _ARROW[p.type]
-        columns[name] = pa.array([k[name] for k in keys], pa.list_(t) if p.is_list else t)
-    cur.register("__keys", pa.table(columns))
-    try:
-        cur.execute(sql)
-        rows = cur.fetchall()
-        names = [d[0] for d in cur.description or []][1:]
-    finally:
-        cur.unregister("__keys")
-    per_key: dict[int, list[tuple[Any, ...]]] = {}
-    for row in rows:
-        per_key.setdefault(row[0], []).append(row[1:])
-    out: list[Result | None] = []
-    for i in range(len(keys)):
-        got = per_key.get(i, [])
-        out.append(None if len(got) > spec.row_limit else Result(names, got, False))
+    """Answer many parameter sets of one endpoint in one query per group of LIMIT values.
+    A key whose answer has more rows than the row limit gets None: which rows are kept is the
+    single query's business."""
+    groups: dict[tuple[Any, ...], list[int]] = {}
+    for i, k in enumerate(keys):
+        groups.setdefault(tuple(k[b] for b in plan.bound), []).append(i)
+    out: list[Result | None] = [None] * len(keys)
+    for values, members in groups.items():
+        columns: dict[str, Any] = {"__i": pa.array(members, pa.int64())}
+        for name, p in spec.params.items():
+            if name in plan.bound:
+                continue
+            t = _ARROW[p.type]
+            columns[name] = pa.array([keys[i][name] for i in members],
+                                     pa.list_(t) if p.is_list else t)
+        cur.register("__keys", pa.table(columns))
+        try:
+            cur.execute(plan.sql, dict(zip(plan.bound, values, strict=True)))
+            rows = cur.fetchall()
+            names = [d[0] for d in cur.description or []][1:]
+        finally:
+            cur.unregister("__keys")
+        per_key: dict[int, list[tuple[Any, ...]]] = {i: [] for i in members}
+        for row in rows:
+            per_key[row[0]].append(row[1:])
+        for i, got in per_key.items():
+            if len(got) <= spec.row_limit:
+                out[i] = Result(names, got, False)
     return out
 
 

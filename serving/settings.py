@@ -30,7 +30,7 @@ SETTING_KEYS: dict[str, str] = {
     "server.log_level": "Python log level (default INFO).",
     "server.cache_mb": "Byte budget of the response cache in MiB; 0 turns it off (default 256).",
     "server.warm_seconds": "Seconds spent computing responses before a publish (default 1).",
-    "server.warm_keys": "Most popular keys per endpoint replayed before a publish (default 20000).",
+    "server.warm_keys": "Most popular keys per endpoint replayed before a publish (default 10000).",
     "server.version_cache_control": "`Cache-Control` of `/v1/version` (default "
     "`public, max-age=1`).",
     "server.metrics": "Serve Prometheus metrics on `/metrics` (default true).",
@@ -49,6 +49,8 @@ SETTING_KEYS: dict[str, str] = {
     "`public, max-age=5, stale-while-revalidate=30`).",
     "endpoints.*.warm": "Compute this endpoint's popular responses before a publish "
     "(default true).",
+    "endpoints.*.warm_sql": "A query over the endpoint's datasets whose columns are named after "
+    "parameters; every row is a request answered before each publish (default none).",
     "endpoints.*.params.*.type": "`int`, `float`, `string`, `enum` or `bool` (required).",
     "endpoints.*.params.*.list": "Accept a list (repeated or comma-separated) (default false).",
     "endpoints.*.params.*.max_items": "Longest list accepted (default 50).",
@@ -107,6 +109,7 @@ class EndpointSpec:
     row_limit: int = 1000
     cache_control: str = DEFAULT_CACHE_CONTROL
     warm: bool = True
+    warm_sql: str | None = None
 
 
 @dataclass(frozen=True)
@@ -122,7 +125,7 @@ class Settings:
     debounce_ms: int = 200
     cache_mb: float = 256.0
     warm_seconds: float = 1.0
-    warm_keys: int = 20000
+    warm_keys: int = 10000
     version_cache_control: str = "public, max-age=1"
     metrics: bool = True
     build_nice: int = 5
@@ -262,7 +265,12 @@ def _parse_endpoint(r: _Reader, name: str, datasets: Mapping[str, DatasetSchema]
     _positive(e, "row_limit", row_limit)
     cache_control = e.get("cache_control", str, DEFAULT_CACHE_CONTROL)
     warm = e.get("warm", bool, True)
+    warm_sql = e.get("warm_sql", str, None)
     e.finish()
+    if warm_sql is not None:
+        warm_sql = warm_sql.strip().rstrip(";").strip()
+        if sql_parameters(warm_sql, r.file, e.key("warm_sql")):
+            raise e.fail("warm_sql", "takes no parameters")
     for pname in PATH_PARAM_RE.findall(path):
         if pname not in params:
             raise e.fail("path", f"path parameter {pname!r} has no spec in params")
@@ -275,7 +283,8 @@ def _parse_endpoint(r: _Reader, name: str, datasets: Mapping[str, DatasetSchema]
     for pname in params:
         if pname not in used:
             raise e.fail(f"params.{pname}", "declared but not used in the SQL")
-    return EndpointSpec(name, path, sql, tuple(ds), params, row_limit, cache_control, warm)
+    return EndpointSpec(name, path, sql, tuple(ds), params, row_limit, cache_control, warm,
+                        warm_sql)
 
 
 def sql_parameters(sql: str, file: str, key: str) -> set[str]:
@@ -336,7 +345,7 @@ def parse_settings(raw: Mapping[str, Any], file: str = "<config>") -> Settings:
         debounce_ms=source.get("debounce_ms", int, 200),
         cache_mb=float(server.get("cache_mb", (int, float), 256.0)),
         warm_seconds=float(server.get("warm_seconds", (int, float), 1.0)),
-        warm_keys=server.get("warm_keys", int, 20000),
+        warm_keys=server.get("warm_keys", int, 10000),
         version_cache_control=server.get("version_cache_control", str, "public, max-age=1"),
         metrics=server.get("metrics", bool, True),
         build_nice=server.get("build_nice", int, 5),

@@ -27,12 +27,18 @@ def check_sql(settings: Settings) -> None:
                 for other in settings.datasets:
                     if other not in ep.datasets:
                         con.execute(f"DROP TABLE {quote_ident(other)}")
+                key = f"endpoints.{ep.name}.sql"
                 con.execute(f"PREPARE duckswap_check AS {ep.sql}")
+                if ep.warm_sql:
+                    key = f"endpoints.{ep.name}.warm_sql"
+                    cur = con.execute(f"SELECT * FROM ({ep.warm_sql}) LIMIT 0")
+                    extra = [d[0] for d in cur.description or [] if d[0] not in ep.params]
+                    if extra:
+                        raise ConfigError(settings.file, key,
+                                          f"column {extra[0]!r} is not a parameter")
             except duckdb.Error as exc:
                 first = str(exc).splitlines()[0]
-                raise ConfigError(
-                    settings.file, f"endpoints.{ep.name}.sql", f"SQL does not prepare: {first}"
-                ) from None
+                raise ConfigError(settings.file, key, f"SQL does not prepare: {first}") from None
             finally:
                 con.execute("ROLLBACK")
     finally:

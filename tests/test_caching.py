@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -262,11 +263,31 @@ async def test_hit_ratio_is_in_metrics(demo: Running) -> None:
 
 def test_batch_rewrite_and_enumeration(tmp_path: Path) -> None:
     eps = demo_settings(tmp_path).endpoints
-    sql = batch_sql(eps["champion_stats"])
-    assert sql is not None and '__k."champion_id"' in sql and "$" not in sql
-    assert batch_sql(eps["tier_list"]) is None  # many rows per key: order matters
+    plan = batch_sql(eps["champion_stats"])
+    assert plan is not None and plan.bound == ()
+    assert '__k."champion_id"' in plan.sql and "$" not in plan.sql
+    tiers = batch_sql(eps["tier_list"])  # several rows per key: ordered by its own ORDER BY
+    assert tiers is not None and tiers.bound == ("limit",)
+    assert tiers.sql.endswith('ORDER BY __k.__i, __q."win_rate" DESC NULLS LAST, '
+                              '__q."champion_id" ASC NULLS LAST')
+    unordered = replace(eps["tier_list"], sql=eps["tier_list"].sql.replace(
+        "ORDER BY win_rate DESC, s.champion_id", ""))
+    assert batch_sql(unordered) is None  # row order undefined: never batched
     assert enumerate_keys(eps["champion_stats"]) == []  # champion_id is unbounded
     keys = enumerate_keys(eps["tier_list"])
     assert len(keys) == 5 * 11  # role x (region values + absent)
-    assert {k["ranks"] for k in map(lambda k: {"ranks": tuple(k["ranks"])}, keys)} == {
-        ("diamond", "emerald", "platinum")}
+    assert {tuple(k["ranks"]) for k in keys} == {("diamond", "emerald", "platinum")}
+
+
+async def test_warm_sql_answers_its_keys_before_the_first_request(demo: Running) -> None:
+    cache = demo.app[SERVING].cache
+    misses = cache.misses
+    for champion in (1, 7, 12):
+        for role in ("top", "MID"):
+            status, _, _ = await _raw(demo, f"/v1/champions/{champion}/trend?role={role}")
+            assert status == 200
+            status, _, _ = await _raw(demo, f"/v1/champions/{champion}/builds?role={role}")
+            assert status == 200
+    assert cache.misses == misses
+    assert (await _raw(demo, "/v1/champions/3/stats?role=mid"))[0] == 200
+    assert cache.misses == misses + 1  # no warm_sql there, nothing asked for it yet
