@@ -87,11 +87,11 @@ class Server:
 
 
 def run_loadgen(url: str, rate: float, duration: float, out: Path, args: argparse.Namespace,
-                path: str | None = None) -> subprocess.Popen[bytes]:
+                path: str | None = None, seed: int = 1) -> subprocess.Popen[bytes]:
     cmd = [*_taskset(args.loadgen_cpus), sys.executable, "-m", "bench.loadgen", "--url", url,
            "--rate", str(rate), "--duration", str(duration), "--out", str(out),
            "--mix", str(args.mix), "--champions", str(SIZES[args.size].champions),
-           "--timeout", str(args.timeout)]
+           "--timeout", str(args.timeout), "--seed", str(seed)]
     if path:
         cmd += ["--path", path]
     if args.unique:
@@ -127,12 +127,17 @@ def swapper(source: Path, staging: Path, url: str, interval: float, stop: thread
 
 def one_run(args: argparse.Namespace, rate: float, work: Path, server: Server | None,
             url: str, source: Path | None, staging: Path, first: int,
-            label: str) -> dict[str, Any]:
+            label: str, warmup: float) -> dict[str, Any]:
     floor = None
     if args.floor_seconds > 0:
         out = work / f"{label}-healthz.jsonl"
         run_loadgen(url, rate, args.floor_seconds, out, args, path="/healthz").wait()
         floor = Phase("healthz", rate, args.floor_seconds, read_rows(out))
+    warm = None
+    if warmup > 0:  # the same mix, another seed: a cold process learns what is popular
+        out = work / f"{label}-warmup.jsonl"
+        run_loadgen(url, rate, warmup, out, args, seed=0).wait()
+        warm = Phase("warmup", rate, warmup, read_rows(out))
     out = work / f"{label}-load.jsonl"
     swaps: list[Swap] = []
     stop = threading.Event()
@@ -148,7 +153,7 @@ def one_run(args: argparse.Namespace, rate: float, work: Path, server: Server | 
     if thread:
         thread.join()
     phase = Phase("load", rate, args.duration, read_rows(out))
-    summary = summarise(phase, swaps, server.peak_rss_kb() if server else None, floor)
+    summary = summarise(phase, swaps, server.peak_rss_kb() if server else None, floor, warm)
     summary["label"] = label
     if phase.rows:
         plot(phase, swaps, args.out / f"{label}.png",
@@ -188,7 +193,7 @@ def execute(args: argparse.Namespace, rates: list[float]) -> list[dict[str, Any]
         for i, rate in enumerate(rates):
             label = f"{args.mode}-{rate:.0f}"
             s = one_run(args, rate, work, server, url, source, staging, first + i * per_run,
-                        label)
+                        label, args.warmup if i == 0 else 0.0)
             print(f"\n== {label} ==\n{table(s)}", flush=True)
             results.append(s)
             if args.mode == "sweep" and not holds(s, args.max_p99_ms):
@@ -202,16 +207,18 @@ def execute(args: argparse.Namespace, rates: list[float]) -> list[dict[str, Any]
 
 
 def holds(s: dict[str, Any], max_p99: float) -> bool:
-    return bool(s["latency_ms"]["p99"] < max_p99 and s["errors"]["total"] == 0)
+    errors = s["errors"]["total"] + s.get("warmup_errors", {}).get("total", 0)
+    return bool(s["latency_ms"]["p99"] < max_p99 and errors == 0)
 
 
 def gate(s: dict[str, Any], args: argparse.Namespace) -> list[str]:
     failed = []
     if s["latency_ms"]["p99"] >= args.max_p99_ms:
         failed.append(f"p99 {s['latency_ms']['p99']} ms >= bound {args.max_p99_ms} ms")
-    if s["errors"]["total"] > args.max_errors:
-        failed.append(f"{s['errors']['total']} failed requests > bound {args.max_errors}: "
-                      f"{s['errors']} {s['error_statuses']}")
+    errors = s["errors"]["total"] + s.get("warmup_errors", {}).get("total", 0)
+    if errors > args.max_errors:
+        failed.append(f"{errors} failed requests > bound {args.max_errors}: "
+                      f"{s['errors']} {s['error_statuses']} warm-up {s.get('warmup_errors')}")
     if s["swaps"] < args.min_swaps:
         failed.append(f"{s['swaps']} swaps served < bound {args.min_swaps}")
     if s["send_rate"] < args.rate * 0.9:
@@ -230,6 +237,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--swap-every", type=float, default=10.0)
     p.add_argument("--floor-seconds", type=float, default=None,
                    help="seconds of /healthz at the same rate first (the floor reference)")
+    p.add_argument("--warmup", type=float, default=None,
+                   help="seconds of the mix before the measured run (reported apart; its "
+                   "failed requests count against --max-errors)")
     p.add_argument("--mix", type=Path, default=DEFAULT_MIX)
     p.add_argument("--unique", action="store_true", help="every request distinct")
     p.add_argument("--timeout", type=float, default=5.0, help="per-request timeout (s)")
@@ -243,13 +253,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--loadgen-cpus", help="taskset CPU list for the load generator")
     p.add_argument("--out", type=Path, default=Path("bench-results"))
     args = p.parse_args(argv)
-    defaults = {  # mode: size, rate, duration, floor seconds, p99 bound, min swaps
-        "run": ("default", 200.0, 60.0, 10.0, 100.0, 1),
-        "ci": ("medium", 500.0, 45.0, 8.0, 100.0, 3),
-        "sweep": ("default", 0.0, 20.0, 5.0, 10.0, 0),
+    defaults = {  # mode: size, rate, duration, floor seconds, p99 bound, min swaps, warm-up
+        "run": ("default", 200.0, 60.0, 10.0, 100.0, 1, 10.0),
+        "ci": ("medium", 500.0, 45.0, 8.0, 100.0, 3, 6.0),
+        "sweep": ("default", 0.0, 20.0, 5.0, 10.0, 0, 10.0),
     }[args.mode]
     for name, value in zip(("size", "rate", "duration", "floor_seconds", "max_p99_ms",
-                            "min_swaps"), defaults, strict=True):
+                            "min_swaps", "warmup"), defaults, strict=True):
         if getattr(args, name) is None:
             setattr(args, name, value)
     if args.url and args.source is None:

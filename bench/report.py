@@ -51,7 +51,7 @@ def latency(rows: list[dict[str, Any]]) -> dict[str, float | int]:
 
 
 def summarise(phase: Phase, swaps: list[Swap], peak_rss_kb: int | None,
-              floor: Phase | None) -> dict[str, Any]:
+              floor: Phase | None, warmup: Phase | None = None) -> dict[str, Any]:
     rows = phase.rows
     errors = Counter(r["kind"] for r in rows if r["kind"] != "ok")
     statuses = Counter(str(r["status"]) for r in rows if r["kind"] == "status")
@@ -89,6 +89,10 @@ def summarise(phase: Phase, swaps: list[Swap], peak_rss_kb: int | None,
         "freshness_lag_s": [round(s.lag_s, 3) for s in served if s.lag_s is not None],
         "peak_rss_mb": round(peak_rss_kb / 1024, 1) if peak_rss_kb else None,
     }
+    if warmup is not None:
+        summary["warmup_ms"] = latency(warmup.rows)
+        werr = Counter(r["kind"] for r in warmup.rows if r["kind"] != "ok")
+        summary["warmup_errors"] = {"total": sum(werr.values()), **dict(werr)}
     if floor is not None:
         summary["healthz_ms"] = latency(floor.rows)
         fl = summary["healthz_ms"]["p99"]
@@ -109,11 +113,14 @@ def table(s: dict[str, Any]) -> str:
     rows = [("all", lat), ("during swaps", ov), ("outside swaps", rest)]
     if "healthz_ms" in s:
         rows.append(("/healthz floor", s["healthz_ms"]))
+    if "warmup_ms" in s:
+        rows.append(("warm-up (cold)", s["warmup_ms"]))
     for name, v in rows:
         lines.append(f"  {name:<15}" + "".join(
             f"{v[k]:<9}" for k in ("p50", "p90", "p99", "p99.9", "max")) + f"{v['count']}")
     lines += [
-        f"errors           {s['errors']}  statuses {s['error_statuses']}",
+        f"errors           {s['errors']}  statuses {s['error_statuses']}"
+        + (f"   warm-up {s['warmup_errors']}" if "warmup_errors" in s else ""),
         f"swaps            {s['swaps']} served of {s['swaps_started']} written; "
         f"freshness lag (s) {s['freshness_lag_s']}",
         f"server peak RSS  {s['peak_rss_mb']} MB",

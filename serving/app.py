@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import hashlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -294,6 +295,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         await asyncio.wait_for(task, timeout=5)
     app[RUNNER].close()
     store.close()
+    gc.unfreeze()  # publishes froze the cache's objects; let the collector have them back
     log.info("stopped serving %s", settings.file)
 
 
