@@ -91,7 +91,7 @@ def run_loadgen(url: str, rate: float, duration: float, out: Path, args: argpars
     cmd = [*_taskset(args.loadgen_cpus), sys.executable, "-m", "bench.loadgen", "--url", url,
            "--rate", str(rate), "--duration", str(duration), "--out", str(out),
            "--mix", str(args.mix), "--champions", str(SIZES[args.size].champions),
-           "--timeout", str(args.timeout), "--seed", str(seed)]
+           "--timeout", str(args.timeout), "--seed", str(seed), "--engine", args.generator]
     if path:
         cmd += ["--path", path]
     if args.unique:
@@ -155,6 +155,7 @@ def one_run(args: argparse.Namespace, rate: float, work: Path, server: Server | 
     phase = Phase("load", rate, args.duration, read_rows(out))
     summary = summarise(phase, swaps, server.peak_rss_kb() if server else None, floor, warm)
     summary["label"] = label
+    summary["generator"] = args.generator
     if phase.rows:
         plot(phase, swaps, args.out / f"{label}.png",
              f"duckswap {label}: {rate:.0f} req/s, size {args.size}, swaps every "
@@ -237,6 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--swap-every", type=float, default=10.0)
     p.add_argument("--floor-seconds", type=float, default=None,
                    help="seconds of /healthz at the same rate first (the floor reference)")
+    p.add_argument("--generator", choices=["auto", "k6", "python"], default="auto",
+                   help="load engine (auto: k6 when its binary is installed, else python)")
     p.add_argument("--warmup", type=float, default=None,
                    help="seconds of the mix before the measured run (reported apart; its "
                    "failed requests count against --max-errors)")
@@ -264,6 +267,8 @@ def main(argv: list[str] | None = None) -> int:
             setattr(args, name, value)
     if args.url and args.source is None:
         args.swap_every = 0
+    if args.generator == "auto":
+        args.generator = "k6" if shutil.which("k6") else "python"
     rates = ([float(r) for r in args.rates.split(",")] if args.mode == "sweep"
              else [args.rate])
     results = execute(args, rates)

