@@ -68,9 +68,15 @@ class Server:
         raise SystemExit("server did not become ready")
 
     def peak_rss_kb(self) -> int | None:
+        return self._status_kb("VmHWM:")
+
+    def rss_kb(self) -> int | None:
+        return self._status_kb("VmRSS:")
+
+    def _status_kb(self, field: str) -> int | None:
         try:
             for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
+                if line.startswith(field):
                     return int(line.split()[1])
         except OSError:
             return None
@@ -138,6 +144,7 @@ def one_run(args: argparse.Namespace, rate: float, work: Path, server: Server | 
         out = work / f"{label}-warmup.jsonl"
         run_loadgen(url, rate, warmup, out, args, seed=0).wait()
         warm = Phase("warmup", rate, warmup, read_rows(out))
+    steady = server.rss_kb() if server else None  # after the warm-up, before any swap
     out = work / f"{label}-load.jsonl"
     swaps: list[Swap] = []
     stop = threading.Event()
@@ -154,6 +161,9 @@ def one_run(args: argparse.Namespace, rate: float, work: Path, server: Server | 
         thread.join()
     phase = Phase("load", rate, args.duration, read_rows(out))
     summary = summarise(phase, swaps, server.peak_rss_kb() if server else None, floor, warm)
+    if steady and summary["peak_rss_mb"]:
+        summary["steady_rss_mb"] = round(steady / 1024, 1)
+        summary["peak_over_steady_rss"] = round(summary["peak_rss_mb"] * 1024 / steady, 2)
     summary["label"] = label
     summary["generator"] = args.generator
     if phase.rows:

@@ -124,7 +124,9 @@ def table(s: dict[str, Any]) -> str:
         + (f"   warm-up {s['warmup_errors']}" if "warmup_errors" in s else ""),
         f"swaps            {s['swaps']} served of {s['swaps_started']} written; "
         f"freshness lag (s) {s['freshness_lag_s']}",
-        f"server peak RSS  {s['peak_rss_mb']} MB",
+        f"server peak RSS  {s['peak_rss_mb']} MB"
+        + (f"   steady RSS {s['steady_rss_mb']} MB before the swaps "
+           f"(peak/steady {s['peak_over_steady_rss']}x)" if "steady_rss_mb" in s else ""),
     ]
     if s.get("p99_over_healthz_p99") is not None:
         lines.append(f"p99 / healthz p99  {s['p99_over_healthz_p99']}x")
