@@ -134,6 +134,7 @@ def execute(
     return Result(columns, rows[:limit], len(rows) > limit)
 
 
+FETCH_CHUNK = 1000
 _ARROW = {"int": pa.int64(), "float": pa.float64(), "string": pa.string(), "enum": pa.string(),
           "bool": pa.bool_()}
 
@@ -160,8 +161,12 @@ def execute_batch(
         cur.register("__keys", pa.table(columns))
         try:
             cur.execute(plan.sql, dict(zip(plan.bound, values, strict=True)))
-            rows = cur.fetchall()
             names = [d[0] for d in cur.description or []][1:]
+            rows = []
+            # Converting rows to Python holds the GIL: in chunks, so the event loop gets it
+            # back between them instead of stalling for the whole result.
+            while chunk := cur.fetchmany(FETCH_CHUNK):
+                rows.extend(chunk)
         finally:
             cur.unregister("__keys")
         per_key: dict[int, list[tuple[Any, ...]]] = {i: [] for i in members}

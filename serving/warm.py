@@ -286,8 +286,8 @@ class Warmer:
                 job.add(ck, result)
                 report.single += 1
             for job in work:
-                for i in range(0, len(job.entries), 2000):  # the loop serves between chunks
-                    chunk = job.entries[i:i + 2000]
+                for i in range(0, len(job.entries), 500):  # the loop serves between chunks
+                    chunk = job.entries[i:i + 500]
                     self._on_loop(lambda c=chunk: self.cache.put_many(c))  # type: ignore[misc]
                 report.per_endpoint[job.spec.name] = len(job.entries)
                 report.entries += len(job.entries)

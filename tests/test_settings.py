@@ -34,7 +34,7 @@ def _with(path: str, value: Any) -> dict[str, Any]:
     *parents, last = path.split(".")
     node = raw
     for p in parents:
-        node = node[p]
+        node = node.setdefault(p, {})
     if value is None:
         del node[last]
     else:
@@ -81,6 +81,17 @@ def _write(tmp_path: Path, raw: dict[str, Any]) -> Path:
         ("endpoints.one.sql", "DELETE FROM stats WHERE id = $id", "endpoints.one.sql",
          "must be a SELECT"),
         ("endpoints.one.path", "/v1/stats/{champ}", "endpoints.one.path", "'champ' has no spec"),
+        ("endpoints.one.path", "/v1/version", "endpoints.one.path", "reserved"),
+        ("endpoints.one.params", {"id": {"type": "int"}, "v": {"type": "int"}},
+         "endpoints.one.params.v", "reserved for version tokens"),
+        ("endpoints.one.params", {"id": {"type": "int", "ignore_case": True}},
+         "endpoints.one.params.id.ignore_case", "enum and string"),
+        ("endpoints.one.params", {"id": {"type": "int", "unordered": True}},
+         "endpoints.one.params.id.unordered", "list parameters only"),
+        ("endpoints.one.warm_sql", "SELECT id FROM stats WHERE games > $x",
+         "endpoints.one.warm_sql", "takes no parameters"),
+        ("server.build_nice", 25, "server.build_nice", "0-19"),
+        ("server.cache_mb", -1, "server.cache_mb", "must not be negative"),
     ],
 )
 def test_config_errors_name_the_key(path: str, value: Any, key: str, problem: str) -> None:
@@ -105,6 +116,21 @@ def test_sql_that_does_not_prepare_is_rejected(sql: str, fragment: str) -> None:
         check_sql(settings)
     assert info.value.key == "endpoints.one.sql"
     assert fragment in info.value.problem.lower() or fragment in info.value.problem
+
+
+@pytest.mark.parametrize(
+    ("warm_sql", "fragment"),
+    [
+        ("SELECT id, games FROM stats", "column 'games' is not a parameter"),
+        ("SELECT idd AS id FROM stats", "idd"),
+    ],
+)
+def test_warm_sql_is_checked(warm_sql: str, fragment: str) -> None:
+    settings = parse_settings(_with("endpoints.one.warm_sql", warm_sql), "app.toml")
+    with pytest.raises(ConfigError) as info:
+        check_sql(settings)
+    assert info.value.key == "endpoints.one.warm_sql"
+    assert fragment in info.value.problem
 
 
 def test_sql_reading_an_undeclared_dataset_is_rejected() -> None:
