@@ -18,6 +18,10 @@ def quote_ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
+def quote_literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as f:
@@ -89,28 +93,43 @@ def validate_files(export: Export, schema: DatasetSchema, expected_rows: dict[st
             )
 
 
-def load_table(
-    con: duckdb.DuckDBPyConnection, export: Export, schema: DatasetSchema, table: str
+def build_file(
+    files: list[str], columns: dict[str, str], key: tuple[str, ...], path: str, threads: int
 ) -> int:
-    """Create `table` from the export, declared columns cast to their types, sorted by key."""
-    files = [str(p) for p in export.files]
+    """Write one version as its own DuckDB file: table `data`, declared columns cast to their
+    types, sorted by the lookup key. Runs in the builder process; returns the row count."""
     casts = ", ".join(
-        f"CAST({quote_ident(c)} AS {t}) AS {quote_ident(c)}" for c, t in schema.columns.items()
+        f"CAST({quote_ident(c)} AS {t}) AS {quote_ident(c)}" for c, t in columns.items()
     )
-    order = ", ".join(quote_ident(k) for k in schema.key)
+    order = ", ".join(quote_ident(k) for k in key)
     sql = (
-        f"CREATE TABLE {quote_ident(table)} AS SELECT * REPLACE ({casts}) "
+        f"CREATE TABLE data AS SELECT * REPLACE ({casts}) "
         f"FROM read_parquet($files, union_by_name = true)"
         + (f" ORDER BY {order}" if order else "")
     )
+    target = Path(path)
     try:
-        con.execute(sql, {"files": files})
-        row = con.execute(f"SELECT count(*) FROM {quote_ident(table)}").fetchone()
+        con = duckdb.connect(path, config={"threads": threads})
+        try:
+            con.execute("SET enable_progress_bar = false")
+            con.execute(sql, {"files": files})
+            row = con.execute("SELECT count(*) FROM data").fetchone()
+            con.execute("CHECKPOINT")
+        finally:
+            con.close()
     except duckdb.Error as exc:
-        con.execute(f"DROP TABLE IF EXISTS {quote_ident(table)}")
+        remove_version_file(target)
         raise LoadError(f"loading into DuckDB failed: {exc}") from None
+    except BaseException:
+        remove_version_file(target)
+        raise
     rows = int(row[0]) if row else 0
     if rows == 0:
-        con.execute(f"DROP TABLE IF EXISTS {quote_ident(table)}")
+        remove_version_file(target)
         raise LoadError("export has no rows")
     return rows
+
+
+def remove_version_file(path: Path) -> None:
+    for p in (path, path.with_name(path.name + ".wal")):
+        p.unlink(missing_ok=True)

@@ -1,30 +1,26 @@
 """Versions, frozen Snapshots and the one mutable reference to the current Snapshot.
 
-Each Version is a DuckDB table. Each Snapshot is a schema of views, one per dataset, so an
-endpoint's SQL names datasets plainly and a cursor reads one Snapshot via its search_path.
-Old Snapshots and tables are dropped only after their readers drain.
+Each Version is its own DuckDB file (built by the builder process), attached read-only. Each
+Snapshot is a schema of views, one per dataset, so an endpoint's SQL names datasets plainly and
+a cursor reads one Snapshot via its search_path. Old Snapshots are dropped, and versions no live
+Snapshot uses detached and deleted, only after their readers drain.
 """
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import os
+import shutil
+import tempfile
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import MappingProxyType
 
 import duckdb
 
-from loaders.build import quote_ident
-
-
-def _threads() -> set[int]:
-    try:
-        return {int(t) for t in os.listdir("/proc/self/task")}
-    except OSError:  # not Linux: priorities stay as they are
-        return set()
+from loaders.build import quote_ident, quote_literal, remove_version_file
 
 
 @dataclass(frozen=True)
@@ -32,9 +28,10 @@ class Version:
     dataset: str
     version_id: str
     export_id: str
-    table: str
+    db: str  # the attached database holding table `data`
     rows: int
     load_seconds: float
+    path: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -55,18 +52,16 @@ class Store:
     """One in-process DuckDB database; holds the current Snapshot and retires old ones."""
 
     def __init__(
-        self, threads: int = 2, memory_limit: str | None = None, worker_nice: int = 0
+        self, threads: int = 2, memory_limit: str | None = None, data_dir: Path | None = None
     ) -> None:
+        self._own_dir = data_dir is None
+        self.data_dir = Path(tempfile.mkdtemp(prefix="duckswap-versions-")) if data_dir is None \
+            else data_dir
+        self.data_dir.mkdir(parents=True, exist_ok=True)
         config: dict[str, str | bool | int | float | list[str]] = {"threads": threads}
         if memory_limit:
             config["memory_limit"] = memory_limit
-        before = _threads()
         self.db = duckdb.connect(":memory:", config=config)
-        if worker_nice > 0:
-            # DuckDB's own worker threads help builds most: let request threads go first.
-            for tid in _threads() - before:
-                with contextlib.suppress(OSError):
-                    os.setpriority(os.PRIO_PROCESS, tid, worker_nice)
         self.db.execute("SET enable_progress_bar = false")
         self._admin = self.db.cursor()
         self._lock = threading.Lock()  # guards reader counts and the live lists
@@ -75,7 +70,7 @@ class Store:
         self._retiring: list[Snapshot] = []
         self._staged: list[Snapshot] = []
         self._ids = itertools.count(1)
-        self._tables = itertools.count(1)
+        self._dbs = itertools.count(1)
         self.current: Snapshot = EMPTY
 
     # -- request path -------------------------------------------------------------------
@@ -103,8 +98,16 @@ class Store:
         return self.db.cursor()
 
     # -- update path --------------------------------------------------------------------
-    def new_table_name(self, dataset: str, version_id: str) -> str:
-        return f"t_{dataset}_{version_id}_{next(self._tables)}"
+    def new_version_path(self, dataset: str, version_id: str) -> Path:
+        """A file name never used before in this process (DuckDB caches instances by path)."""
+        return self.data_dir / f"{dataset}-{version_id}-{os.getpid()}-{next(self._dbs)}.duckdb"
+
+    def attach(self, path: Path) -> str:
+        """Attach a built version file read-only; returns its database name."""
+        name = f"v_{next(self._dbs)}"
+        with self._ddl:
+            self._admin.execute(f"ATTACH {quote_literal(str(path))} AS {name} (READ_ONLY)")
+        return name
 
     def publish(self, version: Version) -> Snapshot:
         """Make a Snapshot with `version` replacing its dataset's, then swap it in."""
@@ -124,7 +127,7 @@ class Store:
             for name, v in versions.items():
                 self._admin.execute(
                     f"CREATE VIEW {schema}.{quote_ident(name)} AS "
-                    f"SELECT * FROM main.{quote_ident(v.table)}"
+                    f"SELECT * FROM {v.db}.main.data"
                 )
             snap = Snapshot(snap_id, schema, MappingProxyType(versions), base=old.id)
             with self._lock:
@@ -161,21 +164,24 @@ class Store:
                 drained = [s for s in self._retiring if s.id not in self._readers]
                 self._retiring = [s for s in self._retiring if s.id in self._readers]
                 live = [self.current, *self._retiring, *self._staged]
-            in_use = {v.table for s in live for v in s.versions.values()}
-            dropped_tables = {
-                v.table for s in drained for v in s.versions.values() if v.table not in in_use
-            }
+            in_use = {v.db for s in live for v in s.versions.values()}
+            gone = {v.db: v for s in drained for v in s.versions.values() if v.db not in in_use}
             for s in drained:
                 self._admin.execute(f"DROP SCHEMA IF EXISTS {s.schema} CASCADE")
-            for table in sorted(dropped_tables):
-                self._admin.execute(f"DROP TABLE IF EXISTS main.{quote_ident(table)}")
+            for name, v in sorted(gone.items()):
+                self._admin.execute(f"DETACH DATABASE IF EXISTS {name}")
+                if v.path is not None:
+                    remove_version_file(v.path)
             return len(drained)
 
-    def table_count(self) -> int:
+    def held_versions(self) -> int:
+        """Version databases attached now (leak checks)."""
         row = self.db.cursor().execute(
-            "SELECT count(*) FROM duckdb_tables() WHERE database_name = 'memory'"
+            "SELECT count(*) FROM duckdb_databases() WHERE database_name LIKE 'v\\_%' ESCAPE '\\'"
         ).fetchone()
         return int(row[0]) if row else 0
 
     def close(self) -> None:
         self.db.close()
+        if self._own_dir:
+            shutil.rmtree(self.data_dir, ignore_errors=True)

@@ -15,9 +15,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import duckdb
 import watchfiles
 
-from loaders.build import load_table, validate_files, verify
+from loaders.build import remove_version_file, validate_files, verify
+from loaders.builder import Builder
 from loaders.schema import DatasetSchema, LoadError
 from loaders.snapshot import Snapshot, Store, Version
 from loaders.source import Export, LocalSource, is_ignored
@@ -54,12 +56,14 @@ class Updater:
         debounce_ms: int = 200,
         before_publish: Callable[[Snapshot], object] | None = None,
         nice: int = 0,
+        builder: Builder | None = None,
     ) -> None:
         self.source = source
         self.store = store
         self.schemas = dict(schemas)
         self.debounce_ms = debounce_ms
         self.before_publish = before_publish
+        self.builder = builder or Builder()
         # Builds, warming and collection share one thread, below the request threads' priority.
         self._executor = ThreadPoolExecutor(
             1, thread_name_prefix="duckswap-loader", initializer=lower_priority, initargs=(nice,)
@@ -115,19 +119,19 @@ class Updater:
     def _build(self, export: Export) -> tuple[LoadEvent, Version | None]:
         schema = self.schemas[export.dataset]
         start = time.perf_counter()
-        table = None
         try:
             version_id, expected_rows = verify(export)
             validate_files(export, schema, expected_rows)
-            table = self.store.new_table_name(export.dataset, version_id)
-            cur = self.store.cursor()
+            path = self.store.new_version_path(export.dataset, version_id)
+            rows = self.builder.build(export, schema, path)
             try:
-                rows = load_table(cur, export, schema, table)
-            finally:
-                cur.close()
+                db = self.store.attach(path)
+            except duckdb.Error as exc:
+                remove_version_file(path)
+                raise LoadError(f"attaching the built version failed: {exc}") from None
             version = Version(
-                export.dataset, version_id, export.export_id, table, rows,
-                time.perf_counter() - start,
+                export.dataset, version_id, export.export_id, db, rows,
+                time.perf_counter() - start, path,
             )
         except (LoadError, OSError) as exc:
             reason = str(exc)
@@ -181,6 +185,9 @@ class Updater:
             collector.cancel()
             await asyncio.gather(collector, return_exceptions=True)
             self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def close(self) -> None:
+        self.builder.close()
 
     async def _collect_forever(self, stop: asyncio.Event) -> None:
         """Retire drained Snapshots; wakes often, works only when there is garbage."""

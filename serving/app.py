@@ -12,6 +12,7 @@ from typing import Any
 
 from aiohttp import web
 
+from loaders.builder import Builder
 from loaders.snapshot import Snapshot, Store
 from loaders.source import LocalSource
 from loaders.updater import Updater
@@ -294,6 +295,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     with contextlib.suppress(asyncio.CancelledError, TimeoutError):
         await asyncio.wait_for(task, timeout=5)
     app[RUNNER].close()
+    app[UPDATER].close()
     store.close()
     gc.unfreeze()  # publishes froze the cache's objects; let the collector have them back
     log.info("stopped serving %s", settings.file)
@@ -301,7 +303,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
 
 def create_app(settings: Settings) -> web.Application:
     app = web.Application(middlewares=[error_middleware])
-    store = Store(threads=settings.threads, worker_nice=settings.build_nice)
+    store = Store(threads=settings.threads)
     source_root = settings.source_path
     source_root.mkdir(parents=True, exist_ok=True)
     runner = QueryRunner(store, settings.threads, settings.query_timeout)
@@ -317,6 +319,7 @@ def create_app(settings: Settings) -> web.Application:
     app[UPDATER] = Updater(
         LocalSource(source_root), store, settings.datasets, debounce_ms=settings.debounce_ms,
         before_publish=warmer, nice=settings.build_nice,
+        builder=Builder(nice=settings.build_nice, threads=settings.threads),
     )
     app[REGISTRY] = CollectorRegistry()
     app[REGISTRY].register(Metrics(store, serving.cache, app[UPDATER], warmer))

@@ -34,8 +34,8 @@ SETTING_KEYS: dict[str, str] = {
     "server.version_cache_control": "`Cache-Control` of `/v1/version` (default "
     "`public, max-age=1`).",
     "server.metrics": "Serve Prometheus metrics on `/metrics` (default true).",
-    "server.build_nice": "Nice value of the loader thread and DuckDB's workers, so builds yield "
-    "to requests; 0 keeps normal priority (default 5).",
+    "server.build_nice": "Nice value of the build process and the loader thread, so builds and "
+    "warming yield to requests; 0 keeps normal priority (default 10).",
     "source.url": "`file://` folder holding `<dataset>/<export-id>/` exports (required).",
     "source.debounce_ms": "watchfiles debounce in milliseconds (default 200).",
     "datasets.*.key": "Lookup key columns; the table is sorted by them (required).",
@@ -128,7 +128,7 @@ class Settings:
     warm_keys: int = 10000
     version_cache_control: str = "public, max-age=1"
     metrics: bool = True
-    build_nice: int = 5
+    build_nice: int = 10
     file: str = field(default="<config>", compare=False)
 
     @property
@@ -348,7 +348,7 @@ def parse_settings(raw: Mapping[str, Any], file: str = "<config>") -> Settings:
         warm_keys=server.get("warm_keys", int, 10000),
         version_cache_control=server.get("version_cache_control", str, "public, max-age=1"),
         metrics=server.get("metrics", bool, True),
-        build_nice=server.get("build_nice", int, 5),
+        build_nice=server.get("build_nice", int, 10),
         file=file,
     )
     for name in ("cache_mb", "warm_seconds", "warm_keys", "build_nice"):

@@ -60,7 +60,7 @@ def test_threads_query_while_swapping(tmp_path: Path) -> None:
     assert errors == []
     assert max(seen) == 41 and len(set(seen)) > 5
     store.collect()
-    assert store.table_count() == 1
+    assert store.held_versions() == 1
     store.close()
 
 
@@ -90,5 +90,5 @@ async def test_runner_pool_under_concurrent_swaps(tmp_path: Path) -> None:
     assert all(n > 0 for n in results[1:])
     runner.close()
     store.collect()
-    assert store.table_count() == 1
+    assert store.held_versions() == 1
     store.close()

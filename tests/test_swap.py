@@ -86,10 +86,10 @@ def test_no_leak_across_100_swaps(tmp_path: Path) -> None:
 
     for seq in range(1, 11):
         swap(seq)
-    rss_10, tables_10 = _rss_bytes(), store.table_count()
+    rss_10, tables_10 = _rss_bytes(), store.held_versions()
     for seq in range(11, 101):
         swap(seq)
-    rss_100, tables_100 = _rss_bytes(), store.table_count()
+    rss_100, tables_100 = _rss_bytes(), store.held_versions()
     assert tables_10 == tables_100 == 1
     assert rss_100 <= rss_10 * 1.10, (rss_10, rss_100)
     store.close()

@@ -1,0 +1,72 @@
+"""Builds run in a separate, lower-priority process that writes one DuckDB file per version.
+
+The server only attaches finished files read-only: a build's CPU, its GIL-free sort and its
+memory peak stay out of the serving process, and the OS scheduler lets requests go first.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import threading
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
+
+from loaders.build import build_file, remove_version_file
+from loaders.schema import DatasetSchema, LoadError
+from loaders.source import Export
+
+log = logging.getLogger("duckswap.loader")
+
+
+def _child_init(nice: int) -> None:
+    if nice > 0 and hasattr(os, "nice"):
+        os.nice(nice)
+
+
+def _context() -> multiprocessing.context.BaseContext:
+    """forkserver: a clean single-threaded parent (never fork a process running DuckDB and an
+    event loop) that has imported DuckDB once, so each builder starts in milliseconds."""
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload(["loaders.build"])
+        return ctx
+    return multiprocessing.get_context("spawn")
+
+
+class Builder:
+    def __init__(self, nice: int = 10, threads: int = 2) -> None:
+        self.nice = nice
+        self.threads = threads
+        self._pool: ProcessPoolExecutor | None = None
+        self._lock = threading.Lock()
+
+    def _executor(self) -> ProcessPoolExecutor:
+        with self._lock:
+            if self._pool is None:
+                self._pool = ProcessPoolExecutor(
+                    1, mp_context=_context(), initializer=_child_init, initargs=(self.nice,)
+                )
+            return self._pool
+
+    def build(self, export: Export, schema: DatasetSchema, path: Path) -> int:
+        """Write `export` to the DuckDB file `path`; returns its row count."""
+        files = [str(p) for p in export.files]
+        try:
+            return self._executor().submit(
+                build_file, files, dict(schema.columns), tuple(schema.key), str(path),
+                self.threads,
+            ).result()
+        except BrokenProcessPool:
+            with self._lock:
+                self._pool = None  # a fresh process next time
+            remove_version_file(path)
+            raise LoadError("the build process died") from None
+
+    def close(self) -> None:
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
