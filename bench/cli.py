@@ -39,6 +39,24 @@ def _get_json(url: str, timeout: float = 2.0) -> tuple[int, Any]:
         return 0, None
 
 
+def cache_lookups(url: str) -> tuple[float, float] | None:
+    """(hits, misses) of the server's response cache from its /metrics; None if not exposed."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        with urllib.request.urlopen(url + "/metrics", timeout=2.0) as resp:
+            text = resp.read().decode()
+    except OSError:
+        return None
+    counts = {"hit": 0.0, "miss": 0.0}
+    for family in text_string_to_metric_families(text):
+        if family.name == "duckswap_cache_lookups":
+            for sample in family.samples:
+                if sample.name.endswith("_total"):
+                    counts[sample.labels["result"]] = sample.value
+    return counts["hit"], counts["miss"]
+
+
 def _taskset(cpus: str | None) -> list[str]:
     return ["taskset", "-c", cpus] if cpus else []
 
@@ -152,6 +170,7 @@ def one_run(args: argparse.Namespace, rate: float, work: Path, server: Server | 
     if source is not None and args.swap_every > 0:
         thread = threading.Thread(target=swapper, args=(
             source, staging, url, args.swap_every, stop, swaps, first), daemon=True)
+    before = cache_lookups(url)
     gen = run_loadgen(url, rate, args.duration, out, args)
     if thread:
         thread.start()
@@ -164,6 +183,12 @@ def one_run(args: argparse.Namespace, rate: float, work: Path, server: Server | 
     if steady and summary["peak_rss_mb"]:
         summary["steady_rss_mb"] = round(steady / 1024, 1)
         summary["peak_over_steady_rss"] = round(summary["peak_rss_mb"] * 1024 / steady, 2)
+    after = cache_lookups(url)
+    if before and after:
+        hits, misses = after[0] - before[0], after[1] - before[1]
+        summary["cache"] = {"hits": int(hits), "misses": int(misses),
+                            "hit_ratio": round(hits / (hits + misses), 4) if hits + misses
+                            else None}
     summary["label"] = label
     summary["generator"] = args.generator
     if phase.rows:

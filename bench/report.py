@@ -128,6 +128,10 @@ def table(s: dict[str, Any]) -> str:
         + (f"   steady RSS {s['steady_rss_mb']} MB before the swaps "
            f"(peak/steady {s['peak_over_steady_rss']}x)" if "steady_rss_mb" in s else ""),
     ]
+    if "cache" in s:
+        c = s["cache"]
+        lines.append(f"response cache   hit ratio {c['hit_ratio']}   hits {c['hits']}   "
+                     f"misses {c['misses']}")
     if s.get("p99_over_healthz_p99") is not None:
         lines.append(f"p99 / healthz p99  {s['p99_over_healthz_p99']}x")
     return "\n".join(lines)

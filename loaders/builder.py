@@ -10,15 +10,18 @@ import logging
 import multiprocessing
 import os
 import threading
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
+from typing import Any, TypeVar
 
 from loaders.build import build_file, remove_version_file
 from loaders.schema import DatasetSchema, LoadError
 from loaders.source import Export
 
 log = logging.getLogger("duckswap.loader")
+T = TypeVar("T")
 
 
 def _child_init(nice: int) -> None:
@@ -26,20 +29,22 @@ def _child_init(nice: int) -> None:
         os.nice(nice)
 
 
-def _context() -> multiprocessing.context.BaseContext:
+def _context(preload: list[str]) -> multiprocessing.context.BaseContext:
     """forkserver: a clean single-threaded parent (never fork a process running DuckDB and an
     event loop) that has imported DuckDB once, so each builder starts in milliseconds."""
     if "forkserver" in multiprocessing.get_all_start_methods():
         ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload(["loaders.build"])
+        ctx.set_forkserver_preload(preload)
         return ctx
     return multiprocessing.get_context("spawn")
 
 
 class Builder:
-    def __init__(self, nice: int = 10, threads: int = 2) -> None:
+    def __init__(self, nice: int = 10, threads: int = 2,
+                 preload: tuple[str, ...] = ("loaders.build",)) -> None:
         self.nice = nice
         self.threads = threads
+        self.preload = list(preload)
         self._pool: ProcessPoolExecutor | None = None
         self._lock = threading.Lock()
 
@@ -47,23 +52,28 @@ class Builder:
         with self._lock:
             if self._pool is None:
                 self._pool = ProcessPoolExecutor(
-                    1, mp_context=_context(), initializer=_child_init, initargs=(self.nice,)
-                )
+                    1, mp_context=_context(self.preload), initializer=_child_init,
+                    initargs=(self.nice,))
             return self._pool
+
+    def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """Call a module-level `fn(*args)` in the builder process and wait for its result."""
+        try:
+            return self._executor().submit(fn, *args).result()
+        except BrokenProcessPool:
+            with self._lock:
+                self._pool = None  # a fresh process next time
+            raise LoadError("the build process died") from None
 
     def build(self, export: Export, schema: DatasetSchema, path: Path) -> int:
         """Write `export` to the DuckDB file `path`; returns its row count."""
         files = [str(p) for p in export.files]
         try:
-            return self._executor().submit(
-                build_file, files, dict(schema.columns), tuple(schema.key), str(path),
-                self.threads,
-            ).result()
-        except BrokenProcessPool:
-            with self._lock:
-                self._pool = None  # a fresh process next time
+            return self.run(build_file, files, dict(schema.columns), tuple(schema.key),
+                            str(path), self.threads)
+        except LoadError:
             remove_version_file(path)
-            raise LoadError("the build process died") from None
+            raise
 
     def close(self) -> None:
         with self._lock:

@@ -55,6 +55,7 @@ class Updater:
         schemas: Mapping[str, DatasetSchema],
         debounce_ms: int = 200,
         before_publish: Callable[[Snapshot], object] | None = None,
+        after_publish: Callable[[Snapshot], object] | None = None,
         nice: int = 0,
         builder: Builder | None = None,
     ) -> None:
@@ -63,6 +64,7 @@ class Updater:
         self.schemas = dict(schemas)
         self.debounce_ms = debounce_ms
         self.before_publish = before_publish
+        self.after_publish = after_publish
         self.builder = builder or Builder()
         # Builds, warming and collection share one thread, below the request threads' priority.
         self._executor = ThreadPoolExecutor(
@@ -115,6 +117,12 @@ class Updater:
             ", ".join(f"{v.dataset}/{v.export_id} as {v.version_id}" for v in built),
             time.perf_counter() - start,
         )
+        if self.after_publish is not None:
+            try:
+                self.after_publish(snap)
+            except Exception:
+                log.exception("warming snapshot %d after its publish failed", snap.id)
+            gc.freeze()
 
     def _build(self, export: Export) -> tuple[LoadEvent, Version | None]:
         schema = self.schemas[export.dataset]

@@ -308,9 +308,12 @@ def create_app(settings: Settings) -> web.Application:
     source_root.mkdir(parents=True, exist_ok=True)
     runner = QueryRunner(store, settings.threads, settings.query_timeout)
     serving = Serving(settings, store, runner)
+    # One lower-priority process builds versions and computes their warm answers.
+    builder = Builder(nice=settings.build_nice, threads=settings.threads,
+                      preload=("loaders.build", "serving.warm"))
     warmer = Warmer(store, serving.cache, serving.popularity, settings.endpoints,
                     serving.fingerprints, serving.batch_sql, settings.warm_seconds,
-                    settings.warm_keys)
+                    settings.warm_keys, builder, settings.threads, settings.warm_tail_seconds)
     app[SETTINGS] = settings
     app[STORE] = store
     app[SERVING] = serving
@@ -318,8 +321,8 @@ def create_app(settings: Settings) -> web.Application:
     app[RUNNER] = runner
     app[UPDATER] = Updater(
         LocalSource(source_root), store, settings.datasets, debounce_ms=settings.debounce_ms,
-        before_publish=warmer, nice=settings.build_nice,
-        builder=Builder(nice=settings.build_nice, threads=settings.threads),
+        before_publish=warmer, after_publish=warmer.after_publish, nice=settings.build_nice,
+        builder=builder,
     )
     app[REGISTRY] = CollectorRegistry()
     app[REGISTRY].register(Metrics(store, serving.cache, app[UPDATER], warmer))

@@ -30,6 +30,8 @@ SETTING_KEYS: dict[str, str] = {
     "server.log_level": "Python log level (default INFO).",
     "server.cache_mb": "Byte budget of the response cache in MiB; 0 turns it off (default 256).",
     "server.warm_seconds": "Seconds spent computing responses before a publish (default 1).",
+    "server.warm_tail_seconds": "Seconds more, after the publish, for the keys the first pass "
+    "had no time for (default 10; 0: none).",
     "server.warm_keys": "Most popular keys per endpoint replayed before a publish (default 10000).",
     "server.version_cache_control": "`Cache-Control` of `/v1/version` (default "
     "`public, max-age=1`).",
@@ -125,6 +127,7 @@ class Settings:
     debounce_ms: int = 200
     cache_mb: float = 256.0
     warm_seconds: float = 1.0
+    warm_tail_seconds: float = 10.0
     warm_keys: int = 10000
     version_cache_control: str = "public, max-age=1"
     metrics: bool = True
@@ -345,13 +348,14 @@ def parse_settings(raw: Mapping[str, Any], file: str = "<config>") -> Settings:
         debounce_ms=source.get("debounce_ms", int, 200),
         cache_mb=float(server.get("cache_mb", (int, float), 256.0)),
         warm_seconds=float(server.get("warm_seconds", (int, float), 1.0)),
+        warm_tail_seconds=float(server.get("warm_tail_seconds", (int, float), 10.0)),
         warm_keys=server.get("warm_keys", int, 10000),
         version_cache_control=server.get("version_cache_control", str, "public, max-age=1"),
         metrics=server.get("metrics", bool, True),
         build_nice=server.get("build_nice", int, 10),
         file=file,
     )
-    for name in ("cache_mb", "warm_seconds", "warm_keys", "build_nice"):
+    for name in ("cache_mb", "warm_seconds", "warm_tail_seconds", "warm_keys", "build_nice"):
         if getattr(settings, name) < 0:
             raise server.fail(name, f"must not be negative, got {getattr(settings, name)!r}")
     if settings.build_nice > 19:

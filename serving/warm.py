@@ -1,11 +1,13 @@
 """Warm before publish: compute the responses a new Snapshot will be asked for first.
 
-Runs in the updater's thread between `Store.stage` and `Store.commit`, with its own cursor, so
-live requests keep their query threads. Which keys: the most requested parameters of each
-affected endpoint (replayed from the current version) plus every key of a small parameter space
-(enums, bools and narrow int ranges). How: one batched query per endpoint when the SQL allows it
-(the endpoint's SQL run LATERAL against a table of keys), else one query per key, hottest first,
-until the time budget is spent.
+Runs between `Store.stage` and `Store.commit`: the updater's thread asks the builder process
+(lower priority, its own GIL) to answer and encode on the staged version files, then inserts
+the answers into the cache in chunks on the event loop, so requests keep their threads.
+Which keys: the most requested parameters of each affected endpoint (replayed from the current
+version), every key of a small parameter space (enums, bools and narrow int ranges) and the
+rows of the endpoint's `warm_sql`. How: one batched query per endpoint when the SQL allows it
+(the endpoint's SQL run LATERAL against a table of keys), else one query per key, hottest
+first, until the time budget is spent.
 """
 
 from __future__ import annotations
@@ -14,16 +16,18 @@ import asyncio
 import itertools
 import json
 import logging
+import pickle
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, BinaryIO, TypeVar
 
 import duckdb
 
-from loaders.build import quote_ident
+from loaders.build import quote_ident, quote_literal
+from loaders.builder import Builder
 from loaders.snapshot import Snapshot, Store
-from serving.cache import Key, Popularity, ResponseCache
+from serving.cache import Popularity, ResponseCache
 from serving.params import ParamError, cache_key, default_value, parse_value
 from serving.query import Result, execute, execute_batch
 from serving.responses import Entry, encode_body, etag, token, versions_header
@@ -179,55 +183,96 @@ def _domain(p: ParamSpec) -> list[Any] | None:
     return values
 
 
-def _declared_keys(cur: duckdb.DuckDBPyConnection, spec: EndpointSpec) -> list[dict[str, Any]]:
-    """Rows of the endpoint's `warm_sql`, validated and normalised like request parameters
-    (each distinct value parsed once: tens of thousands of rows share a few values)."""
+def _declared_keys(cur: duckdb.DuckDBPyConnection,
+                   spec: EndpointSpec) -> list[tuple[dict[str, Any], tuple[Any, ...]]]:
+    """Rows of the endpoint's `warm_sql` as (bound params, cache key), validated and normalised
+    like request parameters. Column by column: each distinct value is parsed once (tens of
+    thousands of rows share a few values)."""
     try:
         cur.execute(str(spec.warm_sql))
+        names = [d[0] for d in cur.description or []]
         rows = cur.fetchall()
-        columns = [d[0] for d in cur.description or []]
     except duckdb.Error as exc:
         log.warning("warm_sql of %s failed: %s", spec.name, str(exc).splitlines()[0])
         return []
-    fixed: dict[str, Any] = {}
+    given = dict(zip(names, zip(*rows, strict=True), strict=False)) if rows else {}
+    bad = object()
+    any_bad = False
+    columns: list[Sequence[Any]] = []
     for name, p in spec.params.items():
-        if name not in columns:
-            if p.required:
+        raw_column = given.get(name)
+        if raw_column is None:
+            if name not in names and p.required:
                 log.warning("warm_sql of %s lacks required parameter %s", spec.name, name)
                 return []
-            fixed[name] = default_value(p)
-    parsed: dict[tuple[str, Any], Any] = {}
-    bad = object()
+            columns.append(itertools.repeat(default_value(p), len(rows)))  # type: ignore[arg-type]
+            continue
+        try:  # scalar values: map each distinct one once
+            parsed = {v: _parse_declared(p, v, bad) for v in set(raw_column)}
+            columns.append([parsed[v] for v in raw_column])
+        except TypeError:  # list values (unhashable)
+            parsed = {}
+            column = []
+            for value in raw_column:
+                hashable = tuple(value) if isinstance(value, list) else value
+                if hashable not in parsed:
+                    parsed[hashable] = _parse_declared(p, value, bad)
+                column.append(parsed[hashable])
+            columns.append(column)
+        any_bad = any_bad or any(v is bad for v in parsed.values())
+    lists = [i for i, p in enumerate(spec.params.values()) if p.is_list]
+    pnames = list(spec.params)
+    rows_out: Iterator[tuple[Any, ...]] = zip(*columns, strict=True)
+    if any_bad:
+        rows_out = (r for r in rows_out if bad not in r)  # a value no request could spell
+    if not lists:
+        return [(dict(zip(pnames, r, strict=True)), r) for r in rows_out]
+    out = []
+    for values in rows_out:
+        as_list = list(values)
+        for i in lists:
+            as_list[i] = tuple(as_list[i])
+        out.append((dict(zip(pnames, values, strict=True)), tuple(as_list)))
+    return out
 
-    def parse(col: str, value: Any) -> Any:
-        hashable = tuple(value) if isinstance(value, list) else value
-        got = parsed.get((col, hashable))
-        if got is None and (col, hashable) not in parsed:
-            items = value if isinstance(value, list) else [value]
-            raw = [str(v).lower() if isinstance(v, bool) else str(v) for v in items]
-            try:
-                got = parse_value(spec.params[col], raw)
-            except ParamError:
-                got = bad  # a value no request could spell
-            parsed[(col, hashable)] = got
-        return got
 
-    keys = []
-    for row in rows:
-        key = dict(fixed)
-        for col, value in zip(columns, row, strict=True):
-            key[col] = default_value(spec.params[col]) if value is None else parse(col, value)
-        if not any(v is bad for v in key.values()):
-            keys.append({n: key[n] for n in spec.params})
-    return keys
+def _parse_declared(p: ParamSpec, value: Any, bad: object) -> Any:
+    if value is None:
+        return default_value(p)
+    items = value if isinstance(value, list) else [value]
+    raw = [str(v).lower() if isinstance(v, bool) else str(v) for v in items]
+    try:
+        return parse_value(p, raw)
+    except ParamError:
+        return bad  # a value no request could spell
+
+
+@dataclass(frozen=True)
+class WarmTask:
+    """One endpoint to warm for a staged Snapshot (sent to the warm process: picklable)."""
+
+    spec: EndpointSpec
+    token: str
+    versions: dict[str, str]
+    plan: BatchPlan | None
+    hot: list[tuple[dict[str, Any], int]]  # the most requested keys, with their counts
+
+
+WarmItem = tuple[tuple[Any, ...], bytes, str]  # (cache key, body, ETag)
 
 
 class Warmer:
-    """Called by the updater with a staged Snapshot; fills the cache for it before commit."""
+    """Called by the updater with a staged Snapshot; fills the cache for it before commit.
+
+    The queries and the encoding run in the builder process (lower priority, its own GIL), on
+    the Snapshot's version files attached read-only there; this process only reads the answers
+    back from a spool file and inserts them, in chunks, on the event loop.
+    """
 
     def __init__(self, store: Store, cache: ResponseCache, popularity: Popularity,
                  endpoints: Mapping[str, EndpointSpec], fingerprints: Mapping[str, bytes],
-                 batch: Mapping[str, BatchPlan | None], seconds: float, keys: int) -> None:
+                 batch: Mapping[str, BatchPlan | None], seconds: float, keys: int,
+                 builder: Builder, threads: int = 2, tail_seconds: float = 0.0) -> None:
         self.store = store
         self.cache = cache
         self.popularity = popularity
@@ -235,6 +280,10 @@ class Warmer:
         self.fingerprints = fingerprints
         self.seconds = seconds
         self.keys = keys
+        self.builder = builder
+        self.threads = threads
+        self.tail_seconds = tail_seconds
+        self._tail: tuple[Snapshot, list[WarmTask], list[set[tuple[Any, ...]]]] | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self._batch = dict(batch)
         self.last: WarmReport | None = None
@@ -250,118 +299,223 @@ class Warmer:
         return asyncio.run_coroutine_threadsafe(call(), loop).result(timeout=10)
 
     def __call__(self, snap: Snapshot) -> WarmReport:
+        """Before publish: the most requested keys first, within `seconds`."""
+        self._tail = None
         start = time.perf_counter()
-        deadline = start + self.seconds
-        report = WarmReport(snap.id)
         if self.seconds <= 0:
-            return report
+            return WarmReport(snap.id)
         old = self.store.current
-        cur = self.store.cursor()
-        try:
-            cur.execute(f"SET search_path = '{snap.schema}'")
-            work: list[_Job] = []
-            for name, spec in self.endpoints.items():
-                versions = snap.version_ids(spec.datasets)
-                if len(versions) != len(spec.datasets):
-                    continue
-                if versions == old.version_ids(spec.datasets):
-                    continue  # unchanged token: its entries stay valid
-                tok = token(self.fingerprints[name], versions)
-                keys = self._keys(cur, spec, tok)
-                if keys:
-                    work.append(_Job(spec, tok, versions, keys))
-            if not work:
-                return report
-            singles: list[tuple[int, int, _Job, Want]] = []
-            for i, job in enumerate(work):
-                rest = self._batched(cur, job, report)
-                singles.extend((w[2], i, job, w) for w in rest)
-            # Then key by key, the most requested first across endpoints, until the deadline.
-            singles.sort(key=lambda s: (-s[0], s[1]))
-            for _, _, job, (k, ck, _) in singles:
-                if time.perf_counter() >= deadline:
-                    report.skipped += 1
-                    continue
-                result = execute(cur, job.spec.sql, k, job.spec.row_limit)
-                job.add(ck, result)
-                report.single += 1
-            for job in work:
-                for i in range(0, len(job.entries), 500):  # the loop serves between chunks
-                    chunk = job.entries[i:i + 500]
-                    self._on_loop(lambda c=chunk: self.cache.put_many(c))  # type: ignore[misc]
-                report.per_endpoint[job.spec.name] = len(job.entries)
-                report.entries += len(job.entries)
-        finally:
-            cur.close()
+        tasks: list[WarmTask] = []
+        for name, spec in self.endpoints.items():
+            versions = snap.version_ids(spec.datasets)
+            if len(versions) != len(spec.datasets):
+                continue
+            if versions == old.version_ids(spec.datasets):
+                continue  # unchanged token: its entries stay valid
+            hot = self._on_loop(lambda n=name: self.popularity.hottest(n, self.keys))  # type: ignore[misc]
+            names = list(spec.params)
+            tasks.append(WarmTask(
+                replace(spec, params=dict(spec.params)),
+                token(self.fingerprints[name], versions), versions, self._batch.get(name),
+                [({n: list(v) if isinstance(v, tuple) else v
+                   for n, v in zip(names, k, strict=True)}, count) for k, count in hot],
+            ))
+        if not tasks:
+            return WarmReport(snap.id)
+        done: list[set[tuple[Any, ...]]] = [set() for _ in tasks]
+        report = self._run(snap, tasks, self.seconds, done)
+        if report is None:
+            return WarmReport(snap.id)
+        if report.skipped and self.tail_seconds > 0:
+            self._tail = (snap, tasks, done)
         report.seconds = time.perf_counter() - start
         self.last = report
         log.info(
-            "warmed snapshot %d: %d responses (%d batched, %d single, %d skipped) in %.3fs",
-            snap.id, report.entries, report.batched, report.single, report.skipped,
-            report.seconds,
+            "warmed snapshot %d: %d responses (%d batched, %d single, %d left for after the "
+            "publish) in %.3fs", snap.id, report.entries, report.batched, report.single,
+            report.skipped, report.seconds,
         )
         return report
 
-    def _keys(self, cur: duckdb.DuckDBPyConnection, spec: EndpointSpec,
-              tok: str) -> list[Want]:
-        """(key, request count): hottest first, then the rows of `warm_sql` and the small-space
-        enumeration (count 0); without those already cached."""
-        names = list(spec.params)
-        hot = self._on_loop(lambda: self.popularity.hottest(spec.name, self.keys))
-        keys = [({n: list(v) if isinstance(v, tuple) else v
-                  for n, v in zip(names, k, strict=True)}, count) for k, count in hot]
-        if spec.warm_sql:
-            keys.extend((k, 0) for k in _declared_keys(cur, spec))
-        keys.extend((k, 0) for k in enumerate_keys(spec))
-        out: list[Want] = []
-        seen = set()
-        for k, count in keys:
-            ck = cache_key(k)
-            if ck not in seen:
-                seen.add(ck)
-                out.append((k, ck, count))
-        cache = self.cache
-        cached = self._on_loop(lambda: [(tok, w[1]) in cache for w in out])
-        return [w for w, c in zip(out, cached, strict=True) if not c]
+    def after_publish(self, snap: Snapshot) -> WarmReport | None:
+        """After publish: the keys the first pass had no time for (the long tail of
+        `warm_sql` and enumerations), within `tail_seconds`, while they are still current."""
+        pending, self._tail = self._tail, None
+        if pending is None or pending[0].id != snap.id:
+            return None
+        start = time.perf_counter()
+        _, tasks, done = pending
+        report = self._run(snap, tasks, self.tail_seconds, done)
+        if report is not None:
+            report.seconds = time.perf_counter() - start
+            log.info("warmed snapshot %d after its publish: %d more responses (%d left) in "
+                     "%.3fs", snap.id, report.entries, report.skipped, report.seconds)
+        return report
 
-    def _batched(self, cur: duckdb.DuckDBPyConnection, job: _Job,
-                 report: WarmReport) -> list[Want]:
-        """Answer what one batched query can; return the keys left for single queries."""
-        sql = self._batch.get(job.spec.name)
-        if sql is None:
-            return job.keys
-        keys = [w[0] for w in job.keys]
+    def _run(self, snap: Snapshot, tasks: list[WarmTask], seconds: float,
+             done: list[set[tuple[Any, ...]]]) -> WarmReport | None:
+        """Answer in the builder process, then insert the spooled answers on the loop.
+        None when the Snapshot's versions have no files (nothing to attach there)."""
+        files = {d: str(v.path) for d, v in snap.versions.items() if v.path is not None}
+        if len(files) != len(snap.versions):
+            return None
+        spool = self.store.data_dir / f"warm-{snap.id}.spool"
         try:
-            results = execute_batch(cur, job.spec, sql, keys)
-        except duckdb.Error as exc:
-            log.warning("batched warm of %s failed (%s); warming key by key",
-                        job.spec.name, type(exc).__name__)
-            self._batch[job.spec.name] = None  # this process warms it key by key from now
-            return job.keys
-        rest = []
-        for want, result in zip(job.keys, results, strict=True):
-            if result is None:
-                rest.append(want)
-            else:
-                job.add(want[1], result)
-                report.batched += 1
-        return rest
+            report: WarmReport = self.builder.run(
+                compute, files, tasks, seconds, self.threads, self.cache.max_bytes, str(spool),
+                done)
+            report.snapshot = snap.id
+            headers = [versions_header(t.versions) for t in tasks]
+            with spool.open("rb") as f:
+                while True:
+                    try:
+                        i, items = pickle.load(f)
+                    except EOFError:
+                        break
+                    tok, header = tasks[i].token, headers[i]
+                    chunk = [((tok, ck), Entry(body, tag, header)) for ck, body, tag in items]
+                    done[i].update(ck for ck, _, _ in items)
+                    self._on_loop(lambda c=chunk: self.cache.put_many(c))  # type: ignore[misc]
+        finally:
+            spool.unlink(missing_ok=True)
+        return report
+
+
+SPOOL_CHUNK = 500  # entries per pickled chunk: what the event loop inserts at a time
+ROUND = 4096  # keys of the first round (one batched query per endpoint); each round doubles
+
+
+def compute(files: dict[str, str], tasks: list[WarmTask], seconds: float, threads: int,
+            max_bytes: int, spool: str,
+            skip: list[set[tuple[Any, ...]]] | None = None) -> WarmReport:
+    """In the warm (builder) process: answer the tasks' keys on the version files, the most
+    requested first, in rounds (batched where the SQL allows), until `seconds` or `max_bytes`
+    of answers are spent; spool (task index, [(cache key, body, ETag)]) chunks to `spool`.
+    Keys in `skip[i]` (already warmed) are left out."""
+    deadline = time.perf_counter() + seconds
+    report = WarmReport(0)
+    con = duckdb.connect(config={"threads": threads})
+    try:
+        con.execute("SET enable_progress_bar = false")
+        for i, (dataset, path) in enumerate(sorted(files.items())):
+            con.execute(f"ATTACH {quote_literal(path)} AS w_{i} (READ_ONLY)")
+            con.execute(f"CREATE VIEW {quote_ident(dataset)} AS SELECT * FROM w_{i}.main.data")
+        jobs = [_Job(i, t) for i, t in enumerate(tasks)]
+        wants: list[tuple[int, int, int, Want]] = []
+        for job in jobs:
+            done = skip[job.index] if skip else set()
+            keys = [w for w in _keys(con, job.task) if w[1] not in done]
+            wants.extend((-w[2], pos, job.index, w) for pos, w in enumerate(keys))
+        # Hottest first; keys never requested yet round-robin across endpoints, so a small
+        # endpoint is not left behind a large one's long tail.
+        wants.sort(key=lambda w: (w[0], w[1]))
+        with open(spool, "wb") as out:
+            spooler = _Spooler(out, max_bytes, report)
+            start, size = 0, ROUND
+            while start < len(wants):
+                if time.perf_counter() >= deadline or spooler.full:
+                    report.skipped += len(wants) - start
+                    break
+                # Rounds grow: a batched query scans its tables once whatever the key count,
+                # and the deadline is checked between rounds.
+                per_job: dict[int, list[Want]] = {}
+                round_, start, size = wants[start:start + size], start + size, size * 2
+                for _, _, i, w in round_:
+                    per_job.setdefault(i, []).append(w)
+                for i, keys in per_job.items():
+                    for k, ck, _ in _batched(con, jobs[i], keys, spooler):
+                        if time.perf_counter() >= deadline or spooler.full:
+                            report.skipped += 1
+                            continue
+                        spooler.add(jobs[i], ck, execute(con, tasks[i].spec.sql, k,
+                                                         tasks[i].spec.row_limit))
+                        report.single += 1
+            for job in jobs:
+                spooler.flush(job)
+    finally:
+        con.close()
+    return report
+
+
+def _keys(con: duckdb.DuckDBPyConnection, task: WarmTask) -> list[Want]:
+    """(key, cache key, request count): hottest first, then the rows of `warm_sql` and the
+    small-space enumeration (count 0), each key once."""
+    spec = task.spec
+    keys = [(k, cache_key(k), count) for k, count in task.hot]
+    if spec.warm_sql:
+        keys.extend((k, ck, 0) for k, ck in _declared_keys(con, spec))
+    keys.extend((k, cache_key(k), 0) for k in enumerate_keys(spec))
+    out: list[Want] = []
+    seen = set()
+    for want in keys:
+        if want[1] not in seen:
+            seen.add(want[1])
+            out.append(want)
+    return out
+
+
+def _batched(con: duckdb.DuckDBPyConnection, job: _Job, keys: list[Want],
+             spooler: _Spooler) -> list[Want]:
+    """Answer what one batched query can; return the keys left for single queries."""
+    plan = None if job.unbatched else job.task.plan
+    if plan is None:
+        return keys
+    try:
+        results = execute_batch(con, job.task.spec, plan, [w[0] for w in keys])
+    except duckdb.Error as exc:
+        log.warning("batched warm of %s failed (%s); warming key by key",
+                    job.task.spec.name, type(exc).__name__)
+        job.unbatched = True
+        return keys
+    rest = []
+    for want, result in zip(keys, results, strict=True):
+        if result is None:
+            rest.append(want)
+        elif not spooler.full:
+            spooler.add(job, want[1], result)
+            spooler.report.batched += 1
+        else:
+            spooler.report.skipped += 1
+    return rest
 
 
 @dataclass
 class _Job:
-    """One endpoint to warm for a staged Snapshot, and the entries computed so far."""
+    """One task, and its answers not spooled yet."""
 
-    spec: EndpointSpec
-    token: str
-    versions: dict[str, str]
-    keys: list[Want]
-    entries: list[tuple[Key, Entry]] = field(default_factory=list)
+    index: int
+    task: WarmTask
+    unbatched: bool = False  # its batched query failed: key by key from now
+    pending: list[WarmItem] = field(default_factory=list)
 
-    def __post_init__(self) -> None:
-        self.header = versions_header(self.versions)  # one string shared by every entry
 
-    def add(self, ck: tuple[Any, ...], result: Result) -> None:
-        body = encode_body(self.spec, self.token, self.versions, result.columns, result.rows,
+class _Spooler:
+    """Encodes answers and writes them to the spool file in chunks, within a byte budget."""
+
+    def __init__(self, out: BinaryIO, max_bytes: int, report: WarmReport) -> None:
+        self.out = out
+        self.max_bytes = max_bytes
+        self.report = report
+        self.bytes = 0
+
+    @property
+    def full(self) -> bool:
+        return self.bytes >= self.max_bytes
+
+    def add(self, job: _Job, ck: tuple[Any, ...], result: Result) -> None:
+        t = job.task
+        body = encode_body(t.spec, t.token, t.versions, result.columns, result.rows,
                            result.truncated)
-        self.entries.append(((self.token, ck), Entry(body, etag(self.token, ck), self.header)))
+        tag = etag(t.token, ck)
+        self.bytes += Entry(body, tag, "").size()
+        item = (ck, body, tag)
+        job.pending.append(item)
+        self.report.entries += 1
+        self.report.per_endpoint[t.spec.name] = self.report.per_endpoint.get(t.spec.name, 0) + 1
+        if len(job.pending) >= SPOOL_CHUNK:
+            self.flush(job)
+
+    def flush(self, job: _Job) -> None:
+        if job.pending:
+            pickle.dump((job.index, job.pending), self.out, protocol=pickle.HIGHEST_PROTOCOL)
+            job.pending = []

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import DEMO_CONFIG, Running, demo_settings, wait_for, write_seq_export
 from data.generate import write_export
@@ -142,8 +143,9 @@ async def test_version_not_held_redirects_uncached(demo: Running, tmp_path: Path
     status, headers, body = await _raw(demo, f"{STATS}&v={tok}")
     assert status == 200 and body == old_body
     assert headers["Cache-Control"] == IMMUTABLE
-    status, _, _ = await _raw(demo, f"/v1/champions/9/stats?role=top&v={tok}")
-    assert status == 307  # never computed for the old version: not held
+    # An explicit older patch is outside the warmed keys: never computed for the old version.
+    status, _, _ = await _raw(demo, f"/v1/champions/9/stats?role=top&patch=25.01&v={tok}")
+    assert status == 307
 
 
 def _two_datasets(root: Path) -> Settings:
@@ -251,12 +253,20 @@ async def test_cached_and_warmed_bytes_equal_uncached(tmp_path: Path, serve: Any
 
 
 async def test_hit_ratio_is_in_metrics(demo: Running) -> None:
-    for _ in range(3):
-        await _raw(demo, STATS)
-    status, headers, body = await _raw(demo, "/metrics")
-    assert status == 200 and headers["Content-Type"].startswith("text/plain")
-    text = body.decode()
-    assert 'duckswap_cache_lookups_total{result="hit"} 2.0' in text
+    async def lookups() -> dict[str, float]:
+        status, headers, body = await _raw(demo, "/metrics")
+        assert status == 200 and headers["Content-Type"].startswith("text/plain")
+        return {s.labels["result"]: s.value
+                for f in text_string_to_metric_families(body.decode())
+                if f.name == "duckswap_cache_lookups" for s in f.samples
+                if s.name.endswith("_total")}
+
+    before = await lookups()
+    for _ in range(3):  # an explicit older patch: outside the warmed keys
+        await _raw(demo, f"{STATS}&patch=25.01")
+    after = await lookups()
+    assert after["hit"] - before["hit"] == 2 and after["miss"] - before["miss"] == 1
+    text = (await _raw(demo, "/metrics"))[2].decode()
     assert 'duckswap_loads_total{dataset="champion_stats",outcome="ok"} 1.0' in text
     assert "duckswap_cache_bytes" in text
 
@@ -289,5 +299,27 @@ async def test_warm_sql_answers_its_keys_before_the_first_request(demo: Running)
             status, _, _ = await _raw(demo, f"/v1/champions/{champion}/builds?role={role}")
             assert status == 200
     assert cache.misses == misses
-    assert (await _raw(demo, "/v1/champions/3/stats?role=mid"))[0] == 200
-    assert cache.misses == misses + 1  # no warm_sql there, nothing asked for it yet
+    assert (await _raw(demo, "/v1/champions/3/stats?role=mid&rank=IRON&region=na"))[0] == 200
+    assert cache.misses == misses
+    assert (await _raw(demo, "/v1/champions/3/stats?role=mid&patch=25.01"))[0] == 200
+    assert cache.misses == misses + 1  # an older patch: outside warm_sql, never asked for
+
+
+async def test_keys_without_time_before_publish_are_warmed_after_it(tmp_path: Path,
+                                                                   serve: Any) -> None:
+    """No time before the publish: every warm_sql key is answered right after it instead."""
+    write_export(tmp_path, 1, size="small")
+    demo = await _demo(serve, tmp_path, warm_seconds=1e-9)
+    cache = demo.app[SERVING].cache
+    keys = 12 * 5 * 5 * 2  # champion x role x rank x region of the latest patch (small size)
+
+    async def tail_warmed() -> bool:
+        return cache.warmed >= keys
+
+    await wait_for(tail_warmed, what="the after-publish warm")
+    misses = cache.misses
+    for path in ("/v1/champions/12/stats?role=bot&rank=iron&region=euw",
+                 "/v1/champions/1/stats?role=top&rank=silver&region=na",
+                 "/v1/champions/5/builds?role=mid", "/v1/champions/7/trend?role=support"):
+        assert (await _raw(demo, path))[0] == 200
+    assert cache.misses == misses
