@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
 import duckdb
+import google_crc32c
 import pyarrow.parquet as pq
 
 from loaders.schema import DatasetSchema, LoadError
 from loaders.source import Export
+
+Crc32c: Any = google_crc32c.Checksum  # untyped upstream
+TOTAL = "\0total"  # expected_rows key of the manifest's whole-export row count
 
 
 def quote_ident(name: str) -> str:
@@ -22,12 +27,16 @@ def quote_literal(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
+def _digests(path: Path) -> tuple[str, str, str]:
+    """sha256 (hex), md5 and crc32c (base64, as GCS reports them) in one read."""
+    sha, md5, crc = hashlib.sha256(), hashlib.md5(usedforsecurity=False), Crc32c()
     with path.open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+            sha.update(block)
+            md5.update(block)
+            crc.update(block)
+    return (sha.hexdigest(), base64.b64encode(md5.digest()).decode(),
+            base64.b64encode(crc.digest()).decode())
 
 
 def _manifest(export: Export) -> dict[str, Any] | None:
@@ -48,7 +57,8 @@ def verify(export: Export) -> tuple[str, dict[str, int]]:
     if not export.files:
         raise LoadError("export has a marker but no part-*.parquet files")
     manifest = _manifest(export)
-    digests = {p.name: _sha256(p) for p in export.files}
+    sums = {p.name: _digests(p) for p in export.files}
+    digests = {name: d[0] for name, d in sums.items()}
     expected_rows: dict[str, int] = {}
     if manifest is not None:
         listed = {}
@@ -66,10 +76,13 @@ def verify(export: Export) -> tuple[str, dict[str, int]]:
             size = (export.path / name).stat().st_size
             if "size" in entry and entry["size"] != size:
                 raise LoadError(f"{name}: size {size} != manifest size {entry['size']}")
-            if "sha256" in entry and entry["sha256"] != digests[name]:
-                raise LoadError(f"{name}: sha256 does not match the manifest")
+            for i, algo in enumerate(("sha256", "md5", "crc32c")):
+                if algo in entry and entry[algo] != sums[name][i]:
+                    raise LoadError(f"{name}: {algo} does not match the manifest")
             if "rows" in entry:
                 expected_rows[name] = int(entry["rows"])
+        if "rows" in manifest:
+            expected_rows[TOTAL] = int(manifest["rows"])
     h = hashlib.sha256()
     for name in sorted(digests):
         h.update(f"{name}\0{digests[name]}\n".encode())
@@ -78,6 +91,7 @@ def verify(export: Export) -> tuple[str, dict[str, int]]:
 
 def validate_files(export: Export, schema: DatasetSchema, expected_rows: dict[str, int]) -> None:
     """Every part readable as Parquet, with the declared columns; row counts as the manifest."""
+    total = 0
     for path in export.files:
         try:
             meta = pq.read_metadata(path)
@@ -91,6 +105,9 @@ def validate_files(export: Export, schema: DatasetSchema, expected_rows: dict[st
             raise LoadError(
                 f"{path.name}: {meta.num_rows} rows != manifest rows {expected_rows[path.name]}"
             )
+        total += meta.num_rows
+    if TOTAL in expected_rows and expected_rows[TOTAL] != total:
+        raise LoadError(f"export has {total} rows != manifest rows {expected_rows[TOTAL]}")
 
 
 def build_file(

@@ -13,6 +13,7 @@ import os
 import shutil
 import tempfile
 import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,7 @@ class Version:
     rows: int
     load_seconds: float
     path: Path | None = None
+    loaded_at: float = field(default_factory=time.time)  # wall clock, for the data's age
 
 
 @dataclass(frozen=True)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 MARKERS = ("_manifest.json", "_SUCCESS")
 PART_GLOB = "part-*.parquet"
@@ -19,15 +20,38 @@ class Export:
     path: Path
     files: tuple[Path, ...]
     marker: str
+    fingerprint: str = ""  # changes whenever a file of the export is rewritten
 
     @property
     def manifest(self) -> Path | None:
         return self.path / "_manifest.json" if self.marker == "_manifest.json" else None
 
 
+class Candidate(Protocol):
+    """A complete export as a source lists it (before any download)."""
+
+    @property
+    def dataset(self) -> str: ...
+    @property
+    def export_id(self) -> str: ...
+    @property
+    def fingerprint(self) -> str: ...
+
+
 class Source(Protocol):
-    def complete_exports(self, dataset: str) -> list[Export]:
-        """Complete exports of a dataset, oldest first (export ids sort by time)."""
+    url: str
+
+    def complete_exports(self, dataset: str) -> Sequence[Any]:
+        """Complete exports of a dataset (Candidates), oldest first (export ids sort by
+        time)."""
+        ...
+
+    def fetch(self, export: Any) -> Export:
+        """The export's files on local disk, verified."""
+        ...
+
+    def discard(self, export: Export) -> None:
+        """Free what `fetch` staged (after the build copied it)."""
         ...
 
 
@@ -45,6 +69,7 @@ class LocalSource:
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        self.url = f"file://{root}"
 
     def complete_exports(self, dataset: str) -> list[Export]:
         base = self.root / dataset
@@ -60,8 +85,19 @@ class LocalSource:
             files = tuple(
                 sorted(p for p in folder.glob(PART_GLOB) if p.is_file() and not is_ignored(p.name))
             )
-            found.append(Export(dataset, folder.name, folder, files, marker))
+            try:
+                stamp = ",".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}"
+                                 for p in (*files, folder / marker))
+            except OSError:
+                continue  # being rewritten or removed right now: next time
+            found.append(Export(dataset, folder.name, folder, files, marker, stamp))
         return found
+
+    def fetch(self, export: Export) -> Export:
+        return export  # already local
+
+    def discard(self, export: Export) -> None:
+        pass  # the folder is the source itself
 
     def dataset_of(self, changed: Path) -> str | None:
         """The dataset a changed path under the root belongs to."""

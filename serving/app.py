@@ -7,14 +7,16 @@ import contextlib
 import gc
 import hashlib
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
 from loaders.builder import Builder
 from loaders.snapshot import Snapshot, Store
-from loaders.source import LocalSource
+from loaders.source import LocalSource, Source
 from loaders.updater import Updater
 from serving.batcher import Batcher
 from serving.cache import Popularity, ResponseCache
@@ -274,7 +276,13 @@ async def readyz(request: web.Request) -> web.Response:
     if missing:
         return error_response(NotReady("waiting for datasets to load", missing=missing))
     versions = {n: v.version_id for n, v in snap.versions.items()}
-    return json_response({"status": "ready", "versions": versions})
+    updater = request.app[UPDATER]
+    listed = updater.last_listed
+    return json_response({
+        "status": "ready", "versions": versions, "data_age_s": updater.data_age(),
+        "source": {"url": updater.source.url, "errors": updater.source_errors,
+                   "last_listed_age_s": round(time.time() - listed, 3) if listed else None},
+    })
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -301,11 +309,22 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     log.info("stopped serving %s", settings.file)
 
 
+def make_source(settings: Settings, scratch: Path) -> Source:
+    """The export source the URL names; gcsfs is imported only for `gs://`."""
+    if settings.source_url.startswith("gs://"):
+        from loaders.gcs import GcsSource
+
+        staging = Path(settings.staging_dir) if settings.staging_dir else scratch / "staging"
+        return GcsSource(settings.source_url, staging, endpoint_url=settings.endpoint_url,
+                         token=settings.token, concurrency=settings.concurrency)
+    root = settings.source_path
+    root.mkdir(parents=True, exist_ok=True)
+    return LocalSource(root)
+
+
 def create_app(settings: Settings) -> web.Application:
     app = web.Application(middlewares=[error_middleware])
     store = Store(threads=settings.threads)
-    source_root = settings.source_path
-    source_root.mkdir(parents=True, exist_ok=True)
     runner = QueryRunner(store, settings.threads, settings.query_timeout)
     serving = Serving(settings, store, runner)
     # One lower-priority process builds versions and computes their warm answers.
@@ -320,9 +339,10 @@ def create_app(settings: Settings) -> web.Application:
     app[WARMER] = warmer
     app[RUNNER] = runner
     app[UPDATER] = Updater(
-        LocalSource(source_root), store, settings.datasets, debounce_ms=settings.debounce_ms,
+        make_source(settings, store.data_dir), store, settings.datasets,
+        debounce_ms=settings.debounce_ms,
         before_publish=warmer, after_publish=warmer.after_publish, nice=settings.build_nice,
-        builder=builder,
+        builder=builder, poll_seconds=settings.poll_seconds,
     )
     app[REGISTRY] = CollectorRegistry()
     app[REGISTRY].register(Metrics(store, serving.cache, app[UPDATER], warmer))

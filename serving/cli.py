@@ -27,7 +27,8 @@ def _load(config: str | None) -> Settings:
         env = dict(os.environ)
         env.setdefault(DEMO_ROOT_ENV, f'"file://{Path.cwd() / "duckswap-demo"}"')
         settings = load_settings(DEMO_CONFIG, env)
-        if not any(settings.source_path.glob("*/export-*")):
+        local = settings.source_url.startswith("file://")
+        if local and not any(settings.source_path.glob("*/export-*")):
             from data.generate import next_seq, write_export
 
             print(f"writing demo export into {settings.source_path} ...", file=sys.stderr)

@@ -38,8 +38,18 @@ SETTING_KEYS: dict[str, str] = {
     "server.metrics": "Serve Prometheus metrics on `/metrics` (default true).",
     "server.build_nice": "Nice value of the build process and the loader thread, so builds and "
     "warming yield to requests; 0 keeps normal priority (default 10).",
-    "source.url": "`file://` folder holding `<dataset>/<export-id>/` exports (required).",
+    "source.url": "`file://` folder or `gs://bucket/prefix` holding `<dataset>/<export-id>/` "
+    "exports (required).",
     "source.debounce_ms": "watchfiles debounce in milliseconds (default 200).",
+    "source.poll_seconds": "`gs://`: seconds between listings (default 5; backs off up to 60 "
+    "while the bucket fails).",
+    "source.endpoint_url": "`gs://`: API endpoint, for an emulator (default: Google's, or "
+    "`STORAGE_EMULATOR_HOST`).",
+    "source.token": "`gs://`: credentials: a service-account JSON file, `anon`, or "
+    "`google_default` (default: the standard Google mechanisms).",
+    "source.concurrency": "`gs://`: objects downloaded at once (default 4).",
+    "source.staging_dir": "`gs://`: local folder for downloads in progress (default: a "
+    "temporary folder).",
     "datasets.*.key": "Lookup key columns; the table is sorted by them (required).",
     "datasets.*.columns": "Required columns and their DuckDB types (required).",
     "datasets.*.required": "Whether /readyz and endpoints wait for this dataset (default true).",
@@ -125,6 +135,11 @@ class Settings:
     query_timeout: float = 5.0
     log_level: str = "INFO"
     debounce_ms: int = 200
+    poll_seconds: float = 5.0
+    endpoint_url: str | None = None
+    token: str | None = field(default=None, repr=False)  # credentials: never printed
+    concurrency: int = 4
+    staging_dir: str | None = None
     cache_mb: float = 256.0
     warm_seconds: float = 1.0
     warm_tail_seconds: float = 10.0
@@ -334,8 +349,10 @@ def parse_settings(raw: Mapping[str, Any], file: str = "<config>") -> Settings:
     ep_r = root.sub("endpoints")
     endpoints = {name: _parse_endpoint(ep_r, name, datasets) for name in ep_r.table}
     url = source.get("url", str)
-    if not url.startswith("file://"):
-        raise source.fail("url", f"only file:// sources are supported, got {url!r}")
+    if not url.startswith(("file://", "gs://")):
+        raise source.fail("url", f"expected a file:// or gs:// URL, got {url!r}")
+    if url.startswith("gs://") and not url.removeprefix("gs://").strip("/"):
+        raise source.fail("url", "gs:// URL needs a bucket")
     settings = Settings(
         source_url=url,
         datasets=datasets,
@@ -346,6 +363,11 @@ def parse_settings(raw: Mapping[str, Any], file: str = "<config>") -> Settings:
         query_timeout=float(server.get("query_timeout", (int, float), 5.0)),
         log_level=server.get("log_level", str, "INFO"),
         debounce_ms=source.get("debounce_ms", int, 200),
+        poll_seconds=float(source.get("poll_seconds", (int, float), 5.0)),
+        endpoint_url=source.get("endpoint_url", str, None),
+        token=source.get("token", str, None),
+        concurrency=source.get("concurrency", int, 4),
+        staging_dir=source.get("staging_dir", str, None),
         cache_mb=float(server.get("cache_mb", (int, float), 256.0)),
         warm_seconds=float(server.get("warm_seconds", (int, float), 1.0)),
         warm_tail_seconds=float(server.get("warm_tail_seconds", (int, float), 10.0)),
@@ -360,6 +382,8 @@ def parse_settings(raw: Mapping[str, Any], file: str = "<config>") -> Settings:
             raise server.fail(name, f"must not be negative, got {getattr(settings, name)!r}")
     if settings.build_nice > 19:
         raise server.fail("build_nice", f"must be 0-19, got {settings.build_nice}")
+    _positive(source, "poll_seconds", settings.poll_seconds)
+    _positive(source, "concurrency", settings.concurrency)
     _positive(server, "threads", settings.threads)
     _positive(server, "query_timeout", settings.query_timeout)
     if not 0 <= settings.port <= 65535:
