@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from loaders.build import Crc32c
-from loaders.schema import LoadError
+from loaders.schema import LoadError, Unavailable
 from loaders.source import MARKERS, PART_GLOB, Export, is_ignored
 
 # gcsfs 2026.10 asks a gRPC bucket-layout service on every call unless told not to (against an
@@ -76,12 +76,12 @@ def retrying(fn: Callable[[], T], what: str, attempts: int = 5,
     for attempt in range(attempts):
         try:
             return fn()
-        except (Changed, LoadError, FileNotFoundError):
+        except (Changed, LoadError, Unavailable, FileNotFoundError):
             raise
         except Exception as exc:  # gcsfs raises OSError subclasses, HttpError, timeouts
             if attempt == attempts - 1:
-                raise LoadError(f"{what} failed after {attempts} attempts: "
-                                f"{type(exc).__name__}") from None
+                raise Unavailable(f"{what} failed after {attempts} attempts: "
+                                  f"{type(exc).__name__}") from None
             delay = backoff(attempt)
             log.warning("%s failed (%s); retrying in %.1fs", what, type(exc).__name__, delay)
             sleep(delay)
@@ -152,7 +152,7 @@ class GcsSource:
                 again = [e for e in self.complete_exports(export.dataset)
                          if e.export_id == export.export_id]
                 if not again:
-                    raise LoadError("the export disappeared during its download") from None
+                    raise Unavailable("the export disappeared during its download") from None
                 export = again[0]
                 time.sleep(backoff(attempt, base=0.2))
                 continue
@@ -162,7 +162,7 @@ class GcsSource:
             files = tuple(sorted(folder / o.name for o in export.objects
                                  if o.name != export.marker))
             return Export(export.dataset, export.export_id, folder, files, export.marker)
-        raise LoadError(f"the export kept changing during {self.attempts} downloads")
+        raise Unavailable(f"the export kept changing during {self.attempts} downloads")
 
     def _download(self, obj: RemoteObject, folder: Path) -> None:
         target = folder / obj.name

@@ -22,7 +22,7 @@ import watchfiles
 
 from loaders.build import remove_version_file, validate_files, verify
 from loaders.builder import Builder
-from loaders.schema import DatasetSchema, LoadError
+from loaders.schema import DatasetSchema, LoadError, Unavailable
 from loaders.snapshot import Snapshot, Store, Version
 from loaders.source import Export, LocalSource, Source, is_ignored
 
@@ -158,6 +158,11 @@ class Updater:
                 local.dataset, version_id, local.export_id, db, rows,
                 time.perf_counter() - start, path,
             )
+        except Unavailable as exc:  # not the export's fault: tried again at the next poll
+            log.warning("could not fetch export %s/%s: %s (retrying later)",
+                        candidate.dataset, candidate.export_id, exc)
+            return LoadEvent(candidate.dataset, candidate.export_id, False, str(exc),
+                             time.perf_counter() - start), None
         except (LoadError, OSError) as exc:
             reason = str(exc)
             self.refused[(candidate.dataset, candidate.export_id)] = reason
