@@ -287,6 +287,7 @@ class Warmer:
         self.loop: asyncio.AbstractEventLoop | None = None
         self._batch = dict(batch)
         self.last: WarmReport | None = None
+        self.last_tail: WarmReport | None = None
 
     def _on_loop(self, fn: Callable[[], T]) -> T:
         loop = self.loop
@@ -348,6 +349,7 @@ class Warmer:
         report = self._run(snap, tasks, self.tail_seconds, done)
         if report is not None:
             report.seconds = time.perf_counter() - start
+            self.last_tail = report  # its answers are all in the cache by now
             log.info("warmed snapshot %d after its publish: %d more responses (%d left) in "
                      "%.3fs", snap.id, report.entries, report.skipped, report.seconds)
         return report

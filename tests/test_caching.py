@@ -11,7 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import DEMO_CONFIG, Running, demo_settings, wait_for, write_seq_export
 from data.generate import write_export
-from serving.app import SERVING
+from serving.app import SERVING, STORE, WARMER
 from serving.responses import IMMUTABLE, etag
 from serving.settings import DEFAULT_CACHE_CONTROL, Settings, load_settings, parse_settings
 from serving.warm import batch_sql, enumerate_keys
@@ -311,12 +311,16 @@ async def test_keys_without_time_before_publish_are_warmed_after_it(tmp_path: Pa
     write_export(tmp_path, 1, size="small")
     demo = await _demo(serve, tmp_path, warm_seconds=1e-9)
     cache = demo.app[SERVING].cache
+    warmer = demo.app[WARMER]
     keys = 12 * 5 * 5 * 2  # champion x role x rank x region of the latest patch (small size)
 
     async def tail_warmed() -> bool:
-        return cache.warmed >= keys
+        tail = warmer.last_tail
+        return tail is not None and tail.snapshot == demo.app[STORE].current.id
 
     await wait_for(tail_warmed, what="the after-publish warm")
+    assert warmer.last is not None and warmer.last.entries == 0  # nothing before the publish
+    assert cache.warmed >= keys
     misses = cache.misses
     for path in ("/v1/champions/12/stats?role=bot&rank=iron&region=euw",
                  "/v1/champions/1/stats?role=top&rank=silver&region=na",
