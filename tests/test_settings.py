@@ -103,34 +103,22 @@ def test_config_errors_name_the_key(path: str, value: Any, key: str, problem: st
 
 
 @pytest.mark.parametrize(
-    ("sql", "fragment"),
+    ("key", "sql", "fragment"),
     [
-        ("SELECT * FROM stats WHERE idd = $id", 'column "idd" not found'),
-        ("SELECT * FROM builds WHERE id = $id", "builds"),
-        ("SELECT sum(games) FROM stats WHERE id = $id GROUP BY nope", "nope"),
+        ("sql", "SELECT * FROM stats WHERE idd = $id", 'column "idd" not found'),
+        ("sql", "SELECT * FROM builds WHERE id = $id", "builds"),
+        ("sql", "SELECT sum(games) FROM stats WHERE id = $id GROUP BY nope", "nope"),
+        ("warm_sql", "SELECT id, games FROM stats", "column 'games' is not a parameter"),
+        ("warm_sql", "SELECT idd AS id FROM stats", "idd"),
     ],
 )
-def test_sql_that_does_not_prepare_is_rejected(sql: str, fragment: str) -> None:
-    settings = parse_settings(_with("endpoints.one.sql", sql), "app.toml")
+def test_sql_that_does_not_prepare_is_rejected(key: str, sql: str, fragment: str) -> None:
+    """Endpoint SQL and warm_sql are both prepared at startup; errors name their key."""
+    settings = parse_settings(_with(f"endpoints.one.{key}", sql), "app.toml")
     with pytest.raises(ConfigError) as info:
         check_sql(settings)
-    assert info.value.key == "endpoints.one.sql"
+    assert info.value.key == f"endpoints.one.{key}"
     assert fragment in info.value.problem.lower() or fragment in info.value.problem
-
-
-@pytest.mark.parametrize(
-    ("warm_sql", "fragment"),
-    [
-        ("SELECT id, games FROM stats", "column 'games' is not a parameter"),
-        ("SELECT idd AS id FROM stats", "idd"),
-    ],
-)
-def test_warm_sql_is_checked(warm_sql: str, fragment: str) -> None:
-    settings = parse_settings(_with("endpoints.one.warm_sql", warm_sql), "app.toml")
-    with pytest.raises(ConfigError) as info:
-        check_sql(settings)
-    assert info.value.key == "endpoints.one.warm_sql"
-    assert fragment in info.value.problem
 
 
 def test_sql_reading_an_undeclared_dataset_is_rejected() -> None:
