@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -51,11 +52,11 @@ def _manifest(export: Export) -> dict[str, Any] | None:
     return doc
 
 
-def verify(export: Export) -> tuple[str, dict[str, int]]:
+def verify(export: Export, allow_empty: bool = False) -> tuple[str, dict[str, int]]:
     """Check files against the manifest (if any); return a content-derived version id
     and the expected row count per file from the manifest (empty without one)."""
-    if not export.files:
-        raise LoadError("export has a marker but no part-*.parquet files")
+    if not export.files and not allow_empty:
+        raise LoadError("export has a marker but no part-*.parquet files (allow_empty is false)")
     manifest = _manifest(export)
     sums = {p.name: _digests(p) for p in export.files}
     digests = {name: d[0] for name, d in sums.items()}
@@ -110,28 +111,29 @@ def validate_files(export: Export, schema: DatasetSchema, expected_rows: dict[st
         raise LoadError(f"export has {total} rows != manifest rows {expected_rows[TOTAL]}")
 
 
-def build_file(
-    files: list[str], columns: dict[str, str], key: tuple[str, ...], path: str, threads: int
-) -> int:
+def build_file(files: list[str], schema: DatasetSchema, path: str,
+               threads: int) -> tuple[int, dict[str, float]]:
     """Write one version as its own DuckDB file: table `data`, declared columns cast to their
-    types, sorted by the lookup key. Runs in the builder process; returns the row count."""
-    casts = ", ".join(
-        f"CAST({quote_ident(c)} AS {t}) AS {quote_ident(c)}" for c, t in columns.items()
-    )
-    order = ", ".join(quote_ident(k) for k in key)
-    sql = (
-        f"CREATE TABLE data AS SELECT * REPLACE ({casts}) "
-        f"FROM read_parquet($files, union_by_name = true)"
-        + (f" ORDER BY {order}" if order else "")
-    )
+    types, sorted by the lookup key, after the schema's checks. Runs in the builder process;
+    returns the row count and the seconds spent validating and building."""
     target = Path(path)
+    timings = {"validate": 0.0, "build": 0.0}
     try:
         con = duckdb.connect(path, config={"threads": threads})
         try:
             con.execute("SET enable_progress_bar = false")
-            con.execute(sql, {"files": files})
+            start = time.perf_counter()
+            check_types(con, files, schema)
+            timings["validate"] += time.perf_counter() - start
+            start = time.perf_counter()
+            con.execute(_create_sql(schema, bool(files)), {"files": files} if files else None)
             row = con.execute("SELECT count(*) FROM data").fetchone()
+            rows = int(row[0]) if row else 0
+            timings["build"] = time.perf_counter() - start
+            start = time.perf_counter()
+            check_content(con, schema, rows)
             con.execute("CHECKPOINT")
+            timings["validate"] += time.perf_counter() - start
         finally:
             con.close()
     except duckdb.Error as exc:
@@ -140,11 +142,68 @@ def build_file(
     except BaseException:
         remove_version_file(target)
         raise
-    rows = int(row[0]) if row else 0
-    if rows == 0:
-        remove_version_file(target)
-        raise LoadError("export has no rows")
-    return rows
+    return rows, timings
+
+
+def _create_sql(schema: DatasetSchema, has_files: bool) -> str:
+    if not has_files:  # an allowed empty export: the declared columns, no rows
+        cols = ", ".join(f"{quote_ident(c)} {t}" for c, t in schema.columns.items())
+        return f"CREATE TABLE data ({cols})"
+    casts = ", ".join(
+        f"CAST({quote_ident(c)} AS {t}) AS {quote_ident(c)}" for c, t in schema.columns.items()
+    )
+    select = f"SELECT {casts}" if schema.extra_columns == "drop" else \
+        f"SELECT * REPLACE ({casts})"
+    order = ", ".join(quote_ident(k) for k in schema.key)
+    return (f"CREATE TABLE data AS {select} FROM read_parquet($files, union_by_name = true)"
+            + (f" ORDER BY {order}" if order else ""))
+
+
+def check_types(con: duckdb.DuckDBPyConnection, files: list[str], schema: DatasetSchema) -> None:
+    """Each part's column types are the declared ones, or widen to them the way DuckDB casts
+    implicitly (INTEGER -> BIGINT, FLOAT -> DOUBLE); never a narrowing or a change of kind."""
+    widens: dict[tuple[str, str], bool] = {}
+    for file in files:
+        rel = con.read_parquet(file)
+        found = {c: str(t) for c, t in zip(rel.columns, rel.types, strict=True)}
+        name = Path(file).name
+        for column, declared in schema.columns.items():
+            actual = found.get(column)
+            if actual is None or actual == declared:
+                continue  # a missing column is reported by validate_files
+            pair = (actual, declared)
+            if pair not in widens:
+                row = con.execute(
+                    f"SELECT can_cast_implicitly(NULL::{actual}, NULL::{declared})").fetchone()
+                widens[pair] = bool(row and row[0])
+            if not widens[pair]:
+                raise LoadError(f"{name}: column {column!r} is {actual}, declared {declared}")
+        if schema.extra_columns == "refuse":
+            extra = sorted(set(found) - set(schema.columns))
+            if extra:
+                raise LoadError(f"{name}: column {extra[0]!r} is not declared "
+                                "(extra_columns = refuse)")
+
+
+def check_content(con: duckdb.DuckDBPyConnection, schema: DatasetSchema, rows: int) -> None:
+    """Row-level checks on the built table: non-empty, not-null columns, a unique key."""
+    if rows == 0 and not schema.allow_empty:
+        raise LoadError("export has no rows (allow_empty is false)")
+    if schema.not_null and rows:
+        counts = ", ".join(f"count(*) FILTER (WHERE {quote_ident(c)} IS NULL)"
+                           for c in schema.not_null)
+        nulls = con.execute(f"SELECT {counts} FROM data").fetchone() or ()
+        for column, n in zip(schema.not_null, nulls, strict=True):
+            if n:
+                raise LoadError(f"column {column!r} has {n} NULL values (declared not_null)")
+    if schema.unique_key and rows:
+        cols = ", ".join(quote_ident(c) for c in schema.unique_key)
+        dup = con.execute(f"SELECT {cols}, count(*) FROM data GROUP BY ALL "
+                          "HAVING count(*) > 1 LIMIT 1").fetchone()
+        if dup:
+            key = ", ".join(f"{c}={v!r}" for c, v in zip(schema.unique_key, dup, strict=False))
+            raise LoadError(f"unique_key ({', '.join(schema.unique_key)}) is not unique: "
+                            f"{dup[-1]} rows have {key}")
 
 
 def remove_version_file(path: Path) -> None:

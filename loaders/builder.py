@@ -65,12 +65,13 @@ class Builder:
                 self._pool = None  # a fresh process next time
             raise LoadError("the build process died") from None
 
-    def build(self, export: Export, schema: DatasetSchema, path: Path) -> int:
-        """Write `export` to the DuckDB file `path`; returns its row count."""
+    def build(self, export: Export, schema: DatasetSchema,
+              path: Path) -> tuple[int, dict[str, float]]:
+        """Check and write `export` to the DuckDB file `path`; returns its row count and the
+        seconds spent validating and building."""
         files = [str(p) for p in export.files]
         try:
-            return self.run(build_file, files, dict(schema.columns), tuple(schema.key),
-                            str(path), self.threads)
+            return self.run(build_file, files, schema, str(path), self.threads)
         except LoadError:
             remove_version_file(path)
             raise

@@ -19,12 +19,13 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
 from loaders.build import Crc32c
 from loaders.schema import LoadError, Unavailable
-from loaders.source import MARKERS, PART_GLOB, Export, is_ignored
+from loaders.source import MARKERS, PART_GLOB, Export, is_ignored, quiet_since
 
 # gcsfs 2026.10 asks a gRPC bucket-layout service on every call unless told not to (against an
 # emulator it waits 60 s each time); set before gcsfs is imported.
@@ -34,6 +35,7 @@ import gcsfs  # noqa: E402
 log = logging.getLogger("duckswap.gcs")
 T = TypeVar("T")
 CHUNK = 1 << 20
+STAGED = "duckswap-"  # prefix of staging folders: removed when found at startup
 
 
 class Changed(Exception):
@@ -48,20 +50,35 @@ class RemoteObject:
     generation: str
     md5: str | None  # base64, as GCS reports it
     crc32c: str | None  # base64 big-endian
+    updated: float = 0.0  # when the object was written (bucket clock)
 
 
 @dataclass(frozen=True)
 class RemoteExport:
     dataset: str
     export_id: str
-    marker: str
+    marker: str  # "" when complete by its quiet period
     objects: tuple[RemoteObject, ...]  # the parts and the marker
+
+    @property
+    def sizes(self) -> dict[str, int]:
+        return {o.name: o.size for o in self.objects if o.name != self.marker}
 
     @property
     def fingerprint(self) -> str:
         """Changes whenever any object of the export is rewritten (a refused export is retried
         only then)."""
         return ",".join(f"{o.name}#{o.generation}" for o in self.objects)
+
+
+def _timestamp(text: object) -> float:
+    """An RFC 3339 time from the bucket as epoch seconds (0 when absent)."""
+    if not isinstance(text, str):
+        return 0.0
+    try:
+        return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return 0.0
 
 
 def backoff(attempt: int, base: float = 0.5, cap: float = 30.0) -> float:
@@ -90,13 +107,18 @@ def retrying(fn: Callable[[], T], what: str, attempts: int = 5,
 
 class GcsSource:
     def __init__(self, url: str, staging: Path, *, endpoint_url: str | None = None,
-                 token: str | None = None, concurrency: int = 4, attempts: int = 5) -> None:
+                 token: str | None = None, concurrency: int = 4, attempts: int = 5,
+                 quiet_seconds: float = 0.0) -> None:
         rest = url.split("://", 1)[1].strip("/")
         self.bucket, _, self.prefix = rest.partition("/")
         self.url = url
         self.staging = staging
+        staging.mkdir(parents=True, exist_ok=True)
+        for stale in staging.glob(f"{STAGED}*"):  # downloads a crash cut short
+            shutil.rmtree(stale, ignore_errors=True)
         self.concurrency = concurrency
         self.attempts = attempts
+        self.quiet_seconds = quiet_seconds
         self.fs = gcsfs.GCSFileSystem(
             token=token, endpoint_url=endpoint_url, access="read_only", version_aware=True,
             skip_instance_cache=True, use_listings_cache=False,
@@ -119,16 +141,17 @@ class GcsSource:
                 continue
             folders.setdefault(rel[0], []).append(RemoteObject(
                 rel[1], path, int(info.get("size") or 0), str(info.get("generation") or ""),
-                info.get("md5Hash"), info.get("crc32c")))
+                info.get("md5Hash"), info.get("crc32c"), _timestamp(info.get("updated"))))
         exports = []
         for export_id in sorted(folders):
             objects = folders[export_id]
             names = {o.name for o in objects}
-            marker = next((m for m in MARKERS if m in names), None)
-            if marker is None:
-                continue  # still being written: ignored without noise
+            marker = next((m for m in MARKERS if m in names), "")
             keep = sorted((o for o in objects if o.name == marker
                            or Path(o.name).match(PART_GLOB)), key=lambda o: o.name)
+            if not marker and (not keep or not quiet_since(max(o.updated for o in objects),
+                                                           self.quiet_seconds)):
+                continue  # still being written: ignored without noise
             exports.append(RemoteExport(dataset, export_id, marker, tuple(keep)))
         return exports
 
@@ -138,7 +161,7 @@ class GcsSource:
         new generation, together with a fresh listing of the export, so no version mixes two
         writes."""
         for attempt in range(self.attempts):
-            folder = self.staging / f"{export.dataset}-{export.export_id}-{os.getpid()}"
+            folder = self.staging / f"{STAGED}{export.dataset}-{export.export_id}-{os.getpid()}"
             shutil.rmtree(folder, ignore_errors=True)
             folder.mkdir(parents=True)
             try:

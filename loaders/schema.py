@@ -1,17 +1,34 @@
-"""What a dataset must look like: lookup key and required, typed columns."""
+"""What a dataset must look like: lookup key, typed columns and the checks an export passes."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+EXTRA_COLUMNS = ("keep", "drop", "refuse")
+
 
 @dataclass(frozen=True)
 class DatasetSchema:
     name: str
     key: tuple[str, ...]
-    columns: Mapping[str, str]
+    columns: Mapping[str, str]  # required columns and their DuckDB types
     required: bool = True
+    extra_columns: str = "keep"  # columns not declared: kept, dropped, or the export refused
+    allow_empty: bool = False
+    not_null: tuple[str, ...] = ()
+    unique_key: tuple[str, ...] = ()  # no two rows share these columns' values
+    max_file_bytes: int | None = None
+    max_export_bytes: int | None = None
+
+    def checks(self) -> dict[str, object]:
+        """Everything that decides whether and how an export loads (a cached version built
+        under other checks is rebuilt)."""
+        return {
+            "key": list(self.key), "columns": dict(self.columns),
+            "extra_columns": self.extra_columns, "allow_empty": self.allow_empty,
+            "not_null": list(self.not_null), "unique_key": list(self.unique_key),
+        }
 
 
 class LoadError(Exception):

@@ -73,6 +73,8 @@ class Store:
         self._staged: list[Snapshot] = []
         self._ids = itertools.count(1)
         self._dbs = itertools.count(1)
+        self._attached: dict[Path, str] = {}  # version file -> its database name
+        self.kept: frozenset[Path] = frozenset()  # files kept after detaching (rollback)
         self.current: Snapshot = EMPTY
 
     # -- request path -------------------------------------------------------------------
@@ -105,11 +107,25 @@ class Store:
         return self.data_dir / f"{dataset}-{version_id}-{os.getpid()}-{next(self._dbs)}.duckdb"
 
     def attach(self, path: Path) -> str:
-        """Attach a built version file read-only; returns its database name."""
-        name = f"v_{next(self._dbs)}"
+        """Attach a version file read-only (once: a file attached already keeps its name);
+        returns its database name."""
         with self._ddl:
-            self._admin.execute(f"ATTACH {quote_literal(str(path))} AS {name} (READ_ONLY)")
-        return name
+            name = self._attached.get(path)
+            if name is None:
+                name = f"v_{next(self._dbs)}"
+                self._admin.execute(f"ATTACH {quote_literal(str(path))} AS {name} (READ_ONLY)")
+                self._attached[path] = name
+            return name
+
+    def keep(self, paths: set[Path]) -> None:
+        """Keep these version files on disk once detached (the versions retained for
+        rollback); a file no longer kept is deleted now, or when its last reader drains."""
+        with self._ddl:
+            dropped = self.kept - paths
+            self.kept = frozenset(paths)
+            for path in dropped:
+                if path not in self._attached:
+                    remove_version_file(path)
 
     def publish(self, version: Version) -> Snapshot:
         """Make a Snapshot with `version` replacing its dataset's, then swap it in."""
@@ -173,7 +189,9 @@ class Store:
             for name, v in sorted(gone.items()):
                 self._admin.execute(f"DETACH DATABASE IF EXISTS {name}")
                 if v.path is not None:
-                    remove_version_file(v.path)
+                    self._attached.pop(v.path, None)
+                    if v.path not in self.kept:
+                        remove_version_file(v.path)
             return len(drained)
 
     def held_versions(self) -> int:

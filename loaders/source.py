@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -19,8 +20,9 @@ class Export:
     export_id: str
     path: Path
     files: tuple[Path, ...]
-    marker: str
+    marker: str  # "_manifest.json", "_SUCCESS", or "" (complete by its quiet period)
     fingerprint: str = ""  # changes whenever a file of the export is rewritten
+    sizes: Mapping[str, int] = field(default_factory=dict)  # part name -> bytes
 
     @property
     def manifest(self) -> Path | None:
@@ -36,6 +38,8 @@ class Candidate(Protocol):
     def export_id(self) -> str: ...
     @property
     def fingerprint(self) -> str: ...
+    @property
+    def sizes(self) -> Mapping[str, int]: ...
 
 
 class Source(Protocol):
@@ -64,12 +68,20 @@ def is_ignored(name: str) -> bool:
     )
 
 
+def quiet_since(newest_change: float, quiet_seconds: float, now: float | None = None) -> bool:
+    """A folder with no marker counts as complete once nothing in it changed for
+    `quiet_seconds` (0: never; the last resort for pipelines that write no marker)."""
+    return quiet_seconds > 0 and (time.time() if now is None else now) - newest_change \
+        >= quiet_seconds
+
+
 class LocalSource:
     """`file://` folder laid out as `<root>/<dataset>/<export-id>/part-*.parquet` + marker."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, quiet_seconds: float = 0.0) -> None:
         self.root = root
         self.url = f"file://{root}"
+        self.quiet_seconds = quiet_seconds
 
     def complete_exports(self, dataset: str) -> list[Export]:
         base = self.root / dataset
@@ -80,17 +92,23 @@ class LocalSource:
             if not folder.is_dir() or is_ignored(folder.name):
                 continue
             marker = next((m for m in MARKERS if (folder / m).is_file()), None)
-            if marker is None:
+            if marker is None and not self.quiet_seconds:
                 continue
             files = tuple(
                 sorted(p for p in folder.glob(PART_GLOB) if p.is_file() and not is_ignored(p.name))
             )
             try:
-                stamp = ",".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}"
-                                 for p in (*files, folder / marker))
+                stats = {p.name: p.stat() for p in (*files, *([folder / marker] if marker else []))}
+                if marker is None:  # complete only once quiet: nothing in it changed for a while
+                    newest = max([folder.stat().st_mtime,
+                                  *(p.stat().st_mtime for p in folder.iterdir())])
+                    if not files or not quiet_since(newest, self.quiet_seconds):
+                        continue
             except OSError:
                 continue  # being rewritten or removed right now: next time
-            found.append(Export(dataset, folder.name, folder, files, marker, stamp))
+            stamp = ",".join(f"{n}:{st.st_size}:{st.st_mtime_ns}" for n, st in stats.items())
+            sizes = {p.name: stats[p.name].st_size for p in files}
+            found.append(Export(dataset, folder.name, folder, files, marker or "", stamp, sizes))
         return found
 
     def fetch(self, export: Export) -> Export:

@@ -13,9 +13,9 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import duckdb
 import watchfiles
@@ -25,8 +25,11 @@ from loaders.builder import Builder
 from loaders.schema import DatasetSchema, LoadError, Unavailable
 from loaders.snapshot import Snapshot, Store, Version
 from loaders.source import Export, LocalSource, Source, is_ignored
+from loaders.state import DataDir, DatasetState, Refusal, State, VersionRecord, checks_digest
 
 log = logging.getLogger("duckswap.loader")
+T = TypeVar("T")
+QUARANTINE_KEPT = 50  # refusals remembered per dataset
 
 
 def backoff_delay(failures: int, base: float = 1.0, cap: float = 60.0) -> float:
@@ -52,6 +55,17 @@ class LoadEvent:
     reason: str
     seconds: float
     version_id: str | None = None
+    timings: Mapping[str, float] = field(default_factory=dict)
+    at: float = field(default_factory=time.time)
+    retry: bool = False  # the source could not be read: tried again at the next poll
+
+    @property
+    def outcome(self) -> str:
+        return "loaded" if self.ok else "unavailable" if self.retry else "refused"
+
+
+class NotKept(LookupError):
+    """An admin action named a version this server does not keep."""
 
 
 class Updater:
@@ -66,6 +80,8 @@ class Updater:
         nice: int = 0,
         builder: Builder | None = None,
         poll_seconds: float = 5.0,
+        data: DataDir | None = None,
+        keep_versions: int = 2,
     ) -> None:
         self.source = source
         self.store = store
@@ -74,29 +90,40 @@ class Updater:
         self.before_publish = before_publish
         self.after_publish = after_publish
         self.builder = builder or Builder()
-        # Builds, warming and collection share one thread, below the request threads' priority.
+        self.data = data
+        self.keep_versions = keep_versions
+        # Builds, warming, collection and admin actions share one thread, below the request
+        # threads' priority: one writer of the Store and the state, no locks between them.
         self._executor = ThreadPoolExecutor(
             1, thread_name_prefix="duckswap-loader", initializer=lower_priority, initargs=(nice,)
         )
-        self.refused: dict[tuple[str, str], str] = {}  # (dataset, export id) -> reason
-        # (dataset, export id) -> fingerprint when refused: retried only once it changes
-        self.quarantine: dict[tuple[str, str], str] = {}
+        self.state: State = {name: DatasetState() for name in self.schemas}
         self.last_listed: float | None = None  # when the source last answered a listing
         self.poll_seconds = poll_seconds
         self.source_errors = 0
         self.history: list[LoadEvent] = []
+        self.actions: list[dict[str, Any]] = []  # admin actions, newest last
         self.outcomes: Counter[tuple[str, str]] = Counter()
 
+    @property
+    def refused(self) -> dict[tuple[str, str], str]:
+        """(dataset, export id) -> reason of every quarantined export."""
+        return {(n, e): q.reason for n, ds in self.state.items() for e, q in ds.quarantine.items()}
+
+    # -- loading ----------------------------------------------------------------------------
     def refresh(self, datasets: Iterable[str] | None = None) -> list[LoadEvent]:
-        """Load the newest complete export of each dataset not served yet, and publish them
-        together in one Snapshot (after `before_publish`, which warms it). Raises what the
-        source raises when it cannot be listed (the caller backs off)."""
+        """Load the newest complete export of each dataset not served yet (pinned ones
+        excepted), and publish them together in one Snapshot (after `before_publish`, which
+        warms it). Raises what the source raises when it cannot be listed (the caller backs
+        off)."""
         events = []
-        built: list[Version] = []
+        built: list[tuple[Version, dict[str, float]]] = []
         for name in sorted(self.schemas if datasets is None else set(datasets)):
-            if name not in self.schemas:
+            if name not in self.schemas or self.state[name].pinned is not None:
                 continue
+            start = time.perf_counter()
             exports = self.source.complete_exports(name)
+            listed = time.perf_counter() - start
             self.last_listed = time.time()
             if not exports:
                 continue
@@ -104,17 +131,24 @@ class Updater:
             current = self.store.current.versions.get(name)
             if current is not None and current.export_id >= newest.export_id:
                 continue
-            if self.quarantine.get((name, newest.export_id)) == newest.fingerprint:
+            refusal = self.state[name].quarantine.get(newest.export_id)
+            if refusal is not None and refusal.fingerprint == newest.fingerprint:
                 continue  # refused, and unchanged since
-            event, version = self._build(newest)
+            event, version = self._build(newest, listed)
             events.append(event)
             if version is not None:
-                built.append(version)
+                built.append((version, dict(event.timings)))
         if built:
-            self._publish(built)
+            published = self._publish([v for v, _ in built])
+            for version, timings in built:
+                timings["publish"] = published
+                timings["total"] = sum(timings.values())
+                self._served(version, timings)
+            self._save()
         return events
 
-    def _publish(self, built: list[Version]) -> None:
+    def _publish(self, built: list[Version]) -> float:
+        """Stage, warm and commit one Snapshot; returns the seconds it took."""
         start = time.perf_counter()
         snap = self.store.stage(built)
         if self.before_publish is not None:
@@ -123,14 +157,14 @@ class Updater:
             except Exception:  # warming is an optimisation: never block a publish
                 log.exception("warming snapshot %d failed; publishing it cold", snap.id)
         self.store.commit(snap)
+        seconds = time.perf_counter() - start
         # The cache now holds ~10^5 long-lived objects: move everything alive into the
         # permanent generation so the cyclic GC stops re-scanning it (its pauses were tail
         # latency). Objects freed later are still reclaimed by reference counting.
         gc.freeze()
         log.info(
-            "published %s in %.3fs after the build",
-            ", ".join(f"{v.dataset}/{v.export_id} as {v.version_id}" for v in built),
-            time.perf_counter() - start,
+            "published %s in %.3fs",
+            ", ".join(f"{v.dataset}/{v.export_id} as {v.version_id}" for v in built), seconds,
         )
         if self.after_publish is not None:
             try:
@@ -138,17 +172,61 @@ class Updater:
             except Exception:
                 log.exception("warming snapshot %d after its publish failed", snap.id)
             gc.freeze()
+        return seconds
 
-    def _build(self, candidate: Any) -> tuple[LoadEvent, Version | None]:
+    def _served(self, version: Version, timings: dict[str, float] | None = None) -> None:
+        """Record `version` as its dataset's served one, first in the kept list."""
+        assert version.path is not None
+        ds = self.state[version.dataset]
+        record = ds.find(version.version_id)
+        if record is None or record.file != version.path.name:
+            record = VersionRecord(
+                version.dataset, version.version_id, version.export_id, version.path.name,
+                version.rows, version.loaded_at,
+                checks_digest(self.schemas[version.dataset].checks()),
+                {k: round(v, 4) for k, v in (timings or {}).items()})
+        ds.versions = [record, *[r for r in ds.versions if r.version_id != version.version_id]]
+        del ds.versions[self.keep_versions:]
+        ds.quarantine.pop(version.export_id, None)
+
+    def _save(self) -> None:
+        """Persist the state, then let go of version files no longer kept."""
+        if self.data is not None:
+            self.data.save(self.state)
+        self.store.keep({self._path(r) for ds in self.state.values() for r in ds.versions})
+
+    def _path(self, record: VersionRecord) -> Path:
+        return self.store.data_dir / record.file
+
+    def _check_size(self, candidate: Any, schema: DatasetSchema) -> None:
+        sizes: Mapping[str, int] = candidate.sizes
+        if schema.max_file_bytes is not None:
+            for name, size in sorted(sizes.items()):
+                if size > schema.max_file_bytes:
+                    raise LoadError(f"{name}: {size} bytes is over max_file_mb "
+                                    f"({schema.max_file_bytes / 2**20:g} MiB)")
+        total = sum(sizes.values())
+        if schema.max_export_bytes is not None and total > schema.max_export_bytes:
+            raise LoadError(f"export is {total} bytes, over max_export_mb "
+                            f"({schema.max_export_bytes / 2**20:g} MiB)")
+
+    def _build(self, candidate: Any, listed: float = 0.0) -> tuple[LoadEvent, Version | None]:
         schema = self.schemas[candidate.dataset]
         start = time.perf_counter()
+        timings = {"list": listed}
         local: Export | None = None
         try:
+            self._check_size(candidate, schema)  # before any byte is downloaded
             local = self.source.fetch(candidate)
-            version_id, expected_rows = verify(local)
+            step = time.perf_counter()
+            timings["download"] = step - start
+            version_id, expected_rows = verify(local, schema.allow_empty)
             validate_files(local, schema, expected_rows)
+            timings["validate"] = time.perf_counter() - step
             path = self.store.new_version_path(local.dataset, version_id)
-            rows = self.builder.build(local, schema, path)
+            rows, steps = self.builder.build(local, schema, path)
+            timings["validate"] += steps["validate"]
+            timings["build"] = steps["build"]
             try:
                 db = self.store.attach(path)
             except duckdb.Error as exc:
@@ -161,12 +239,18 @@ class Updater:
         except Unavailable as exc:  # not the export's fault: tried again at the next poll
             log.warning("could not fetch export %s/%s: %s (retrying later)",
                         candidate.dataset, candidate.export_id, exc)
-            return LoadEvent(candidate.dataset, candidate.export_id, False, str(exc),
-                             time.perf_counter() - start), None
+            event = LoadEvent(candidate.dataset, candidate.export_id, False, str(exc),
+                              time.perf_counter() - start, retry=True)
+            self._record(event)
+            return event, None
         except (LoadError, OSError) as exc:
             reason = str(exc)
-            self.refused[(candidate.dataset, candidate.export_id)] = reason
-            self.quarantine[(candidate.dataset, candidate.export_id)] = candidate.fingerprint
+            quarantine = self.state[candidate.dataset].quarantine
+            quarantine[candidate.export_id] = Refusal(
+                candidate.dataset, candidate.export_id, candidate.fingerprint, reason,
+                time.time())
+            for old in sorted(quarantine, key=lambda e: quarantine[e].at)[:-QUARANTINE_KEPT]:
+                del quarantine[old]
             event = LoadEvent(
                 candidate.dataset, candidate.export_id, False, reason,
                 time.perf_counter() - start,
@@ -176,32 +260,146 @@ class Updater:
                 candidate.dataset, candidate.export_id, reason,
             )
             self._record(event)
+            self._save()
             return event, None
         finally:
             if local is not None:
                 self.source.discard(local)
-        event = LoadEvent(
-            local.dataset, local.export_id, True, "", version.load_seconds, version_id
-        )
+        event = LoadEvent(local.dataset, local.export_id, True, "", version.load_seconds,
+                          version_id, timings)
         log.info(
-            "built %s/%s as version %s: %d rows in %.3fs",
+            "built %s/%s as version %s: %d rows in %.3fs (%s)",
             local.dataset, local.export_id, version_id, rows, version.load_seconds,
+            ", ".join(f"{k} {v:.3f}s" for k, v in timings.items()),
         )
         self._record(event)
         return event, version
 
     def _record(self, event: LoadEvent) -> None:
-        self.outcomes[(event.dataset, "ok" if event.ok else "refused")] += 1
+        self.outcomes[(event.dataset, "ok" if event.ok else event.outcome)] += 1
         self.history.append(event)
         del self.history[:-1000]
+
+    # -- restart ----------------------------------------------------------------------------
+    def restore(self) -> list[Version]:
+        """Serve the versions the data dir's state names (what a crash left behind is
+        removed first); a version built under other checks is dropped and rebuilt."""
+        if self.data is None:
+            return []
+        restored: list[Version] = []
+        for name, ds in self.data.recover().items():
+            if name not in self.schemas:
+                continue
+            digest = checks_digest(self.schemas[name].checks())
+            kept = [r for r in ds.versions if r.checks == digest]
+            if len(kept) < len(ds.versions):
+                log.info("dropping %d cached version(s) of %s built under other checks",
+                         len(ds.versions) - len(kept), name)
+            ds.versions = kept
+            if ds.pinned is not None and ds.find(ds.pinned) is None:
+                ds.pinned = None
+            self.state[name] = ds
+            for record in list(ds.versions):
+                try:
+                    restored.append(self._attach(record))
+                    break
+                except duckdb.Error as exc:
+                    log.warning("cached version %s/%s cannot be opened (%s); dropped",
+                                name, record.version_id, exc)
+                    ds.versions.remove(record)
+        if restored:
+            self._publish(restored)
+            for version in restored:
+                self._served(version)
+            log.info("serving cached %s before the source answers",
+                     ", ".join(f"{v.dataset}/{v.export_id}" for v in restored))
+        self._save()
+        return restored
+
+    def _attach(self, record: VersionRecord) -> Version:
+        path = self._path(record)
+        return Version(record.dataset, record.version_id, record.export_id,
+                       self.store.attach(path), record.rows,
+                       record.timings.get("total", 0.0), path, record.loaded_at)
+
+    # -- admin actions (on the loader thread: see `act`) ------------------------------------
+    def _kept(self, dataset: str, version_id: str | None, default: int) -> VersionRecord:
+        ds = self.state[dataset]
+        if version_id is None:
+            if len(ds.versions) <= default:
+                raise NotKept(f"{dataset} keeps no earlier version to roll back to "
+                              f"(server.keep_versions = {self.keep_versions})")
+            return ds.versions[default]
+        record = ds.find(version_id)
+        if record is None:
+            kept = ", ".join(r.version_id for r in ds.versions) or "none"
+            raise NotKept(f"{dataset} does not keep version {version_id!r} (kept: {kept})")
+        return record
+
+    def _serve(self, record: VersionRecord) -> None:
+        current = self.store.current.versions.get(record.dataset)
+        if current is not None and current.version_id == record.version_id:
+            return
+        version = self._attach(record)
+        self._publish([version])
+        self._served(version)
+
+    def rollback(self, dataset: str, version_id: str | None = None) -> VersionRecord:
+        """Serve the previously served version (or a kept one) and pin it, so the watcher
+        does not move forward again until `unpin`."""
+        record = self._kept(dataset, version_id, 1)
+        self._serve(record)
+        self.state[dataset].pinned = record.version_id
+        self._save()
+        return record
+
+    def pin(self, dataset: str, version_id: str | None = None) -> VersionRecord:
+        """Keep serving the current version (or serve a kept one): the watcher stops
+        advancing this dataset."""
+        record = self._kept(dataset, version_id, 0)
+        self._serve(record)
+        self.state[dataset].pinned = record.version_id
+        self._save()
+        return record
+
+    def unpin(self, dataset: str) -> list[LoadEvent]:
+        """Follow the source again: the newest export is loaded now."""
+        self.state[dataset].pinned = None
+        self._save()
+        return self.refresh([dataset])
+
+    def reload(self, dataset: str | None = None, retry: bool = False) -> list[LoadEvent]:
+        """List the source now; `retry` also forgets quarantined exports."""
+        names = list(self.schemas) if dataset is None else [dataset]
+        if retry:
+            for name in names:
+                self.state[name].quarantine.clear()
+            self._save()
+        return self.refresh(names)
+
+    async def act(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run an action on the loader thread, after the load in progress."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    def record_action(self, action: str, dataset: str | None, **detail: Any) -> None:
+        entry = {"at": time.time(), "action": action, "dataset": dataset, **detail}
+        self.actions.append(entry)
+        del self.actions[:-200]
+        log.warning("admin: %s %s %s", action, dataset or "(all datasets)",
+                    " ".join(f"{k}={v}" for k, v in detail.items()))
 
     def _watch_filter(self, change: watchfiles.Change, path: str) -> bool:
         return not is_ignored(Path(path).name)
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Initial scan, then watch the folder (or poll the bucket) until `stop` is set."""
+        """Serve the cached versions, then scan, then watch the folder (or poll the bucket)
+        until `stop` is set."""
         collector = asyncio.create_task(self._collect_forever(stop))
         try:
+            try:
+                await self.act(self.restore)
+            except Exception:  # a cache that cannot be read is no reason not to serve
+                log.exception("restoring cached versions failed; loading from the source")
             if isinstance(self.source, LocalSource):
                 await self._refresh_logged(None)
                 await self._watch(self.source, stop)
@@ -226,6 +424,8 @@ class Updater:
         return True
 
     async def _watch(self, source: LocalSource, stop: asyncio.Event) -> None:
+        # With a quiet period, a folder becomes complete with no event: look again each second.
+        quiet = source.quiet_seconds > 0
         async for changes in watchfiles.awatch(
             source.root,
             stop_event=stop,
@@ -233,7 +433,12 @@ class Updater:
             step=20,
             watch_filter=self._watch_filter,
             recursive=True,
+            rust_timeout=1000 if quiet else None,
+            yield_on_timeout=quiet,
         ):
+            if not changes:
+                await self._refresh_logged(None)
+                continue
             names = {source.dataset_of(Path(p)) for _, p in changes}
             touched = {n for n in names if n is not None}
             if touched:

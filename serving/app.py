@@ -17,7 +17,9 @@ from aiohttp import web
 from loaders.builder import Builder
 from loaders.snapshot import Snapshot, Store
 from loaders.source import LocalSource, Source
+from loaders.state import DataDir
 from loaders.updater import Updater
+from serving.admin import add_routes
 from serving.batcher import Batcher
 from serving.cache import Popularity, ResponseCache
 from serving.errors import ApiError, BadParameter, MethodNotAllowed, NotFound, NotReady
@@ -47,6 +49,7 @@ STORE = web.AppKey("store", Store)
 RUNNER = web.AppKey("runner", QueryRunner)
 UPDATER = web.AppKey("updater", Updater)
 WARMER = web.AppKey("warmer", Warmer)
+DATA = web.AppKey("data", DataDir)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -305,26 +308,29 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     app[RUNNER].close()
     app[UPDATER].close()
     store.close()
+    app[DATA].close()
     gc.unfreeze()  # publishes froze the cache's objects; let the collector have them back
     log.info("stopped serving %s", settings.file)
 
 
-def make_source(settings: Settings, scratch: Path) -> Source:
+def make_source(settings: Settings, staging: Path) -> Source:
     """The export source the URL names; gcsfs is imported only for `gs://`."""
     if settings.source_url.startswith("gs://"):
         from loaders.gcs import GcsSource
 
-        staging = Path(settings.staging_dir) if settings.staging_dir else scratch / "staging"
-        return GcsSource(settings.source_url, staging, endpoint_url=settings.endpoint_url,
-                         token=settings.token, concurrency=settings.concurrency)
+        return GcsSource(settings.source_url,
+                         Path(settings.staging_dir) if settings.staging_dir else staging,
+                         endpoint_url=settings.endpoint_url, token=settings.token,
+                         concurrency=settings.concurrency, quiet_seconds=settings.quiet_seconds)
     root = settings.source_path
     root.mkdir(parents=True, exist_ok=True)
-    return LocalSource(root)
+    return LocalSource(root, settings.quiet_seconds)
 
 
 def create_app(settings: Settings) -> web.Application:
     app = web.Application(middlewares=[error_middleware])
-    store = Store(threads=settings.threads)
+    data = DataDir.open(settings.data_dir, settings.source_url)
+    store = Store(threads=settings.threads, data_dir=data.versions)
     runner = QueryRunner(store, settings.threads, settings.query_timeout)
     serving = Serving(settings, store, runner)
     # One lower-priority process builds versions and computes their warm answers.
@@ -338,11 +344,13 @@ def create_app(settings: Settings) -> web.Application:
     app[SERVING] = serving
     app[WARMER] = warmer
     app[RUNNER] = runner
+    app[DATA] = data
     app[UPDATER] = Updater(
-        make_source(settings, store.data_dir), store, settings.datasets,
+        make_source(settings, data.staging), store, settings.datasets,
         debounce_ms=settings.debounce_ms,
         before_publish=warmer, after_publish=warmer.after_publish, nice=settings.build_nice,
-        builder=builder, poll_seconds=settings.poll_seconds,
+        builder=builder, poll_seconds=settings.poll_seconds, data=data,
+        keep_versions=settings.keep_versions,
     )
     app[REGISTRY] = CollectorRegistry()
     app[REGISTRY].register(Metrics(store, serving.cache, app[UPDATER], warmer))
@@ -351,6 +359,8 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_get("/v1/version", version_pointer)
     if settings.metrics:
         app.router.add_get("/metrics", metrics)
+    if settings.admin_token:
+        add_routes(app, settings.admin_token, app[UPDATER])
     for spec in settings.endpoints.values():
         app.router.add_get(spec.path, endpoint_handler(spec), name=spec.name)
     app.cleanup_ctx.append(_lifecycle)

@@ -51,3 +51,22 @@ class QueryTimeout(ApiError):
 class QueryFailed(ApiError):
     status = 500
     code = "query_failed"
+
+
+class Unauthorized(ApiError):
+    status = 401
+    code = "unauthorized"
+
+    def __init__(self, message: str, **extra: Any) -> None:
+        super().__init__(message, **extra)
+        self.headers["WWW-Authenticate"] = 'Bearer realm="duckswap-admin"'
+
+
+class Conflict(ApiError):
+    status = 409
+    code = "conflict"
+
+
+class SourceUnavailable(ApiError):
+    status = 503
+    code = "source_unavailable"

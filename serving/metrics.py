@@ -55,7 +55,7 @@ class Metrics(Collector):
         refused = GaugeMetricFamily("duckswap_refused_exports", "Exports refused, not retried",
                                     labels=["dataset"])
         per: dict[str, int] = {}
-        for dataset, _ in self.updater.refused:
+        for dataset, _ in self.updater.refused:  # quarantined, not retried until changed
             per[dataset] = per.get(dataset, 0) + 1
         for dataset, n in sorted(per.items()):
             refused.add_metric([dataset], n)
@@ -65,6 +65,16 @@ class Metrics(Collector):
         for name, v in sorted(self.store.current.versions.items()):
             info.add_metric([name, v.version_id, v.export_id], v.rows)
         yield info
+        age = GaugeMetricFamily("duckswap_data_age_seconds",
+                                "Seconds since the served version was loaded", labels=["dataset"])
+        for name, seconds in sorted(self.updater.data_age().items()):
+            age.add_metric([name], seconds)
+        yield age
+        pinned = GaugeMetricFamily("duckswap_dataset_pinned", "1 while an operator pins the "
+                                   "dataset (the watcher does not advance it)", labels=["dataset"])
+        for name, ds in sorted(self.updater.state.items()):
+            pinned.add_metric([name], 1 if ds.pinned else 0)
+        yield pinned
         last = self.warmer.last
         yield GaugeMetricFamily("duckswap_warm_last_seconds", "Duration of the last warm",
                                 value=last.seconds if last else 0.0)

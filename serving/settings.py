@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from loaders.schema import DatasetSchema
+from loaders.schema import EXTRA_COLUMNS, DatasetSchema
 
 ENV_PREFIX = "DUCKSWAP_"
 PARAM_TYPES = ("int", "float", "string", "enum", "bool")
@@ -38,11 +38,20 @@ SETTING_KEYS: dict[str, str] = {
     "server.metrics": "Serve Prometheus metrics on `/metrics` (default true).",
     "server.build_nice": "Nice value of the build process and the loader thread, so builds and "
     "warming yield to requests; 0 keeps normal priority (default 10).",
+    "server.data_dir": "Folder of verified versions and their state, served again after a restart "
+    "before the source answers (default: `$XDG_CACHE_HOME/duckswap/<hash of source.url>`).",
+    "server.keep_versions": "Versions kept per dataset for rollback, the served one included "
+    "(default 2).",
+    "server.admin_token": "Bearer token of the `/admin` API, at least 16 characters; without one "
+    "the admin routes do not exist (default none; prefer `DUCKSWAP_SERVER__ADMIN_TOKEN`).",
     "source.url": "`file://` folder or `gs://bucket/prefix` holding `<dataset>/<export-id>/` "
     "exports (required).",
     "source.debounce_ms": "watchfiles debounce in milliseconds (default 200).",
     "source.poll_seconds": "`gs://`: seconds between listings (default 5; backs off up to 60 "
     "while the bucket fails).",
+    "source.quiet_seconds": "Treat a folder with parts but no marker as complete once nothing "
+    "in it changed for this many seconds; the last resort for pipelines that write neither "
+    "marker (default 0: off).",
     "source.endpoint_url": "`gs://`: API endpoint, for an emulator (default: Google's, or "
     "`STORAGE_EMULATOR_HOST`).",
     "source.token": "`gs://`: credentials: a service-account JSON file, `anon`, or "
@@ -53,6 +62,14 @@ SETTING_KEYS: dict[str, str] = {
     "datasets.*.key": "Lookup key columns; the table is sorted by them (required).",
     "datasets.*.columns": "Required columns and their DuckDB types (required).",
     "datasets.*.required": "Whether /readyz and endpoints wait for this dataset (default true).",
+    "datasets.*.extra_columns": "Columns not in `columns`: `keep`, `drop`, or `refuse` the "
+    "export (default keep).",
+    "datasets.*.allow_empty": "Accept an export with no rows (default false).",
+    "datasets.*.not_null": "Columns that must hold no NULL (default none).",
+    "datasets.*.unique_key": "Columns no two rows may share (default none).",
+    "datasets.*.max_file_mb": "Largest part file accepted, checked before the download "
+    "(default none).",
+    "datasets.*.max_export_mb": "Largest export accepted, all parts together (default none).",
     "endpoints.*.path": "Route template, e.g. `/v1/champions/{champion_id}/stats` (required).",
     "endpoints.*.sql": "SQL with `$name` parameters; values are bound, never pasted (required).",
     "endpoints.*.datasets": "Datasets the SQL reads (required).",
@@ -136,8 +153,12 @@ class Settings:
     log_level: str = "INFO"
     debounce_ms: int = 200
     poll_seconds: float = 5.0
+    quiet_seconds: float = 0.0
     endpoint_url: str | None = None
     token: str | None = field(default=None, repr=False)  # credentials: never printed
+    admin_token: str | None = field(default=None, repr=False)
+    data_dir: str | None = None
+    keep_versions: int = 2
     concurrency: int = 4
     staging_dir: str | None = None
     cache_mb: float = 256.0
@@ -322,18 +343,48 @@ def sql_parameters(sql: str, file: str, key: str) -> set[str]:
 
 
 def _parse_dataset(r: _Reader, name: str) -> DatasetSchema:
+    import duckdb
+
     if not NAME_RE.match(name):
         raise r.fail(name, "dataset names must be SQL identifiers")
     d = r.sub(name)
-    key = d.get("key", list)
     cols_r = d.sub("columns")
-    columns = {c: cols_r.get(c, str) for c in cols_r.table}
+    columns = {}
+    for c in cols_r.table:
+        text = cols_r.get(c, str)
+        try:
+            columns[c] = str(duckdb.sqltype(text))  # DuckDB's own spelling: INT -> INTEGER
+        except duckdb.Error:
+            raise cols_r.fail(c, f"not a DuckDB type: {text!r}") from None
     if not columns:
         raise d.fail("columns", "must declare at least one column")
-    for k in key:
-        if k not in columns:
-            raise d.fail("key", f"key column {k!r} is not in columns")
-    spec = DatasetSchema(name, tuple(key), columns, d.get("required", bool, True))
+
+    def declared(option: str, default: Any) -> tuple[str, ...]:
+        names = d.get(option, list, default)
+        for k in names:
+            if k not in columns:
+                raise d.fail(option, f"column {k!r} is not in columns")
+        return tuple(names)
+
+    def megabytes(option: str) -> int | None:
+        mb = d.get(option, (int, float), None)
+        if mb is None:
+            return None
+        _positive(d, option, mb)
+        return int(mb * 2**20)
+
+    extra = d.get("extra_columns", str, "keep")
+    if extra not in EXTRA_COLUMNS:
+        raise d.fail("extra_columns", f"must be one of {', '.join(EXTRA_COLUMNS)}, got {extra!r}")
+    spec = DatasetSchema(
+        name, declared("key", ...), columns, d.get("required", bool, True),
+        extra_columns=extra,
+        allow_empty=d.get("allow_empty", bool, False),
+        not_null=declared("not_null", []),
+        unique_key=declared("unique_key", []),
+        max_file_bytes=megabytes("max_file_mb"),
+        max_export_bytes=megabytes("max_export_mb"),
+    )
     d.finish()
     return spec
 
@@ -364,8 +415,12 @@ def parse_settings(raw: Mapping[str, Any], file: str = "<config>") -> Settings:
         log_level=server.get("log_level", str, "INFO"),
         debounce_ms=source.get("debounce_ms", int, 200),
         poll_seconds=float(source.get("poll_seconds", (int, float), 5.0)),
+        quiet_seconds=float(source.get("quiet_seconds", (int, float), 0.0)),
         endpoint_url=source.get("endpoint_url", str, None),
         token=source.get("token", str, None),
+        admin_token=server.get("admin_token", str, None),
+        data_dir=server.get("data_dir", str, None),
+        keep_versions=server.get("keep_versions", int, 2),
         concurrency=source.get("concurrency", int, 4),
         staging_dir=source.get("staging_dir", str, None),
         cache_mb=float(server.get("cache_mb", (int, float), 256.0)),
@@ -377,12 +432,17 @@ def parse_settings(raw: Mapping[str, Any], file: str = "<config>") -> Settings:
         build_nice=server.get("build_nice", int, 10),
         file=file,
     )
+    if settings.quiet_seconds < 0:
+        raise source.fail("quiet_seconds", f"must not be negative, got {settings.quiet_seconds}")
     for name in ("cache_mb", "warm_seconds", "warm_tail_seconds", "warm_keys", "build_nice"):
         if getattr(settings, name) < 0:
             raise server.fail(name, f"must not be negative, got {getattr(settings, name)!r}")
     if settings.build_nice > 19:
         raise server.fail("build_nice", f"must be 0-19, got {settings.build_nice}")
     _positive(source, "poll_seconds", settings.poll_seconds)
+    _positive(server, "keep_versions", settings.keep_versions)
+    if settings.admin_token is not None and len(settings.admin_token) < 16:
+        raise server.fail("admin_token", "must be at least 16 characters")  # never echoed
     _positive(source, "concurrency", settings.concurrency)
     _positive(server, "threads", settings.threads)
     _positive(server, "query_timeout", settings.query_timeout)

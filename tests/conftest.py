@@ -114,6 +114,14 @@ class Running:
         await wait_for(serving, timeout, f"export {seq} to be served")
 
 
+@pytest.fixture(autouse=True)
+def cache_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Each test's servers keep their default data dirs (restart caches) in its own folder."""
+    home = tmp_path / "xdg-cache"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(home))
+    return home
+
+
 @pytest.fixture
 async def serve() -> Any:
     """Start a real server for given settings on a loopback port."""
