@@ -30,6 +30,7 @@ from loaders.state import DataDir, DatasetState, Refusal, State, VersionRecord, 
 log = logging.getLogger("duckswap.loader")
 T = TypeVar("T")
 QUARANTINE_KEPT = 50  # refusals remembered per dataset
+RESCAN_SECONDS = 30  # a watched folder is listed at least this often
 
 
 def backoff_delay(failures: int, base: float = 1.0, cap: float = 60.0) -> float:
@@ -58,6 +59,7 @@ class LoadEvent:
     timings: Mapping[str, float] = field(default_factory=dict)
     at: float = field(default_factory=time.time)
     retry: bool = False  # the source could not be read: tried again at the next poll
+    listing: int = 0  # the updater's listing round that found the export
 
     @property
     def outcome(self) -> str:
@@ -101,6 +103,7 @@ class Updater:
         self.last_listed: float | None = None  # when the source last answered a listing
         self.poll_seconds = poll_seconds
         self.source_errors = 0
+        self.listings = 0  # refresh rounds started
         self.history: list[LoadEvent] = []
         self.actions: list[dict[str, Any]] = []  # admin actions, newest last
         self.outcomes: Counter[tuple[str, str]] = Counter()
@@ -118,6 +121,7 @@ class Updater:
         off)."""
         events = []
         built: list[tuple[Version, dict[str, float]]] = []
+        self.listings += 1
         for name in sorted(self.schemas if datasets is None else set(datasets)):
             if name not in self.schemas or self.state[name].pinned is not None:
                 continue
@@ -240,7 +244,7 @@ class Updater:
             log.warning("could not fetch export %s/%s: %s (retrying later)",
                         candidate.dataset, candidate.export_id, exc)
             event = LoadEvent(candidate.dataset, candidate.export_id, False, str(exc),
-                              time.perf_counter() - start, retry=True)
+                              time.perf_counter() - start, retry=True, listing=self.listings)
             self._record(event)
             return event, None
         except (LoadError, OSError) as exc:
@@ -253,7 +257,7 @@ class Updater:
                 del quarantine[old]
             event = LoadEvent(
                 candidate.dataset, candidate.export_id, False, reason,
-                time.perf_counter() - start,
+                time.perf_counter() - start, listing=self.listings,
             )
             log.error(
                 "refused export %s/%s: %s (previous version keeps serving)",
@@ -266,7 +270,7 @@ class Updater:
             if local is not None:
                 self.source.discard(local)
         event = LoadEvent(local.dataset, local.export_id, True, "", version.load_seconds,
-                          version_id, timings)
+                          version_id, timings, listing=self.listings)
         log.info(
             "built %s/%s as version %s: %d rows in %.3fs (%s)",
             local.dataset, local.export_id, version_id, rows, version.load_seconds,
@@ -401,7 +405,6 @@ class Updater:
             except Exception:  # a cache that cannot be read is no reason not to serve
                 log.exception("restoring cached versions failed; loading from the source")
             if isinstance(self.source, LocalSource):
-                await self._refresh_logged(None)
                 await self._watch(self.source, stop)
             else:
                 await self._poll(stop)
@@ -424,8 +427,12 @@ class Updater:
         return True
 
     async def _watch(self, source: LocalSource, stop: asyncio.Event) -> None:
-        # With a quiet period, a folder becomes complete with no event: look again each second.
-        quiet = source.quiet_seconds > 0
+        """Watch first, then scan: an export landing during the initial scan (or during a
+        long first load) is an event, never missed. Every `RESCAN_SECONDS` without events
+        (every second with a quiet period, whose exports complete without any event) the
+        folder is listed anyway: a lost notification costs seconds, not an export."""
+        # Runs from awatch's first await, once its watcher exists (created before any await).
+        scan = asyncio.create_task(self._refresh_logged(None))
         async for changes in watchfiles.awatch(
             source.root,
             stop_event=stop,
@@ -433,8 +440,8 @@ class Updater:
             step=20,
             watch_filter=self._watch_filter,
             recursive=True,
-            rust_timeout=1000 if quiet else None,
-            yield_on_timeout=quiet,
+            rust_timeout=1000 if source.quiet_seconds > 0 else RESCAN_SECONDS * 1000,
+            yield_on_timeout=True,
         ):
             if not changes:
                 await self._refresh_logged(None)
@@ -443,6 +450,7 @@ class Updater:
             touched = {n for n in names if n is not None}
             if touched:
                 await self._refresh_logged(touched)
+        await scan
 
     async def _poll(self, stop: asyncio.Event) -> None:
         """List every `poll_seconds`; after failures, back off (jittered, up to 60 s)."""

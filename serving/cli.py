@@ -66,7 +66,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "serving %d endpoints from %s on http://%s:%d",
         len(settings.endpoints), settings.source_url, host, port,
     )
-    web.run_app(create_app(settings), host=host, port=port, print=None, shutdown_timeout=5)
+    from loaders.state import DataDirBusy
+
+    try:
+        app = create_app(settings)
+    except DataDirBusy as exc:
+        print(f"{settings.file}: server.data_dir: {exc}", file=sys.stderr)
+        return 2
+    web.run_app(app, host=host, port=port, print=None, shutdown_timeout=5)
     return 0
 
 

@@ -6,9 +6,11 @@ bucket (an outage, not data loss). Tests write through `fs`; the server under te
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -70,3 +72,67 @@ class Emulator:
         for name in [n for n in names if n not in markers] + (markers if marker_last else []):
             self.fs.put_file(str(local / name), f"{base}/{name}")
         return base
+
+
+class SlowProxy:
+    """A TCP proxy in front of the emulator that sends the emulator's answers at `rate`
+    bytes per second, so that a download lasts long enough to kill a server in the middle of
+    it (a slow network is a fault the emulator itself cannot produce). `stop` makes the bucket
+    unreachable; `start` again listens on the same port."""
+
+    def __init__(self, target_port: int, rate: int) -> None:
+        self.target_port = target_port
+        self.rate = rate
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._listener: socket.socket | None = None
+        self._conns: list[socket.socket] = []
+
+    def start(self) -> None:
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(64)
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def stop(self) -> None:
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+        for conn in self._conns:
+            with contextlib.suppress(OSError):
+                conn.close()
+        self._conns.clear()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return  # stopped
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            except OSError:
+                client.close()
+                continue
+            self._conns += [client, upstream]
+            threading.Thread(target=self._pipe, args=(client, upstream, None),
+                             daemon=True).start()
+            threading.Thread(target=self._pipe, args=(upstream, client, self.rate),
+                             daemon=True).start()
+
+    @staticmethod
+    def _pipe(src: socket.socket, dst: socket.socket, rate: int | None) -> None:
+        chunk = 4096 if rate else 65536
+        try:
+            while data := src.recv(chunk):
+                dst.sendall(data)
+                if rate:
+                    time.sleep(len(data) / rate)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)

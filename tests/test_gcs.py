@@ -6,12 +6,18 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from gcs_emulator import BUCKET, Emulator
+from gcs_emulator import BUCKET, Emulator, SlowProxy, _free_port
 
 from conftest import Running, seq_config, wait_for, write_seq_export
 from loaders.gcs import GcsSource
@@ -19,6 +25,8 @@ from serving.app import UPDATER
 from serving.settings import Settings, parse_settings
 
 PREFIX = "prod"
+ADMIN = "admin-token-for-tests-0123456789"
+AUTH = {"Authorization": f"Bearer {ADMIN}"}
 
 
 @pytest.fixture
@@ -41,9 +49,11 @@ class Bucketish:
     def settings(self, **source: Any) -> Settings:
         base = seq_config(self.local)
         raw: dict[str, Any] = {
-            "server": {"threads": 2},
+            "server": {"threads": 2, "admin_token": ADMIN},
             "source": {"url": f"file://{self.local}", "debounce_ms": 20},
-            "datasets": {n: {"key": list(d.key), "columns": dict(d.columns)}
+            # A test part is ~1 KiB; `_oversized` writes one of ~300 KiB.
+            "datasets": {n: {"key": list(d.key), "columns": dict(d.columns),
+                             "max_file_mb": 0.1}
                          for n, d in base.datasets.items()},
             "endpoints": {"rows": {
                 "path": "/v1/rows", "datasets": ["seqdata"], "row_limit": 1000,
@@ -58,9 +68,12 @@ class Bucketish:
 
     def write(self, seq: int, rows: int = 50, marker: str = "_SUCCESS",
               edit: Any = None) -> Path:
-        folder = write_seq_export(self.local, seq, rows, marker)
+        # The marker goes last, after any edit: a watcher never sees a half-made bad export.
+        folder = write_seq_export(self.local, seq, rows, "")
         if edit is not None:
             edit(folder)
+        if marker and not (folder / marker).exists():
+            _write(folder / marker, "{}" if marker == "_manifest.json" else "")
         if self.emulator is not None:
             self.emulator.upload_export(folder, PREFIX)
         return folder
@@ -106,7 +119,13 @@ async def streaming() -> AsyncIterator[Any]:
         await task
 
 
-def _manifest(folder: Path, **override: Any) -> None:
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")  # ignored by sources; renamed into place
+    tmp.write_text(text)
+    tmp.rename(path)
+
+
+def _manifest(folder: Path, change: Any = None) -> None:
     import hashlib
 
     import pyarrow.parquet as pq
@@ -116,8 +135,10 @@ def _manifest(folder: Path, **override: Any) -> None:
         files.append({"path": p.name, "size": p.stat().st_size,
                       "sha256": hashlib.sha256(p.read_bytes()).hexdigest(),
                       "rows": pq.read_metadata(p).num_rows})
-    doc = {"format": 1, "files": files, "rows": sum(f["rows"] for f in files), **override}
-    (folder / "_manifest.json").write_text(json.dumps(doc))
+    doc = {"format": 1, "files": files, "rows": sum(f["rows"] for f in files)}
+    if change is not None:
+        change(doc)
+    _write(folder / "_manifest.json", json.dumps(doc))
 
 
 # -- the contract: both sources -------------------------------------------------------------
@@ -128,11 +149,20 @@ async def test_new_export_is_served_with_no_failed_request(bucket: Bucketish, se
     srv = await serve(bucket.settings())
     await srv.wait_export("/v1/rows", 1)
     failures = streaming(srv)
+    updater = srv.app[UPDATER]
     bucket.write(2)
     await srv.wait_export("/v1/rows", 2, timeout=20)
+    listings = updater.listings  # the marker of export 3 lands after this many polls
     bucket.write(3, marker="_manifest.json", edit=_manifest)
     await srv.wait_export("/v1/rows", 3, timeout=20)
     assert failures == []
+    (event,) = [e for e in updater.history if e.export_id == "export-000003"]
+    if bucket.kind == "gcs":  # served within two poll intervals: found by the next listing
+        assert event.listing <= listings + 2, (event.listing, listings)
+    status, listing = await srv.get("/admin/datasets/seqdata", headers=AUTH)
+    assert status == 200 and listing["served"]["export_id"] == "export-000003"
+    steps = listing["served"]["timings_s"]
+    assert set(steps) == {"list", "download", "validate", "build", "publish", "total"}
 
 
 async def test_export_without_marker_is_ignored_not_refused(bucket: Bucketish,
@@ -152,31 +182,56 @@ def _truncate(folder: Path) -> None:
 
 
 def _bad_checksum(folder: Path) -> None:
-    _manifest(folder)
-    doc = json.loads((folder / "_manifest.json").read_text())
-    doc["files"][0]["sha256"] = "0" * 64
-    (folder / "_manifest.json").write_text(json.dumps(doc))
+    _manifest(folder, lambda doc: doc["files"][0].update(sha256="0" * 64))
 
 
 def _bad_rows(folder: Path) -> None:
-    _manifest(folder)
-    doc = json.loads((folder / "_manifest.json").read_text())
-    doc["files"][0]["rows"] += 1
-    (folder / "_manifest.json").write_text(json.dumps(doc))
+    _manifest(folder, lambda doc: doc["files"][0].update(rows=doc["files"][0]["rows"] + 1))
 
 
 def _bad_md5(folder: Path) -> None:
-    _manifest(folder)
-    doc = json.loads((folder / "_manifest.json").read_text())
-    doc["files"][1]["md5"] = "AAAAAAAAAAAAAAAAAAAAAA=="
-    (folder / "_manifest.json").write_text(json.dumps(doc))
+    _manifest(folder, lambda doc: doc["files"][1].update(md5="AAAAAAAAAAAAAAAAAAAAAA=="))
+
+
+def _rewrite_parts(folder: Path, change: Any) -> None:
+    import pyarrow.parquet as pq
+
+    for part in sorted(folder.glob("part-*.parquet")):
+        pq.write_table(change(pq.read_table(part)), part)
+
+
+def _missing_column(folder: Path) -> None:
+    _rewrite_parts(folder, lambda t: t.drop_columns(["label"]))
+
+
+def _changed_type(folder: Path) -> None:
+    import pyarrow as pa
+
+    _rewrite_parts(folder, lambda t: t.set_column(
+        1, "export_seq", t.column("export_seq").cast(pa.string())))
+
+
+def _empty(folder: Path) -> None:
+    _rewrite_parts(folder, lambda t: t.slice(0, 0))
+
+
+def _oversized(folder: Path) -> None:
+    import os
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    part = folder / "part-00001.parquet"
+    table = pq.read_table(part)
+    n = 300
+    pad = [os.urandom(512).hex() for _ in range(n)]
+    pq.write_table(pa.table({"k": pa.array(range(1000, 1000 + n), pa.int32()),
+                             "export_seq": pa.array([2] * n, pa.int32()),
+                             "label": pad}).cast(table.schema), part)
 
 
 def _bad_total(folder: Path) -> None:
-    _manifest(folder)
-    doc = json.loads((folder / "_manifest.json").read_text())
-    doc["rows"] = 7
-    (folder / "_manifest.json").write_text(json.dumps(doc))
+    _manifest(folder, lambda doc: doc.update(rows=7))
 
 
 @pytest.mark.parametrize(("edit", "marker", "reason"), [
@@ -185,6 +240,10 @@ def _bad_total(folder: Path) -> None:
     (_truncate, "_SUCCESS", "not a readable Parquet file"),
     (_bad_checksum, "_manifest.json", "sha256 does not match the manifest"),
     (_bad_rows, "_manifest.json", "rows != manifest rows"),
+    (_missing_column, "_SUCCESS", "missing required column 'label'"),
+    (_changed_type, "_SUCCESS", "column 'export_seq' is VARCHAR, declared INTEGER"),
+    (_empty, "_SUCCESS", "export has no rows"),
+    (_oversized, "_SUCCESS", "part-00001.parquet: 3"),  # "...: 3xxxxx bytes is over max_file_mb"
 ])
 async def test_bad_export_is_refused_and_old_keeps_serving(
         bucket: Bucketish, serve: Any, caplog: pytest.LogCaptureFixture, edit: Any,
@@ -202,6 +261,11 @@ async def test_bad_export_is_refused_and_old_keeps_serving(
         await wait_for(refused, 20, "the refusal")
     assert reason in updater.refused[("seqdata", "export-000002")]
     assert reason in caplog.text
+    status, listing = await srv.get("/admin/datasets/seqdata", headers=AUTH)
+    assert status == 200
+    (quarantined,) = listing["quarantined"]
+    assert quarantined["export_id"] == "export-000002" and reason in quarantined["reason"]
+    assert listing["served"]["export_id"] == "export-000001"
     status, body = await srv.get("/v1/rows")
     assert status == 200 and body["data"][0]["export_seq"] == 1
     loads = updater.outcomes[("seqdata", "refused")]
@@ -282,3 +346,102 @@ def test_object_rewritten_during_download_is_fetched_again(tmp_path: Path,
     assert not list(local.path.glob("*.part"))
     source.discard(local)
     assert not local.path.exists()
+
+
+async def test_restart_with_the_bucket_down_serves_the_cached_version(
+        tmp_path: Path, emulator: Emulator, serve: Any) -> None:
+    b = _gcs(tmp_path, emulator)
+    b.write(1)
+    settings = b.settings()
+    srv = await serve(settings)
+    await srv.wait_export("/v1/rows", 1)
+    _, before = await srv.get("/readyz")
+    await srv.stop()
+    emulator.stop()
+    again = await serve(settings)
+    await again.wait_export("/v1/rows", 1, timeout=10)  # gcsfs alone retries ~30 s
+    _, after = await again.get("/readyz")
+    assert after["versions"] == before["versions"]
+    assert after["data_age_s"]["seqdata"] >= before["data_age_s"]["seqdata"]
+
+
+def _get(port: int, path: str) -> Any:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as resp:
+        return json.loads(resp.read())
+
+
+def _wait(check: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if check():
+                return
+        except OSError:
+            pass  # not listening yet
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def test_kill_9_mid_download_restarts_on_the_last_good_version(tmp_path: Path,
+                                                               emulator: Emulator) -> None:
+    """A real server process, its bucket behind a slow link; SIGKILL while export 2 downloads.
+    The restart (bucket unreachable) serves export 1 from its data dir, with staging emptied;
+    once the bucket is back, export 2 is loaded whole."""
+    b = _gcs(tmp_path, emulator)
+    b.write(1)
+    proxy = SlowProxy(emulator.port, rate=64 * 1024)
+    proxy.start()
+    data, port = tmp_path / "data", _free_port()
+    config = tmp_path / "duckswap.toml"
+    config.write_text(f"""
+[server]
+port = {port}
+data_dir = "{data}"
+[source]
+url = "gs://{BUCKET}/{PREFIX}"
+endpoint_url = "{proxy.url}"
+token = "anon"
+poll_seconds = 0.3
+[datasets.seqdata]
+key = ["k"]
+columns = {{ k = "INTEGER", export_seq = "INTEGER", label = "VARCHAR" }}
+[endpoints.rows]
+path = "/v1/rows"
+datasets = ["seqdata"]
+sql = "SELECT k, export_seq FROM seqdata ORDER BY k LIMIT 1"
+""")
+
+    log = (tmp_path / "server.log").open("ab")
+
+    def start() -> subprocess.Popen[bytes]:
+        return subprocess.Popen([sys.executable, "-m", "serving.cli", "serve", "--config",
+                                 str(config)], stdout=log, stderr=log)
+
+    def serving(seq: int) -> bool:
+        return bool(_get(port, "/v1/rows")["data"][0]["export_seq"] == seq)
+
+    server = start()
+    try:
+        _wait(lambda: serving(1), 60, "export 1")
+        b.write(2, rows=100_000)  # ~1 MB of parts: seconds at 64 KiB/s
+        staged = data / "staging"
+        _wait(lambda: any(staged.glob("duckswap-*/*.part")), 30, "export 2 downloading")
+        os.kill(server.pid, signal.SIGKILL)
+        server.wait()
+        assert any(staged.glob("duckswap-*/*.part"))  # the crash did cut a download short
+        proxy.stop()  # and the bucket is unreachable when the server comes back
+
+        server = start()
+        _wait(lambda: serving(1), 30, "the cached export 1 after the restart")
+        assert list(staged.iterdir()) == []
+        state = json.loads((data / "state.json").read_text())
+        named = {r["file"] for r in state["datasets"]["seqdata"]["versions"]}
+        assert {p.name for p in (data / "versions").iterdir()} == named
+
+        proxy.start()
+        _wait(lambda: serving(2), 90, "export 2 once the bucket is back")
+    finally:
+        server.kill()
+        server.wait()
+        proxy.stop()
+        log.close()

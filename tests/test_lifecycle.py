@@ -1,0 +1,347 @@
+"""An export's life after the download: the dataset checks, the admin API (rollback, pin,
+unpin, reload), versions kept on disk for rollback and for a restart, crash leftovers."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import Running, seq_config, wait_for, write_seq_export
+from loaders.snapshot import Store
+from loaders.source import LocalSource
+from loaders.updater import Updater
+from serving.app import UPDATER
+from serving.settings import parse_settings
+
+TOKEN = "lifecycle-admin-token-0123456789"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+async def admin(srv: Running, method: str, path: str, **kw: Any) -> tuple[int, Any]:
+    kw.setdefault("headers", AUTH)
+    async with srv.session.request(method, srv.url(path), **kw) as resp:
+        return resp.status, await resp.json()
+
+
+async def served_seq(srv: Running) -> int:
+    status, body = await srv.get("/v1/rows")
+    assert status == 200, body
+    return int(body["data"][0]["export_seq"])
+
+
+# -- admin: auth ----------------------------------------------------------------------------
+
+async def test_admin_routes_do_not_exist_without_a_token(tmp_path: Path, serve: Any) -> None:
+    write_seq_export(tmp_path, 1)
+    srv = await serve(seq_config(tmp_path))
+    await srv.wait_ready()
+    for method, path in (("GET", "/admin/datasets"), ("POST", "/admin/datasets/seqdata/pin"),
+                         ("POST", "/admin/reload")):
+        status, body = await admin(srv, method, path)
+        assert status == 404 and body["error"] == "not_found", (method, path, body)
+
+
+async def test_admin_wants_the_bearer_token(tmp_path: Path, serve: Any,
+                                            caplog: pytest.LogCaptureFixture) -> None:
+    write_seq_export(tmp_path, 1)
+    srv = await serve(seq_config(tmp_path, admin_token=TOKEN))
+    await srv.wait_ready()
+    with caplog.at_level(logging.INFO):
+        for headers in ({}, {"Authorization": "Bearer wrong-token-wrong-token-00"},
+                        {"Authorization": f"Basic {TOKEN}"}, {"Authorization": TOKEN}):
+            async with srv.session.get(srv.url("/admin/datasets"), headers=headers) as resp:
+                body = await resp.json()
+                assert resp.status == 401, headers
+                assert resp.headers["WWW-Authenticate"].startswith("Bearer")
+                assert body["error"] == "unauthorized"
+            status, _ = await admin(srv, "POST", "/admin/datasets/seqdata/pin", headers=headers)
+            assert status == 401
+        status, listing = await admin(srv, "GET", "/admin/datasets")
+        assert status == 200
+    (ds,) = listing["datasets"]
+    assert ds["name"] == "seqdata" and ds["served"]["export_id"] == "export-000001"
+    assert ds["pinned"] is None and ds["data_age_s"] >= 0
+    assert "refused GET /admin/datasets" in caplog.text
+    assert TOKEN not in caplog.text and "wrong-token" not in caplog.text
+
+
+def test_a_short_admin_token_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="server.admin_token: must be at least 16") as err:
+        seq_config(tmp_path, admin_token="short-secret")
+    assert "short-secret" not in str(err.value)
+
+
+# -- admin: actions -------------------------------------------------------------------------
+
+async def test_rollback_pin_unpin_and_reload(tmp_path: Path, serve: Any,
+                                             caplog: pytest.LogCaptureFixture) -> None:
+    write_seq_export(tmp_path, 1)
+    srv = await serve(seq_config(tmp_path, admin_token=TOKEN))
+    await srv.wait_export("/v1/rows", 1)
+    write_seq_export(tmp_path, 2)
+    await srv.wait_export("/v1/rows", 2)
+    _, before = await admin(srv, "GET", "/admin/datasets/seqdata")
+    assert [k["export_id"] for k in before["kept"]] == ["export-000002", "export-000001"]
+    first = before["kept"][1]["version"]
+
+    with caplog.at_level(logging.WARNING, logger="duckswap.loader"):
+        status, body = await admin(srv, "POST", "/admin/datasets/seqdata/rollback")
+    assert status == 200, body
+    assert await served_seq(srv) == 1  # answered from the rolled-back version at once
+    ds = body["dataset"]
+    assert ds["served"]["version"] == first and ds["pinned"] == first
+    assert ds["actions"][0]["action"] == "rollback"
+    assert "admin: rollback seqdata" in caplog.text
+
+    # Pinned: a newer export is not taken, not even on an explicit reload.
+    write_seq_export(tmp_path, 3)
+    status, body = await admin(srv, "POST", "/admin/datasets/seqdata/reload")
+    assert status == 200 and body["loads"] == []
+    assert await served_seq(srv) == 1
+
+    status, body = await admin(srv, "POST", "/admin/datasets/seqdata/unpin")
+    assert status == 200 and body["datasets"][0]["pinned"] is None
+    assert await served_seq(srv) == 3  # unpin loads the newest export now
+    assert [k["export_id"] for k in body["datasets"][0]["kept"]] == [
+        "export-000003", "export-000001"]  # keep_versions = 2: the last two served
+
+    # Pin the served version, then pin (serve) the other kept one by id.
+    status, body = await admin(srv, "POST", "/admin/datasets/seqdata/pin")
+    assert status == 200 and body["dataset"]["pinned"] == body["dataset"]["served"]["version"]
+    status, body = await admin(srv, "POST", "/admin/datasets/seqdata/pin",
+                               json={"version": first})
+    assert status == 200 and body["dataset"]["served"]["version"] == first
+    assert await served_seq(srv) == 1
+    await admin(srv, "POST", "/admin/datasets/seqdata/unpin")
+    assert await served_seq(srv) == 3
+    _, listing = await admin(srv, "GET", "/admin/datasets/seqdata")
+    assert [a["action"] for a in listing["actions"]] == [
+        "unpin", "pin", "pin", "unpin", "reload", "rollback"]
+    assert all(a["by"] == "127.0.0.1" for a in listing["actions"])
+
+
+async def test_reload_retries_quarantined_exports_when_asked(tmp_path: Path,
+                                                             serve: Any) -> None:
+    write_seq_export(tmp_path, 1)
+    srv = await serve(seq_config(tmp_path, admin_token=TOKEN))
+    await srv.wait_export("/v1/rows", 1)
+    bad = write_seq_export(tmp_path, 2, marker="")
+    (bad / "part-00000.parquet").write_bytes(b"not parquet")
+    (bad / "_SUCCESS").write_text("")
+    updater = srv.app[UPDATER]
+
+    async def refused() -> bool:
+        return ("seqdata", "export-000002") in updater.refused
+
+    await wait_for(refused, 20, "the refusal")
+    status, body = await admin(srv, "POST", "/admin/reload")
+    assert status == 200 and body["loads"] == []  # quarantined: not tried again
+    status, body = await admin(srv, "POST", "/admin/reload",
+                               json={"retry_quarantined": True})
+    assert status == 200
+    (load,) = body["loads"]
+    assert load["outcome"] == "refused" and "not a readable Parquet file" in load["reason"]
+
+
+@pytest.mark.parametrize(("method", "path", "kw", "status", "text"), [
+    ("POST", "/admin/datasets/seqdata/rollback", {}, 409, "keeps no earlier version"),
+    ("POST", "/admin/datasets/seqdata/pin", {"json": {"version": "0123456789abcdef"}}, 409,
+     "does not keep version '0123456789abcdef'"),
+    ("POST", "/admin/datasets/nope/pin", {}, 404, "no dataset 'nope'"),
+    ("GET", "/admin/datasets/nope", {}, 404, "no dataset 'nope'"),
+    ("POST", "/admin/datasets/seqdata/pin", {"data": b"{not json"}, 400, "not valid JSON"),
+    ("POST", "/admin/datasets/seqdata/pin", {"json": {"versoin": "x"}}, 400,
+     "unknown field 'versoin'"),
+    ("POST", "/admin/datasets/seqdata/pin", {"json": {"version": 7}}, 400,
+     "expected a version id string"),
+    ("GET", "/admin/datasets/seqdata/pin", {}, 405, "GET is not allowed"),
+])
+async def test_bad_admin_requests_get_a_clear_error(tmp_path: Path, serve: Any, method: str,
+                                                    path: str, kw: dict[str, Any],
+                                                    status: int, text: str) -> None:
+    write_seq_export(tmp_path, 1)
+    srv = await serve(seq_config(tmp_path, admin_token=TOKEN))
+    await srv.wait_export("/v1/rows", 1)
+    got, body = await admin(srv, method, path, **kw)
+    assert got == status and text in body["message"], body
+    assert await served_seq(srv) == 1
+
+
+# -- versions on disk: restart and crash ----------------------------------------------------
+
+async def test_restart_serves_the_cached_version_first(tmp_path: Path, serve: Any) -> None:
+    source, data = tmp_path / "src", tmp_path / "data"
+    settings = seq_config(source, admin_token=TOKEN, data_dir=str(data))
+    write_seq_export(source, 1)
+    srv = await serve(settings)
+    for seq in (1, 2, 3):
+        write_seq_export(source, seq)
+        await srv.wait_export("/v1/rows", seq)
+    _, pointer = await srv.get("/v1/version")
+    await admin(srv, "POST", "/admin/datasets/seqdata/rollback")  # pinned at export 2
+    write_seq_export(source, 4)
+    await srv.stop()
+    kept = sorted(p.name for p in (data / "versions").iterdir())
+    assert len(kept) == 2  # keep_versions: the served one and the one before
+
+    for seq in (1, 2, 3, 4):  # the source has nothing to offer any more
+        for f in (source / "seqdata" / f"export-{seq:06d}").iterdir():
+            f.unlink()
+    again = await serve(settings)
+    await again.wait_ready(timeout=10)
+    assert await served_seq(again) == 2  # cached, and still pinned
+    _, listing = await admin(again, "GET", "/admin/datasets/seqdata")
+    assert listing["pinned"] == listing["served"]["version"]
+    await admin(again, "POST", "/admin/datasets/seqdata/pin",
+                json={"version": pointer["datasets"]["seqdata"]["version"]})
+    assert await served_seq(again) == 3
+    _, pointer_again = await again.get("/v1/version")
+    assert pointer_again["datasets"] == pointer["datasets"]  # same content-derived ids
+
+
+async def test_startup_removes_what_a_crash_left(tmp_path: Path, serve: Any) -> None:
+    source, data = tmp_path / "src", tmp_path / "data"
+    settings = seq_config(source, data_dir=str(data))
+    write_seq_export(source, 1)
+    srv = await serve(settings)
+    await srv.wait_export("/v1/rows", 1)
+    await srv.stop()
+    # What kill -9 at each step leaves: a download, a build, a state file being written.
+    (data / "staging" / "duckswap-seqdata-export-000002-999").mkdir(parents=True)
+    (data / "staging" / "duckswap-seqdata-export-000002-999" / "part-00000.parquet.part"
+     ).write_bytes(b"half")
+    (data / "versions" / "seqdata-0123456789abcdef-999-7.duckdb").write_bytes(b"half")
+    (data / "versions" / "seqdata-0123456789abcdef-999-7.duckdb.wal").write_bytes(b"")
+    (data / "state.tmp").write_text('{"format": 1, "datas')
+    kept = {p.name for p in (data / "versions").iterdir() if "-999-" not in p.name}
+    srv = await serve(settings)
+    await srv.wait_export("/v1/rows", 1)
+    assert list((data / "staging").iterdir()) == []
+    assert {p.name for p in (data / "versions").iterdir()} == kept
+    assert not (data / "state.tmp").exists()
+
+
+async def test_a_second_server_on_the_same_data_dir_is_refused(tmp_path: Path,
+                                                               serve: Any) -> None:
+    settings = seq_config(tmp_path, data_dir=str(tmp_path / "data"))
+    await serve(settings)
+    with pytest.raises(RuntimeError, match="in use by another server"):
+        await serve(settings)
+
+
+# -- completeness by quiet period -----------------------------------------------------------
+
+async def test_quiet_period_completes_an_export_without_marker(tmp_path: Path,
+                                                               serve: Any) -> None:
+    write_seq_export(tmp_path, 1)
+    raw_settings = seq_config(tmp_path)
+    settings = parse_settings({
+        "source": {"url": f"file://{tmp_path}", "debounce_ms": 20, "quiet_seconds": 1.0},
+        "datasets": {"seqdata": {"key": ["k"], "columns": dict(
+            raw_settings.datasets["seqdata"].columns)}},
+        "endpoints": {"rows": {"path": "/v1/rows", "datasets": ["seqdata"],
+                               "sql": "SELECT export_seq FROM seqdata LIMIT 1"}},
+    })
+    srv = await serve(settings)
+    await srv.wait_export("/v1/rows", 1)
+    folder = write_seq_export(tmp_path, 2, marker="")
+    written = max(p.stat().st_mtime for p in folder.iterdir())
+    await srv.wait_export("/v1/rows", 2, timeout=20)
+    (event,) = [e for e in srv.app[UPDATER].history if e.export_id == "export-000002"]
+    assert event.at - written >= 1.0  # not before the folder was quiet for 1 s
+
+
+# -- dataset checks -------------------------------------------------------------------------
+
+def _table(**columns: Any) -> pa.Table:
+    return pa.table(columns)
+
+
+def _export(root: Path, seq: int, table: pa.Table) -> None:
+    folder = root / "stats" / f"export-{seq:06d}"
+    folder.mkdir(parents=True)
+    pq.write_table(table, folder / "part-00000.parquet")
+    (folder / "_SUCCESS").write_text("")
+
+
+GOOD = {"id": pa.array([1, 2, 3], pa.int32()), "n": pa.array([10, 20, 30], pa.int64())}
+
+
+@pytest.mark.parametrize(("options", "columns", "reason"), [
+    ({"not_null": ["n"]}, {**GOOD, "n": pa.array([10, None, 30], pa.int64())},
+     "column 'n' has 1 NULL values"),
+    ({"unique_key": ["id"]}, {**GOOD, "id": pa.array([1, 2, 2], pa.int32())},
+     "unique_key (id) is not unique: 2 rows have id=2"),
+    ({"extra_columns": "refuse"}, {**GOOD, "x": pa.array(["a", "b", "c"])},
+     "column 'x' is not declared (extra_columns = refuse)"),
+    ({}, {**GOOD, "id": pa.array([1, 2, 3], pa.int64())}, "column 'id' is BIGINT, declared "
+     "INTEGER"),
+    ({}, {"id": pa.array([], pa.int32()), "n": pa.array([], pa.int64())},
+     "export has no rows (allow_empty is false)"),
+    ({"max_export_mb": 0.0001}, GOOD, "over max_export_mb"),
+])
+def test_dataset_checks_refuse(tmp_path: Path, options: dict[str, Any],
+                               columns: dict[str, Any], reason: str) -> None:
+    updater = _updater(tmp_path, options)
+    _export(tmp_path, 1, _table(**columns))
+    (event,) = updater.refresh()
+    assert not event.ok and reason in event.reason, event.reason
+    assert updater.store.current.versions == {}
+    updater.store.close()
+
+
+@pytest.mark.parametrize(("options", "columns", "served"), [
+    ({"extra_columns": "keep"}, {**GOOD, "x": pa.array(["a", "b", "c"])}, ["id", "n", "x"]),
+    ({"extra_columns": "drop"}, {**GOOD, "x": pa.array(["a", "b", "c"])}, ["id", "n"]),
+    ({"allow_empty": True}, {"id": pa.array([], pa.int32()), "n": pa.array([], pa.int64())},
+     ["id", "n"]),
+    ({}, {**GOOD, "n": pa.array([10, 20, 30], pa.int32())}, ["id", "n"]),  # widens to BIGINT
+    ({"not_null": ["n"], "unique_key": ["id"]}, GOOD, ["id", "n"]),
+])
+def test_dataset_checks_accept(tmp_path: Path, options: dict[str, Any],
+                               columns: dict[str, Any], served: list[str]) -> None:
+    updater = _updater(tmp_path, options)
+    _export(tmp_path, 1, _table(**columns))
+    (event,) = updater.refresh()
+    assert event.ok, event.reason
+    cur = updater.store.cursor()
+    cur.execute(f"SET search_path = '{updater.store.current.schema}'")
+    rel = cur.execute("SELECT * FROM stats")
+    assert [d[0] for d in rel.description] == served
+    assert len(rel.fetchall()) == len(next(iter(columns.values())))
+    assert dict(zip(served, [str(t) for t in cur.sql("SELECT * FROM stats").types],
+                    strict=True))["n"] == "BIGINT"
+    updater.store.close()
+
+
+def _updater(root: Path, options: dict[str, Any]) -> Updater:
+    settings = parse_settings({
+        "source": {"url": f"file://{root}"},
+        "datasets": {"stats": {"key": ["id"], "columns": {"id": "INTEGER", "n": "BIGINT"},
+                               **options}},
+        "endpoints": {"one": {"path": "/v1/one", "datasets": ["stats"],
+                              "sql": "SELECT * FROM stats"}},
+    })
+    return Updater(LocalSource(root), Store(threads=1), settings.datasets)
+
+
+def test_version_files_beyond_keep_versions_are_deleted(tmp_path: Path) -> None:
+    store = Store(threads=1)
+    updater = Updater(LocalSource(tmp_path), store, seq_config(tmp_path).datasets,
+                      keep_versions=3)
+    for seq in range(1, 7):
+        write_seq_export(tmp_path, seq)
+        (event,) = updater.refresh()
+        assert event.ok
+        store.collect()
+    files = sorted(p for p in store.data_dir.iterdir() if p.suffix == ".duckdb")
+    assert len(files) == 3 and store.held_versions() == 1
+    assert [r.export_id for r in updater.state["seqdata"].versions] == [
+        "export-000006", "export-000005", "export-000004"]
+    assert {p.name for p in files} == {r.file for r in updater.state["seqdata"].versions}
+    store.close()
