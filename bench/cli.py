@@ -69,7 +69,9 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         env = dict(os.environ, DUCKSWAP_SOURCE__URL=f'"file://{source}"',
                    DUCKSWAP_SERVER__PORT=str(self.port), DUCKSWAP_SERVER__THREADS=str(threads),
-                   DUCKSWAP_SERVER__LOG_LEVEL="WARNING")
+                   DUCKSWAP_SERVER__LOG_LEVEL="WARNING",
+                   # versions live with the run's temporary files, removed with them
+                   DUCKSWAP_SERVER__DATA_DIR=f'"{source.parent / "data"}"')
         self.log = open(source.parent / "server.log", "wb")  # noqa: SIM115
         self.proc = subprocess.Popen(
             [*_taskset(cpus), sys.executable, "-m", "serving.cli", "serve",

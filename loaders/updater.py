@@ -143,16 +143,13 @@ class Updater:
             if version is not None:
                 built.append((version, dict(event.timings)))
         if built:
-            published = self._publish([v for v, _ in built])
-            for version, timings in built:
-                timings["publish"] = published
-                timings["total"] = sum(timings.values())
-                self._served(version, timings)
-            self._save()
+            self._publish([v for v, _ in built], {v.dataset: t for v, t in built})
         return events
 
-    def _publish(self, built: list[Version]) -> float:
-        """Stage, warm and commit one Snapshot; returns the seconds it took."""
+    def _publish(self, built: list[Version],
+                 timings: Mapping[str, dict[str, float]] | None = None) -> None:
+        """Stage, warm and commit one Snapshot; record and save the state at once (before
+        the after-publish warm)."""
         start = time.perf_counter()
         snap = self.store.stage(built)
         if self.before_publish is not None:
@@ -170,13 +167,19 @@ class Updater:
             "published %s in %.3fs",
             ", ".join(f"{v.dataset}/{v.export_id} as {v.version_id}" for v in built), seconds,
         )
+        for version in built:
+            steps = (timings or {}).get(version.dataset)
+            if steps is not None:
+                steps["publish"] = seconds
+                steps["total"] = sum(steps.values())
+            self._served(version, steps)
+        self._save()
         if self.after_publish is not None:
             try:
                 self.after_publish(snap)
             except Exception:
                 log.exception("warming snapshot %d after its publish failed", snap.id)
             gc.freeze()
-        return seconds
 
     def _served(self, version: Version, timings: dict[str, float] | None = None) -> None:
         """Record `version` as its dataset's served one, first in the kept list."""
@@ -313,8 +316,6 @@ class Updater:
                     ds.versions.remove(record)
         if restored:
             self._publish(restored)
-            for version in restored:
-                self._served(version)
             log.info("serving cached %s before the source answers",
                      ", ".join(f"{v.dataset}/{v.export_id}" for v in restored))
         self._save()
@@ -344,25 +345,26 @@ class Updater:
         current = self.store.current.versions.get(record.dataset)
         if current is not None and current.version_id == record.version_id:
             return
-        version = self._attach(record)
-        self._publish([version])
-        self._served(version)
+        self._publish([self._attach(record)])
 
     def rollback(self, dataset: str, version_id: str | None = None) -> VersionRecord:
         """Serve the previously served version (or a kept one) and pin it, so the watcher
         does not move forward again until `unpin`."""
-        record = self._kept(dataset, version_id, 1)
-        self._serve(record)
-        self.state[dataset].pinned = record.version_id
-        self._save()
-        return record
+        return self._pin(dataset, self._kept(dataset, version_id, 1))
 
     def pin(self, dataset: str, version_id: str | None = None) -> VersionRecord:
         """Keep serving the current version (or serve a kept one): the watcher stops
         advancing this dataset."""
-        record = self._kept(dataset, version_id, 0)
-        self._serve(record)
-        self.state[dataset].pinned = record.version_id
+        return self._pin(dataset, self._kept(dataset, version_id, 0))
+
+    def _pin(self, dataset: str, record: VersionRecord) -> VersionRecord:
+        ds = self.state[dataset]
+        before, ds.pinned = ds.pinned, record.version_id  # saved with the publish
+        try:
+            self._serve(record)
+        except BaseException:
+            ds.pinned = before
+            raise
         self._save()
         return record
 
