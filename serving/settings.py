@@ -57,8 +57,8 @@ SETTING_KEYS: dict[str, str] = {
     "source.token": "`gs://`: credentials: a service-account JSON file, `anon`, or "
     "`google_default` (default: the standard Google mechanisms).",
     "source.concurrency": "`gs://`: objects downloaded at once (default 4).",
-    "source.staging_dir": "`gs://`: local folder for downloads in progress (default: a "
-    "temporary folder).",
+    "source.staging_dir": "`gs://`: local folder for downloads in progress; its `duckswap-*` "
+    "folders are removed at startup (default: `staging/` in the data dir).",
     "datasets.*.key": "Lookup key columns; the table is sorted by them (required).",
     "datasets.*.columns": "Required columns and their DuckDB types (required).",
     "datasets.*.required": "Whether /readyz and endpoints wait for this dataset (default true).",
