@@ -110,8 +110,10 @@ class Updater:
 
     @property
     def refused(self) -> dict[tuple[str, str], str]:
-        """(dataset, export id) -> reason of every quarantined export."""
-        return {(n, e): q.reason for n, ds in self.state.items() for e, q in ds.quarantine.items()}
+        """(dataset, export id) -> reason of every quarantined export. Read from other threads
+        than the loader's: each dict is copied in one C call (atomic under the GIL) first."""
+        return {(n, e): q.reason for n, ds in list(self.state.items())
+                for e, q in list(ds.quarantine.items())}
 
     # -- loading ----------------------------------------------------------------------------
     def refresh(self, datasets: Iterable[str] | None = None) -> list[LoadEvent]:

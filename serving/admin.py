@@ -48,6 +48,8 @@ def _event(e: LoadEvent) -> dict[str, Any]:
 
 
 def dataset_doc(updater: Updater, name: str) -> dict[str, Any]:
+    """Read on the event loop while the loader thread may update the state: every container
+    is copied whole (one C call, atomic under the GIL) before it is iterated."""
     ds = updater.state[name]
     served = updater.store.current.versions.get(name)
     record = ds.find(served.version_id) if served is not None else None
@@ -57,11 +59,12 @@ def dataset_doc(updater: Updater, name: str) -> dict[str, Any]:
         "served": _record(record) if record is not None else None,
         "data_age_s": age,
         "pinned": ds.pinned,
-        "kept": [_record(r) for r in ds.versions],
+        "kept": [_record(r) for r in list(ds.versions)],
         "quarantined": [_refusal(q) for q in sorted(ds.quarantine.values(),
                                                      key=lambda q: q.at, reverse=True)],
-        "history": [_event(e) for e in reversed(updater.history) if e.dataset == name][:HISTORY],
-        "actions": [a for a in reversed(updater.actions) if a["dataset"] in (name, None)],
+        "history": [_event(e) for e in list(updater.history)[::-1] if e.dataset == name][
+            :HISTORY],
+        "actions": [a for a in list(updater.actions)[::-1] if a["dataset"] in (name, None)],
     }
 
 
