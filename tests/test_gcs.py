@@ -173,7 +173,21 @@ async def test_export_without_marker_is_ignored_not_refused(bucket: Bucketish,
     bucket.write(2, marker="")
     bucket.write(3)  # a later complete one is still picked up
     await srv.wait_export("/v1/rows", 3, timeout=20)
-    assert srv.app[UPDATER].refused == {}
+    status, listing = await srv.get("/admin/datasets/seqdata", headers=AUTH)
+    assert status == 200 and listing["quarantined"] == []
+    assert "export-000002" not in [e["export_id"] for e in listing["history"]]
+
+
+async def test_quiet_period_completes_an_export_without_marker(bucket: Bucketish,
+                                                               serve: Any) -> None:
+    bucket.write(1)
+    srv = await serve(bucket.settings(quiet_seconds=1.0))
+    await srv.wait_export("/v1/rows", 1)
+    bucket.write(2, marker="")
+    written = time.time()
+    await srv.wait_export("/v1/rows", 2, timeout=20)
+    (event,) = [e for e in srv.app[UPDATER].history if e.export_id == "export-000002"]
+    assert event.at - written >= 1.0 - 0.05  # not before it was quiet for 1 s
 
 
 def _truncate(folder: Path) -> None:

@@ -234,28 +234,6 @@ async def test_a_second_server_on_the_same_data_dir_is_refused(tmp_path: Path,
         await serve(settings)
 
 
-# -- completeness by quiet period -----------------------------------------------------------
-
-async def test_quiet_period_completes_an_export_without_marker(tmp_path: Path,
-                                                               serve: Any) -> None:
-    write_seq_export(tmp_path, 1)
-    raw_settings = seq_config(tmp_path)
-    settings = parse_settings({
-        "source": {"url": f"file://{tmp_path}", "debounce_ms": 20, "quiet_seconds": 1.0},
-        "datasets": {"seqdata": {"key": ["k"], "columns": dict(
-            raw_settings.datasets["seqdata"].columns)}},
-        "endpoints": {"rows": {"path": "/v1/rows", "datasets": ["seqdata"],
-                               "sql": "SELECT export_seq FROM seqdata LIMIT 1"}},
-    })
-    srv = await serve(settings)
-    await srv.wait_export("/v1/rows", 1)
-    folder = write_seq_export(tmp_path, 2, marker="")
-    written = max(p.stat().st_mtime for p in folder.iterdir())
-    await srv.wait_export("/v1/rows", 2, timeout=20)
-    (event,) = [e for e in srv.app[UPDATER].history if e.export_id == "export-000002"]
-    assert event.at - written >= 1.0  # not before the folder was quiet for 1 s
-
-
 # -- dataset checks -------------------------------------------------------------------------
 
 def _table(**columns: Any) -> pa.Table:
