@@ -82,7 +82,11 @@ def default_dir(source_url: str) -> Path:
     return Path(cache) / "duckswap" / hashlib.sha256(source_url.encode()).hexdigest()[:16]
 
 
-class DataDirBusy(RuntimeError):
+class DataDirError(RuntimeError):
+    """The data dir cannot be used (not creatable, not writable, held by another server)."""
+
+
+class DataDirBusy(DataDirError):
     """Another live server holds the data dir."""
 
 
@@ -93,15 +97,21 @@ class DataDir:
         self.versions = path / "versions"
         self.staging = path / "staging"
         self.state_file = path / "state.json"
-        path.mkdir(parents=True, exist_ok=True)
-        self._lock = (path / ".lock").open("a")
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            self._lock = (path / ".lock").open("a")
+        except OSError as exc:
+            raise DataDirError(f"data dir {path} cannot be used: {exc.strerror}") from None
         try:
             fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            self.versions.mkdir(exist_ok=True)
+            self.staging.mkdir(exist_ok=True)
         except BlockingIOError:
             self._lock.close()
             raise DataDirBusy(f"data dir {path} is in use by another server") from None
-        self.versions.mkdir(exist_ok=True)
-        self.staging.mkdir(exist_ok=True)
+        except OSError as exc:
+            self._lock.close()
+            raise DataDirError(f"data dir {path} cannot be used: {exc.strerror}") from None
 
     @classmethod
     def open(cls, configured: str | None, source_url: str) -> DataDir:
@@ -112,7 +122,7 @@ class DataDir:
         path = default_dir(source_url)
         try:
             return cls(path)
-        except (DataDirBusy, OSError) as exc:
+        except DataDirError as exc:
             log.warning("%s; keeping versions in a temporary folder (no restart cache)", exc)
             return cls.temporary()
 

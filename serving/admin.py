@@ -144,6 +144,8 @@ async def _version_action(request: web.Request, action: str) -> web.Response:
     try:
         record = await updater.act(fn, name, version)
     except NotKept as exc:
+        updater.record_action(action, name, version=version, by=request.remote,
+                              refused=str(exc))
         raise Conflict(str(exc), dataset=name) from None
     updater.record_action(action, name, version=record.version_id,
                           export_id=record.export_id, by=request.remote)
@@ -166,8 +168,8 @@ async def _loading_action(request: web.Request, action: str, name: str | None,
         events = await updater.act(call)
     except Exception as exc:  # the source could not be listed: nothing changed
         raise SourceUnavailable(f"listing {updater.source.url} failed "
-                                f"({type(exc).__name__}); still serving what was served",
-                                ) from None
+                                f"({type(exc).__name__}); the served data is unchanged and "
+                                "the watcher tries again at its next poll") from None
     names = [name] if name is not None else sorted(updater.state)
     return _json({"action": action, "loads": [_event(e) for e in events],
                   "datasets": [dataset_doc(updater, n) for n in names]})

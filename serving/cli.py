@@ -66,11 +66,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "serving %d endpoints from %s on http://%s:%d",
         len(settings.endpoints), settings.source_url, host, port,
     )
-    from loaders.state import DataDirBusy
+    from loaders.state import DataDirError
 
     try:
         app = create_app(settings)
-    except DataDirBusy as exc:
+    except DataDirError as exc:
         print(f"{settings.file}: server.data_dir: {exc}", file=sys.stderr)
         return 2
     web.run_app(app, host=host, port=port, print=None, shutdown_timeout=5)

@@ -4,6 +4,8 @@ unpin, reload), versions kept on disk for rollback and for a restart, crash left
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -323,3 +325,27 @@ def test_version_files_beyond_keep_versions_are_deleted(tmp_path: Path) -> None:
         "export-000006", "export-000005", "export-000004"]
     assert {p.name for p in files} == {r.file for r in updater.state["seqdata"].versions}
     store.close()
+
+
+def test_an_unusable_data_dir_stops_startup_with_a_clear_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    config = tmp_path / "duckswap.toml"
+    config.write_text(f"""
+[server]
+data_dir = "{blocker / 'data'}"
+[source]
+url = "file://{tmp_path / 'src'}"
+[datasets.seqdata]
+key = ["k"]
+columns = {{ k = "INTEGER" }}
+[endpoints.rows]
+path = "/v1/rows"
+datasets = ["seqdata"]
+sql = "SELECT k FROM seqdata"
+""")
+    done = subprocess.run([sys.executable, "-m", "serving.cli", "serve", "--config",
+                           str(config)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert f"server.data_dir: data dir {blocker / 'data'} cannot be used" in done.stderr
+    assert "Traceback" not in done.stderr
