@@ -39,8 +39,9 @@ def _get_json(url: str, timeout: float = 2.0) -> tuple[int, Any]:
         return 0, None
 
 
-def cache_lookups(url: str) -> tuple[float, float] | None:
-    """(hits, misses) of the server's response cache from its /metrics; None if not exposed."""
+def cache_lookups(url: str) -> dict[str, tuple[float, float]] | None:
+    """endpoint -> (hits, misses) of the server's response cache from its /metrics; None if
+    not exposed."""
     from prometheus_client.parser import text_string_to_metric_families
 
     try:
@@ -48,13 +49,14 @@ def cache_lookups(url: str) -> tuple[float, float] | None:
             text = resp.read().decode()
     except OSError:
         return None
-    counts = {"hit": 0.0, "miss": 0.0}
+    counts: dict[str, dict[str, float]] = {}
     for family in text_string_to_metric_families(text):
         if family.name == "duckswap_cache_lookups":
             for sample in family.samples:
                 if sample.name.endswith("_total"):
-                    counts[sample.labels["result"]] = sample.value
-    return counts["hit"], counts["miss"]
+                    per = counts.setdefault(sample.labels["endpoint"], {"hit": 0.0, "miss": 0.0})
+                    per[sample.labels["result"]] = sample.value
+    return {e: (c["hit"], c["miss"]) for e, c in counts.items()}
 
 
 def _taskset(cpus: str | None) -> list[str]:
@@ -186,11 +188,15 @@ def one_run(args: argparse.Namespace, rate: float, work: Path, server: Server | 
         summary["steady_rss_mb"] = round(steady / 1024, 1)
         summary["peak_over_steady_rss"] = round(summary["peak_rss_mb"] * 1024 / steady, 2)
     after = cache_lookups(url)
-    if before and after:
-        hits, misses = after[0] - before[0], after[1] - before[1]
+    if before is not None and after:
+        delta = {e: (h - before.get(e, (0.0, 0.0))[0], m - before.get(e, (0.0, 0.0))[1])
+                 for e, (h, m) in after.items()}
+        hits, misses = sum(h for h, _ in delta.values()), sum(m for _, m in delta.values())
         summary["cache"] = {"hits": int(hits), "misses": int(misses),
                             "hit_ratio": round(hits / (hits + misses), 4) if hits + misses
-                            else None}
+                            else None,
+                            "misses_by_endpoint": {e: int(m) for e, (_, m) in
+                                                   sorted(delta.items()) if m}}
     summary["label"] = label
     summary["generator"] = args.generator
     if phase.rows:

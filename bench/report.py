@@ -131,7 +131,10 @@ def table(s: dict[str, Any]) -> str:
     if "cache" in s:
         c = s["cache"]
         lines.append(f"response cache   hit ratio {c['hit_ratio']}   hits {c['hits']}   "
-                     f"misses {c['misses']}")
+                     f"misses {c['misses']}"
+                     + ("   misses by endpoint " + ", ".join(
+                         f"{e} {n}" for e, n in c["misses_by_endpoint"].items())
+                        if c.get("misses_by_endpoint") else ""))
     if s.get("p99_over_healthz_p99") is not None:
         lines.append(f"p99 / healthz p99  {s['p99_over_healthz_p99']}x")
     return "\n".join(lines)

@@ -94,6 +94,8 @@ class Serving:
         self.endpoints = settings.endpoints
         self.fingerprints = {n: fingerprint(e) for n, e in settings.endpoints.items()}
         self.cache = ResponseCache(int(settings.cache_mb * 2**20))
+        for name in settings.endpoints:  # every endpoint's series exists from the start
+            self.cache.by_endpoint[name] = [0, 0]
         self.popularity = Popularity(settings.warm_keys)
         self._tokens: dict[int, dict[str, str]] = {}
         self._pointer: tuple[int, bytes, str] | None = None
@@ -180,7 +182,7 @@ def endpoint_handler(spec: EndpointSpec) -> Handler:
             if if_none_match(request.headers.get("If-None-Match"), tag):
                 return web.Response(status=304, headers={
                     "ETag": tag, "Cache-Control": cache_control, "X-Duckswap-Token": tok})
-            entry = cache.get((tok, key))
+            entry = cache.get((tok, key), name)
             if entry is None:
                 entry = await _compute(app, spec, snap, tok, key, params)
             return _entry_response(entry, tok, cache_control)

@@ -28,15 +28,21 @@ class ResponseCache:
         self.inflight: dict[Key, asyncio.Future[Entry]] = {}
         self.hits = 0
         self.misses = 0
+        self.by_endpoint: dict[str, list[int]] = {}  # endpoint -> [hits, misses]
         self.coalesced = 0
         self.warmed = 0
 
-    def get(self, key: Key) -> Entry | None:
+    def get(self, key: Key, endpoint: str = "") -> Entry | None:
         entry = self._lru.get(key)
+        counts = self.by_endpoint.get(endpoint)
+        if counts is None:
+            counts = self.by_endpoint[endpoint] = [0, 0]
         if entry is None:
             self.misses += 1
+            counts[1] += 1
         else:
             self.hits += 1
+            counts[0] += 1
         return entry
 
     def peek(self, key: Key) -> Entry | None:

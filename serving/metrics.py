@@ -35,9 +35,10 @@ class Metrics(Collector):
     def collect(self) -> Iterator[Metric]:
         c = self.cache
         lookups = CounterMetricFamily("duckswap_cache_lookups", "Response cache lookups",
-                                      labels=["result"])
-        lookups.add_metric(["hit"], c.hits)
-        lookups.add_metric(["miss"], c.misses)
+                                      labels=["endpoint", "result"])
+        for endpoint, (hits, misses) in sorted(list(c.by_endpoint.items())):
+            lookups.add_metric([endpoint, "hit"], hits)
+            lookups.add_metric([endpoint, "miss"], misses)
         yield lookups
         yield CounterMetricFamily("duckswap_cache_coalesced",
                                   "Misses that waited for an identical query in flight",
