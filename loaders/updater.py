@@ -317,9 +317,9 @@ class Updater:
                                 name, record.version_id, exc)
                     ds.versions.remove(record)
         if restored:
-            self._publish(restored)
             log.info("serving cached %s before the source answers",
                      ", ".join(f"{v.dataset}/{v.export_id}" for v in restored))
+            self._publish(restored)
         self._save()
         return restored
 
