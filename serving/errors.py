@@ -8,12 +8,13 @@ from typing import Any, ClassVar
 class ApiError(Exception):
     status: ClassVar[int] = 500
     code: ClassVar[str] = "internal_error"
+    default_headers: ClassVar[dict[str, str]] = {}
 
     def __init__(self, message: str, **extra: Any) -> None:
         super().__init__(message)
         self.message = message
         self.extra = extra
-        self.headers: dict[str, str] = {}
+        self.headers: dict[str, str] = dict(self.default_headers)
 
     def body(self) -> dict[str, Any]:
         return {"error": self.code, "message": self.message, "status": self.status, **self.extra}
@@ -56,10 +57,7 @@ class QueryFailed(ApiError):
 class Unauthorized(ApiError):
     status = 401
     code = "unauthorized"
-
-    def __init__(self, message: str, **extra: Any) -> None:
-        super().__init__(message, **extra)
-        self.headers["WWW-Authenticate"] = 'Bearer realm="duckswap-admin"'
+    default_headers = {"WWW-Authenticate": 'Bearer realm="duckswap-admin"'}
 
 
 class Conflict(ApiError):
