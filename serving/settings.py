@@ -25,7 +25,7 @@ NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 SETTING_KEYS: dict[str, str] = {
     "server.host": "Address to listen on (default 127.0.0.1).",
     "server.port": "TCP port (default 8080).",
-    "server.threads": "DuckDB query threads / cursors (default 2).",
+    "server.threads": "Queries run at once, each on one DuckDB thread (default 2).",
     "server.query_timeout": "Seconds before a query is interrupted and answered 504 (default 5).",
     "server.log_level": "Python log level (default INFO).",
     "server.cache_mb": "Byte budget of the response cache in MiB; 0 turns it off (default 256).",

@@ -56,6 +56,7 @@ class WarmReport:
     batched: int = 0
     single: int = 0
     skipped: int = 0
+    unlisted: bool = False  # the declared keys were not enumerated in time (count unknown)
     per_endpoint: dict[str, int] = field(default_factory=dict)
 
 
@@ -327,14 +328,14 @@ class Warmer:
         report = self._run(snap, tasks, self.seconds, done)
         if report is None:
             return WarmReport(snap.id)
-        if report.skipped and self.tail_seconds > 0:
+        if (report.skipped or report.unlisted) and self.tail_seconds > 0:
             self._tail = (snap, tasks, done)
         report.seconds = time.perf_counter() - start
         self.last = report
         log.info(
-            "warmed snapshot %d: %d responses (%d batched, %d single, %d left for after the "
+            "warmed snapshot %d: %d responses (%d batched, %d single, %s left for after the "
             "publish) in %.3fs", snap.id, report.entries, report.batched, report.single,
-            report.skipped, report.seconds,
+            f"{report.skipped}{' + declared keys' if report.unlisted else ''}", report.seconds,
         )
         return report
 
@@ -403,35 +404,31 @@ def compute(files: dict[str, str], tasks: list[WarmTask], seconds: float, thread
             con.execute(f"ATTACH {quote_literal(path)} AS w_{i} (READ_ONLY)")
             con.execute(f"CREATE VIEW {quote_ident(dataset)} AS SELECT * FROM w_{i}.main.data")
         jobs = [_Job(i, t) for i, t in enumerate(tasks)]
-        wants: list[tuple[int, int, int, Want]] = []
-        for job in jobs:
-            done = skip[job.index] if skip else set()
-            keys = [w for w in _keys(con, job.task) if w[1] not in done]
-            wants.extend((-w[2], pos, job.index, w) for pos, w in enumerate(keys))
-        # Hottest first; keys never requested yet round-robin across endpoints, so a small
-        # endpoint is not left behind a large one's long tail.
-        wants.sort(key=lambda w: (w[0], w[1]))
         with open(spool, "wb") as out:
             spooler = _Spooler(out, max_bytes, report)
-            start, size = 0, ROUND
-            while start < len(wants):
-                if time.perf_counter() >= deadline or spooler.full:
-                    report.skipped += len(wants) - start
-                    break
-                # Rounds grow: a batched query scans its tables once whatever the key count,
-                # and the deadline is checked between rounds.
-                per_job: dict[int, list[Want]] = {}
-                round_, start, size = wants[start:start + size], start + size, size * 2
-                for _, _, i, w in round_:
-                    per_job.setdefault(i, []).append(w)
-                for i, keys in per_job.items():
-                    for k, ck, _ in _batched(con, jobs[i], keys, spooler):
-                        if time.perf_counter() >= deadline or spooler.full:
-                            report.skipped += 1
-                            continue
-                        spooler.add(jobs[i], ck, execute(con, tasks[i].spec.sql, k,
-                                                         tasks[i].spec.row_limit))
-                        report.single += 1
+            # The most requested keys first, hottest first, before anything is enumerated:
+            # their first round is answered whatever the deadline (it is what the first
+            # requests after the publish ask for; a publish without it is a miss storm).
+            hot: list[tuple[int, int, int, Want]] = []
+            for job in jobs:
+                done = skip[job.index] if skip else set()
+                hot.extend((-w[2], pos, job.index, w) for pos, w in enumerate(_hot(job.task))
+                           if w[1] not in done)
+            hot.sort(key=lambda w: (w[0], w[1]))
+            _rounds(con, jobs, hot, deadline, spooler, first_round=True)
+            # Then the rest (`warm_sql` rows and small parameter spaces), round-robin across
+            # endpoints so a small endpoint is not left behind a large one's long tail.
+            rest: list[tuple[int, int, int, Want]] = []
+            if time.perf_counter() < deadline and not spooler.full:
+                for job in jobs:
+                    done = skip[job.index] if skip else set()
+                    seen = {w[1] for w in _hot(job.task)}
+                    rest.extend((0, pos, job.index, w) for pos, w in enumerate(
+                        w for w in _keys(con, job.task) if w[1] not in done and w[1] not in seen))
+                rest.sort(key=lambda w: w[1])
+                _rounds(con, jobs, rest, deadline, spooler)
+            else:
+                report.unlisted = True  # left to the after-publish pass, uncounted
             for job in jobs:
                 spooler.flush(job)
     finally:
@@ -439,11 +436,43 @@ def compute(files: dict[str, str], tasks: list[WarmTask], seconds: float, thread
     return report
 
 
+def _rounds(con: duckdb.DuckDBPyConnection, jobs: list[_Job],
+            wants: list[tuple[int, int, int, Want]], deadline: float, spooler: _Spooler,
+            first_round: bool = False) -> None:
+    """Answer `wants` in growing rounds (a batched query scans its tables once whatever the
+    key count) until the deadline or the byte budget, checked between rounds; the first round
+    runs regardless when `first_round`."""
+    report = spooler.report
+    start, size = 0, ROUND
+    while start < len(wants):
+        if not (first_round and start == 0) and (
+                time.perf_counter() >= deadline or spooler.full):
+            report.skipped += len(wants) - start
+            return
+        per_job: dict[int, list[Want]] = {}
+        round_, start, size = wants[start:start + size], start + size, size * 2
+        for _, _, i, w in round_:
+            per_job.setdefault(i, []).append(w)
+        for i, keys in per_job.items():
+            task = jobs[i].task
+            for k, ck, _ in _batched(con, jobs[i], keys, spooler):
+                if time.perf_counter() >= deadline or spooler.full:
+                    report.skipped += 1
+                    continue
+                spooler.add(jobs[i], ck, execute(con, task.spec.sql, k, task.spec.row_limit))
+                report.single += 1
+
+
+def _hot(task: WarmTask) -> list[Want]:
+    """The most requested keys, with their counts (most first)."""
+    return [(k, cache_key(k), count) for k, count in task.hot]
+
+
 def _keys(con: duckdb.DuckDBPyConnection, task: WarmTask) -> list[Want]:
-    """(key, cache key, request count): hottest first, then the rows of `warm_sql` and the
-    small-space enumeration (count 0), each key once."""
+    """(key, cache key, 0): the rows of `warm_sql` and the small-space enumeration, each key
+    once."""
     spec = task.spec
-    keys = [(k, cache_key(k), count) for k, count in task.hot]
+    keys: list[Want] = []
     if spec.warm_sql:
         keys.extend((k, ck, 0) for k, ck in _declared_keys(con, spec))
     keys.extend((k, cache_key(k), 0) for k in enumerate_keys(spec))
