@@ -340,7 +340,7 @@ def create_app(settings: Settings) -> web.Application:
     serving = Serving(settings, store, runner)
     # One lower-priority process builds versions and computes their warm answers.
     builder = Builder(nice=settings.build_nice, threads=settings.threads,
-                      preload=("loaders.build", "serving.warm"))
+                      preload=("loaders.build", "serving.warm"), idle=settings.build_idle)
     warmer = Warmer(store, serving.cache, serving.popularity, settings.endpoints,
                     serving.fingerprints, serving.batch_sql, settings.warm_seconds,
                     settings.warm_keys, builder, settings.threads, settings.warm_tail_seconds)

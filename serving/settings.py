@@ -29,7 +29,8 @@ SETTING_KEYS: dict[str, str] = {
     "server.query_timeout": "Seconds before a query is interrupted and answered 504 (default 5).",
     "server.log_level": "Python log level (default INFO).",
     "server.cache_mb": "Byte budget of the response cache in MiB; 0 turns it off (default 256).",
-    "server.warm_seconds": "Seconds spent computing responses before a publish (default 1).",
+    "server.warm_seconds": "Seconds spent before a publish on `warm_sql` rows and small "
+    "parameter spaces, once the most requested keys (always all answered) are done (default 1).",
     "server.warm_tail_seconds": "Seconds more, after the publish, for the keys the first pass "
     "had no time for (default 10; 0: none).",
     "server.warm_keys": "Most popular keys per endpoint replayed before a publish (default 10000).",
@@ -38,6 +39,9 @@ SETTING_KEYS: dict[str, str] = {
     "server.metrics": "Serve Prometheus metrics on `/metrics` (default true).",
     "server.build_nice": "Nice value of the build process and the loader thread, so builds and "
     "warming yield to requests; 0 keeps normal priority (default 10).",
+    "server.build_idle": "Run the build process under Linux `SCHED_IDLE`: it gets a core only "
+    "when requests leave one idle, so builds stretch under load instead of adding latency; "
+    "false leaves it at `build_nice` alone (default true).",
     "server.data_dir": "Folder of verified versions and their state, served again after a restart "
     "before the source answers (default: `$XDG_CACHE_HOME/duckswap/<hash of source.url>`).",
     "server.keep_versions": "Versions kept per dataset for rollback, the served one included "
@@ -168,6 +172,7 @@ class Settings:
     version_cache_control: str = "public, max-age=1"
     metrics: bool = True
     build_nice: int = 10
+    build_idle: bool = True
     file: str = field(default="<config>", compare=False)
 
     @property
@@ -430,6 +435,7 @@ def parse_settings(raw: Mapping[str, Any], file: str = "<config>") -> Settings:
         version_cache_control=server.get("version_cache_control", str, "public, max-age=1"),
         metrics=server.get("metrics", bool, True),
         build_nice=server.get("build_nice", int, 10),
+        build_idle=server.get("build_idle", bool, True),
         file=file,
     )
     if settings.quiet_seconds < 0:

@@ -16,6 +16,7 @@ import asyncio
 import itertools
 import json
 import logging
+import math
 import pickle
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -406,16 +407,16 @@ def compute(files: dict[str, str], tasks: list[WarmTask], seconds: float, thread
         jobs = [_Job(i, t) for i, t in enumerate(tasks)]
         with open(spool, "wb") as out:
             spooler = _Spooler(out, max_bytes, report)
-            # The most requested keys first, hottest first, before anything is enumerated:
-            # their first round is answered whatever the deadline (it is what the first
-            # requests after the publish ask for; a publish without it is a miss storm).
+            # The most requested keys first, hottest first, before anything is enumerated, and
+            # all of them whatever the deadline: they are what the first requests after the
+            # publish ask for, and a publish without them is a miss storm.
             hot: list[tuple[int, int, int, Want]] = []
             for job in jobs:
                 done = skip[job.index] if skip else set()
                 hot.extend((-w[2], pos, job.index, w) for pos, w in enumerate(_hot(job.task))
                            if w[1] not in done)
             hot.sort(key=lambda w: (w[0], w[1]))
-            _rounds(con, jobs, hot, deadline, spooler, first_round=True)
+            _rounds(con, jobs, hot, math.inf, spooler)
             # Then the rest (`warm_sql` rows and small parameter spaces), round-robin across
             # endpoints so a small endpoint is not left behind a large one's long tail.
             rest: list[tuple[int, int, int, Want]] = []
@@ -437,16 +438,13 @@ def compute(files: dict[str, str], tasks: list[WarmTask], seconds: float, thread
 
 
 def _rounds(con: duckdb.DuckDBPyConnection, jobs: list[_Job],
-            wants: list[tuple[int, int, int, Want]], deadline: float, spooler: _Spooler,
-            first_round: bool = False) -> None:
+            wants: list[tuple[int, int, int, Want]], deadline: float, spooler: _Spooler) -> None:
     """Answer `wants` in growing rounds (a batched query scans its tables once whatever the
-    key count) until the deadline or the byte budget, checked between rounds; the first round
-    runs regardless when `first_round`."""
+    key count) until the deadline or the byte budget, checked between rounds."""
     report = spooler.report
     start, size = 0, ROUND
     while start < len(wants):
-        if not (first_round and start == 0) and (
-                time.perf_counter() >= deadline or spooler.full):
+        if time.perf_counter() >= deadline or spooler.full:
             report.skipped += len(wants) - start
             return
         per_job: dict[int, list[Want]] = {}

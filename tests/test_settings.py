@@ -91,6 +91,7 @@ def _write(tmp_path: Path, raw: dict[str, Any]) -> Path:
         ("endpoints.one.warm_sql", "SELECT id FROM stats WHERE games > $x",
          "endpoints.one.warm_sql", "takes no parameters"),
         ("server.build_nice", 25, "server.build_nice", "0-19"),
+        ("server.build_idle", "yes", "server.build_idle", "expected"),
         ("server.cache_mb", -1, "server.cache_mb", "must not be negative"),
     ],
 )

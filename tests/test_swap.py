@@ -158,3 +158,18 @@ async def test_manifest_mismatch_is_refused(tmp_path: Path, serve) -> None:
     assert "part-00000.parquet: 25 rows != manifest rows 7" in event.reason
     status, body = await srv.get("/v1/rows")
     assert body["data"][0]["export_seq"] == 1
+
+
+@pytest.mark.parametrize("idle", [True, False])
+def test_the_build_process_yields_the_cpu_to_requests(idle: bool) -> None:
+    """Builds and warms run niced and, by default, under SCHED_IDLE (Linux)."""
+    from loaders.builder import Builder
+
+    builder = Builder(nice=7, threads=1, idle=idle)
+    try:
+        policy = builder.run(os.sched_getscheduler, 0)
+        nice = builder.run(os.getpriority, os.PRIO_PROCESS, 0)
+    finally:
+        builder.close()
+    assert policy == (os.SCHED_IDLE if idle else os.SCHED_OTHER)
+    assert nice >= 7  # more if the shared forkserver was started from a niced thread
