@@ -6,8 +6,8 @@ the answers into the cache in chunks on the event loop, so requests keep their t
 Which keys: the most requested parameters of each affected endpoint (replayed from the current
 version), every key of a small parameter space (enums, bools and narrow int ranges) and the
 rows of the endpoint's `warm_sql`. How: one batched query per endpoint when the SQL allows it
-(the endpoint's SQL run LATERAL against a table of keys), else one query per key, hottest
-first, until the time budget is spent.
+(the endpoint's SQL run LATERAL against a table of keys), else one query per key: every hot key
+first, then the rest until the time budget is spent.
 """
 
 from __future__ import annotations
@@ -392,9 +392,10 @@ ROUND = 4096  # keys of the first round (one batched query per endpoint); each r
 def compute(files: dict[str, str], tasks: list[WarmTask], seconds: float, threads: int,
             max_bytes: int, spool: str,
             skip: list[set[tuple[Any, ...]]] | None = None) -> WarmReport:
-    """In the warm (builder) process: answer the tasks' keys on the version files, the most
-    requested first, in rounds (batched where the SQL allows), until `seconds` or `max_bytes`
-    of answers are spent; spool (task index, [(cache key, body, ETag)]) chunks to `spool`.
+    """In the warm (builder) process: answer the tasks' keys on the version files in rounds
+    (batched where the SQL allows): every most-requested key first, whatever the time, then
+    the declared and enumerated ones until `seconds`; all within `max_bytes` of answers. Spool
+    (task index, [(cache key, body, ETag)]) chunks to `spool`.
     Keys in `skip[i]` (already warmed) are left out."""
     deadline = time.perf_counter() + seconds
     report = WarmReport(0)

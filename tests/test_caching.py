@@ -214,6 +214,30 @@ async def test_warmed_swap_serves_first_requests_from_cache(demo: Running, tmp_p
     assert cache.misses == misses
 
 
+
+async def test_hot_keys_are_warmed_before_a_publish_whatever_the_budget(tmp_path: Path,
+                                                                       serve: Any) -> None:
+    """No warm time and no after-publish pass: the most requested keys are answered anyway."""
+    write_export(tmp_path, 1, size="small")
+    demo = await _demo(serve, tmp_path, warm_seconds=1e-9, warm_tail_seconds=0)
+    # Neither has a warm_sql row nor a small parameter space: only popularity warms them.
+    hot = ["/v1/matchups/3/5?role=mid", "/v1/champions/2/trend?role=jungle&ranks=iron,gold"]
+    for path in hot:
+        assert (await _raw(demo, path))[0] == 200
+    old = (await _pointer(demo))["endpoints"]["matchup"]["token"]
+    write_export(tmp_path, 2, size="small")
+
+    async def swapped() -> bool:
+        return (await _pointer(demo))["endpoints"]["matchup"]["token"] != old
+
+    await wait_for(swapped, what="export 2")
+    cache = demo.app[SERVING].cache
+    misses = cache.misses
+    for path in hot:
+        assert (await _raw(demo, path))[0] == 200
+    assert cache.misses == misses, "a hot key was left cold by the warm budget"
+
+
 def _endpoint_of(path: str) -> str:
     for prefix, name in (("/v1/matchups", "matchup"), ("/builds", "champion_builds"),
                          ("/trend", "champion_trend"), ("/stats", "champion_stats")):
