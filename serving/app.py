@@ -141,12 +141,13 @@ REGISTRY = web.AppKey("registry", CollectorRegistry)
 
 
 def _entry_response(entry: Entry, version_token: str, cache_control: str) -> web.Response:
-    return web.Response(body=entry.body, headers={
+    body, tag, versions = entry
+    return web.Response(body=body, headers={
         "Content-Type": "application/json",
-        "ETag": entry.etag,
+        "ETag": tag,
         "Cache-Control": cache_control,
         "X-Duckswap-Token": version_token,
-        "X-Duckswap-Versions": entry.versions_header,
+        "X-Duckswap-Versions": versions,
     })
 
 
@@ -212,7 +213,7 @@ async def _compute(app: web.Application, spec: EndpointSpec, snap: Snapshot, tok
         else:
             result = await app[RUNNER].run(spec.sql, spec.datasets, params, spec.row_limit, snap)
         versions = snap.version_ids(spec.datasets)
-        entry = Entry(
+        entry = (
             encode_body(spec, tok, versions, result.columns, result.rows, result.truncated),
             etag(tok, key),
             versions_header(versions),

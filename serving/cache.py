@@ -14,7 +14,7 @@ from typing import Any
 
 from cachetools import LRUCache
 
-from serving.responses import Entry
+from serving.responses import Entry, entry_size
 
 Key = tuple[str, tuple[Any, ...]]  # (version token, normalised parameters)
 
@@ -23,7 +23,7 @@ class ResponseCache:
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
         self._lru: LRUCache[Key, Entry] = LRUCache(
-            maxsize=max(1, max_bytes), getsizeof=Entry.size
+            maxsize=max(1, max_bytes), getsizeof=entry_size
         )
         self.inflight: dict[Key, asyncio.Future[Entry]] = {}
         self.hits = 0
@@ -50,7 +50,7 @@ class ResponseCache:
         return self._lru.get(key)
 
     def put(self, key: Key, entry: Entry) -> None:
-        if entry.size() <= self.max_bytes:
+        if entry_size(entry) <= self.max_bytes:
             self._lru[key] = entry
 
     def put_many(self, items: Iterable[tuple[Key, Entry]]) -> int:

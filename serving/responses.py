@@ -10,7 +10,6 @@ from __future__ import annotations
 import decimal
 import hashlib
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -73,17 +72,16 @@ def encode_body(
     })
 
 
-@dataclass(slots=True)
-class Entry:
-    """One cached response."""
+# One cached response: (body, ETag, X-Duckswap-Versions). A plain tuple of bytes and strings
+# on purpose: the cyclic GC untracks such a tuple (and its cache key) at its first collection,
+# so 10^5 cached responses cost the collector nothing. Instances of a class stay tracked, and
+# every full collection walked all of them.
+Entry = tuple[bytes, str, str]
 
-    body: bytes
-    etag: str
-    versions_header: str
 
-    def size(self) -> int:
-        """Bytes held, Python object overheads and the key included (measured: ~350)."""
-        return len(self.body) + len(self.etag) + 350
+def entry_size(entry: Entry) -> int:
+    """Bytes held, Python object overheads and the key included (measured: ~350)."""
+    return len(entry[0]) + len(entry[1]) + 350
 
 
 def versions_header(versions: Mapping[str, str]) -> str:
