@@ -31,6 +31,7 @@ class ResponseCache:
         self.by_endpoint: dict[str, list[int]] = {}  # endpoint -> [hits, misses]
         self.coalesced = 0
         self.warmed = 0
+        self.pruned = 0
 
     def get(self, key: Key, endpoint: str = "") -> Entry | None:
         entry = self._lru.get(key)
@@ -61,6 +62,26 @@ class ResponseCache:
         self.warmed += n
         return n
 
+    async def retain(self, live: frozenset[str], chunk: int = 5000) -> int:
+        """Drop the entries of every token not in `live` (versions neither served nor just
+        replaced: a `?v=` for them is a redirect anyway), a chunk at a time between requests,
+        so old versions' answers do not sit in memory until the byte budget pushes them out.
+        Returns how many were dropped."""
+        keys = list(self._lru)
+        dropped = 0
+        for start in range(0, len(keys), chunk):
+            for key in keys[start:start + chunk]:
+                if key[0] not in live and key in self._lru:
+                    del self._lru[key]
+                    dropped += 1
+            await asyncio.sleep(0)
+        self.pruned += dropped
+        return dropped
+
+    def tokens(self) -> set[str]:
+        """The version tokens that have entries."""
+        return {key[0] for key in self._lru}
+
     def __contains__(self, key: Key) -> bool:
         return key in self._lru
 
@@ -81,6 +102,7 @@ class ResponseCache:
             "misses": self.misses,
             "coalesced": self.coalesced,
             "warmed": self.warmed,
+            "pruned": self.pruned,
             "hit_ratio": round(self.hits / looked, 4) if looked else None,
         }
 

@@ -45,6 +45,9 @@ class Metrics(Collector):
                                   value=c.coalesced)
         yield CounterMetricFamily("duckswap_cache_warmed",
                                   "Responses computed before a publish", value=c.warmed)
+        yield CounterMetricFamily("duckswap_cache_pruned",
+                                  "Responses of replaced versions dropped after a publish",
+                                  value=c.pruned)
         yield GaugeMetricFamily("duckswap_cache_bytes", "Bytes held by the response cache",
                                 value=c.bytes)
         yield GaugeMetricFamily("duckswap_cache_entries", "Responses held", value=len(c))

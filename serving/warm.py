@@ -13,6 +13,7 @@ first, then the rest until the time budget is spent.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import gc
 import itertools
 import json
@@ -279,6 +280,7 @@ class Warmer:
         self.store = store
         self.cache = cache
         self.popularity = popularity
+        self.specs = dict(endpoints)
         self.endpoints = {n: e for n, e in endpoints.items() if e.warm}
         self.fingerprints = fingerprints
         self.seconds = seconds
@@ -291,6 +293,7 @@ class Warmer:
         self._batch = dict(batch)
         self.last: WarmReport | None = None
         self.last_tail: WarmReport | None = None
+        self._previous: Snapshot | None = None  # served before the Snapshot being published
 
     def _on_loop(self, fn: Callable[[], T]) -> T:
         loop = self.loop
@@ -305,6 +308,7 @@ class Warmer:
     def __call__(self, snap: Snapshot) -> WarmReport:
         """Before publish: the most requested keys first, within `seconds`."""
         self._tail = None
+        self._previous = self.store.current
         start = time.perf_counter()
         if self.seconds <= 0:
             return WarmReport(snap.id)
@@ -344,6 +348,13 @@ class Warmer:
     def after_publish(self, snap: Snapshot) -> WarmReport | None:
         """After publish: the keys the first pass had no time for (the long tail of
         `warm_sql` and enumerations), within `tail_seconds`, while they are still current."""
+        previous, self._previous = self._previous, None
+        loop = self.loop
+        if previous is not None and loop is not None:
+            # Only the served and the just-replaced versions keep their answers.
+            live = frozenset(self._tokens(snap) | self._tokens(previous))
+            asyncio.run_coroutine_threadsafe(self.cache.retain(live), loop).add_done_callback(
+                _log_failure)
         pending, self._tail = self._tail, None
         if pending is None or pending[0].id != snap.id:
             return None
@@ -356,6 +367,14 @@ class Warmer:
             log.info("warmed snapshot %d after its publish: %d more responses (%d left) in "
                      "%.3fs", snap.id, report.entries, report.skipped, report.seconds)
         return report
+
+    def _tokens(self, snap: Snapshot) -> set[str]:
+        out = set()
+        for name, spec in self.specs.items():
+            versions = snap.version_ids(spec.datasets)
+            if len(versions) == len(spec.datasets):
+                out.add(token(self.fingerprints[name], versions))
+        return out
 
     def _run(self, snap: Snapshot, tasks: list[WarmTask], seconds: float,
              done: list[set[tuple[Any, ...]]]) -> WarmReport | None:
@@ -387,6 +406,11 @@ class Warmer:
         finally:
             spool.unlink(missing_ok=True)
         return report
+
+
+def _log_failure(fut: concurrent.futures.Future[int]) -> None:
+    if not fut.cancelled() and fut.exception() is not None:
+        log.error("dropping replaced versions' answers failed", exc_info=fut.exception())
 
 
 SPOOL_CHUNK = 250  # entries per pickled chunk: what the event loop inserts at a time

@@ -148,6 +148,33 @@ async def test_version_not_held_redirects_uncached(demo: Running, tmp_path: Path
     assert status == 307
 
 
+
+async def test_answers_of_versions_older_than_the_previous_are_dropped(demo: Running,
+                                                                       tmp_path: Path) -> None:
+    """After a publish the cache keeps the served and the just-replaced versions' answers."""
+    cache = demo.app[SERVING].cache
+    first = (await _pointer(demo))["endpoints"]["champion_stats"]["token"]
+    assert (await _raw(demo, f"{STATS}&v={first}"))[0] == 200
+    tokens = [first]
+    for seq in (2, 3):
+        write_export(tmp_path, seq, size="small")
+
+        async def moved() -> bool:
+            return (await _pointer(demo))["endpoints"]["champion_stats"]["token"] not in tokens
+
+        await wait_for(moved, what=f"export {seq}")
+        tokens.append((await _pointer(demo))["endpoints"]["champion_stats"]["token"])
+
+    async def pruned() -> bool:
+        return first not in cache.tokens()
+
+    await wait_for(pruned, what="the first version's answers to be dropped")
+    assert cache.pruned > 0
+    status, headers, _ = await _raw(demo, f"{STATS}&v={first}")
+    assert status == 307 and f"v={tokens[-1]}" in headers["Location"]
+    assert (await _raw(demo, f"{STATS}&v={tokens[1]}"))[0] == 200  # the just-replaced one
+
+
 def _two_datasets(root: Path) -> Settings:
     cols = {"k": "INTEGER", "export_seq": "INTEGER", "label": "VARCHAR"}
     return parse_settings({
