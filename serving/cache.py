@@ -62,7 +62,8 @@ class ResponseCache:
         self.warmed += n
         return n
 
-    async def retain(self, live: frozenset[str], chunk: int = 5000) -> int:
+    async def retain(self, live: frozenset[str], chunk: int = 500,
+                     pause: float = 0.002) -> int:
         """Drop the entries of every token not in `live` (versions neither served nor just
         replaced: a `?v=` for them is a redirect anyway), a chunk at a time between requests,
         so old versions' answers do not sit in memory until the byte budget pushes them out.
@@ -70,12 +71,16 @@ class ResponseCache:
         keys = list(self._lru)
         dropped = 0
         for start in range(0, len(keys), chunk):
+            n = 0
             for key in keys[start:start + chunk]:
                 if key[0] not in live and key in self._lru:
                     del self._lru[key]
-                    dropped += 1
-            await asyncio.sleep(0)
-        self.pruned += dropped
+                    n += 1
+            self.pruned += n
+            dropped += n
+            # A real pause, not sleep(0): the loop then waits in select() without the GIL,
+            # so the query threads get it (they wait a whole switch interval otherwise).
+            await asyncio.sleep(pause)
         return dropped
 
     def tokens(self) -> set[str]:
