@@ -22,6 +22,16 @@ RANKS = ["iron", "bronze", "silver", "gold", "platinum", "emerald", "diamond", "
          "grandmaster", "challenger"]
 ROLES = ["top", "jungle", "mid", "bot", "support"]
 DATASETS = ("patches", "champions", "champion_stats", "champion_builds", "matchups")
+# The demo config's lookup keys: each export is range-partitioned and sorted by its key, as a
+# Spark job does with `repartitionByRange(key).sortWithinPartitions(key)`, so duckswap's build
+# finds it in order and skips the sort.
+SORT_KEYS = {
+    "patches": ("patch",),
+    "champions": ("champion_id",),
+    "champion_stats": ("role", "champion_id", "patch", "region", "rank_tier"),
+    "champion_builds": ("champion_id", "role", "patch"),
+    "matchups": ("champion_id", "opponent_id", "role", "patch"),
+}
 _SYLLABLES = ["ka", "zar", "lu", "mor", "vi", "ash", "en", "tho", "ry", "na", "gal", "io",
               "sek", "dra", "ul", "fen", "qi", "ros", "ta", "bel"]
 
@@ -154,16 +164,23 @@ def export_id(seq: int) -> str:
 
 
 def _write_dataset(
-    con: duckdb.DuckDBPyConnection, folder: Path, sql: str, parts: int, manifest: bool
+    con: duckdb.DuckDBPyConnection, folder: Path, sql: str, parts: int, manifest: bool,
+    key: tuple[str, ...],
 ) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     entries: list[dict[str, int | str]] = []
+    order = ", ".join(key)
+    con.execute(f"CREATE OR REPLACE TEMP TABLE __export AS SELECT * EXCLUDE (gi), "
+                f"row_number() OVER (ORDER BY {order}) - 1 AS __rn FROM ({sql})")
+    total_row = con.execute("SELECT count(*) FROM __export").fetchone()
+    total = int(total_row[0]) if total_row else 0
     for part in range(parts):
         final = folder / f"part-{part:05d}.parquet"
         tmp = folder / f"part-{part:05d}.parquet.part"
+        lo, hi = total * part // parts, total * (part + 1) // parts
         con.execute(
-            f"COPY (SELECT * EXCLUDE (gi) FROM ({sql}) WHERE gi % {parts} = {part}) "
-            f"TO '{tmp}' (FORMAT parquet, COMPRESSION zstd)"
+            f"COPY (SELECT * EXCLUDE (__rn) FROM __export WHERE __rn >= {lo} AND __rn < {hi} "
+            f"ORDER BY __rn) TO '{tmp}' (FORMAT parquet, COMPRESSION zstd)"
         )
         tmp.rename(final)
         rows = con.execute(f"SELECT count(*) FROM read_parquet('{final}')").fetchone()
@@ -204,7 +221,7 @@ def write_export(
         out = {}
         for name in datasets:
             folder = root / name / export_id(seq)
-            _write_dataset(con, folder, sqls[name], dims.parts, manifest)
+            _write_dataset(con, folder, sqls[name], dims.parts, manifest, SORT_KEYS[name])
             out[name] = folder
         return out
     finally:

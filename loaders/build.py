@@ -126,7 +126,9 @@ def build_file(files: list[str], schema: DatasetSchema, path: str,
             check_types(con, files, schema)
             timings["validate"] += time.perf_counter() - start
             start = time.perf_counter()
-            con.execute(_create_sql(schema, bool(files)), {"files": files} if files else None)
+            ordered = bool(files) and bool(schema.key) and in_key_order(con, files, schema)
+            con.execute(_create_sql(schema, bool(files), sort=not ordered),
+                        {"files": files} if files else None)
             row = con.execute("SELECT count(*) FROM data").fetchone()
             rows = int(row[0]) if row else 0
             timings["build"] = time.perf_counter() - start
@@ -145,18 +147,42 @@ def build_file(files: list[str], schema: DatasetSchema, path: str,
     return rows, timings
 
 
-def _create_sql(schema: DatasetSchema, has_files: bool) -> str:
-    if not has_files:  # an allowed empty export: the declared columns, no rows
-        cols = ", ".join(f"{quote_ident(c)} {t}" for c, t in schema.columns.items())
-        return f"CREATE TABLE data ({cols})"
+def _select(schema: DatasetSchema) -> str:
+    """The export's rows with the declared columns cast to their types."""
     casts = ", ".join(
         f"CAST({quote_ident(c)} AS {t}) AS {quote_ident(c)}" for c, t in schema.columns.items()
     )
     select = f"SELECT {casts}" if schema.extra_columns == "drop" else \
         f"SELECT * REPLACE ({casts})"
+    return f"{select} FROM read_parquet($files, union_by_name = true)"
+
+
+def in_key_order(con: duckdb.DuckDBPyConnection, files: list[str],
+                 schema: DatasetSchema) -> bool:
+    """Whether the export's rows already come in key order, file after file (what a job that
+    range-partitions and sorts its output writes). One streaming pass: 0.2-0.3 s for the demo's
+    2.55M rows, against ~1 s on 2 threads to sort them. A NULL in a key column counts as out
+    of order (ORDER BY puts NULLs last; this check does not try to)."""
+    keys = ", ".join(quote_ident(k) for k in schema.key)
+    nulls = " OR ".join(f"{quote_ident(k)} IS NULL" for k in schema.key)
+    row = con.execute(
+        f"SELECT count(*) FROM (SELECT ({keys}) AS __k, lag(({keys})) OVER () AS __prev, {keys} "
+        f"FROM ({_select(schema)})) "
+        f"WHERE (__prev IS NOT NULL AND (__k < __prev) IS NOT FALSE) OR {nulls}",
+        {"files": files},
+    ).fetchone()
+    return row is not None and row[0] == 0
+
+
+def _create_sql(schema: DatasetSchema, has_files: bool, sort: bool = True) -> str:
+    """The table `data`; sorted by the key unless `sort` is false (rows already in key order:
+    DuckDB keeps the scan's order, `preserve_insertion_order` being on)."""
+    if not has_files:  # an allowed empty export: the declared columns, no rows
+        cols = ", ".join(f"{quote_ident(c)} {t}" for c, t in schema.columns.items())
+        return f"CREATE TABLE data ({cols})"
     order = ", ".join(quote_ident(k) for k in schema.key)
-    return (f"CREATE TABLE data AS {select} FROM read_parquet($files, union_by_name = true)"
-            + (f" ORDER BY {order}" if order else ""))
+    return f"CREATE TABLE data AS {_select(schema)}" + (f" ORDER BY {order}" if order and sort
+                                                         else "")
 
 
 def check_types(con: duckdb.DuckDBPyConnection, files: list[str], schema: DatasetSchema) -> None:
