@@ -110,9 +110,9 @@ def _stats_sql(size: Size) -> str:
            round(3 + 6 * r3, 2) AS avg_kills,
            round(3 + 4 * r1, 2) AS avg_deaths,
            round(4 + 8 * r2, 2) AS avg_assists,
-           getvariable('seq')::INTEGER AS export_seq, gi
+           getvariable('seq')::INTEGER AS export_seq
     FROM (
-      SELECT p.patch, g.region, r.rank_tier, o.role, c.champion_id, g.gi,
+      SELECT p.patch, g.region, r.rank_tier, o.role, c.champion_id,
              {r1} AS r1, {r2} AS r2, {r3} AS r3,
              CAST(20 + floor(pop.pop * (CASE WHEN o.oi = pop.main_role THEN 40000 ELSE 2500 END)
                   * (0.7 + 0.6 * {r1}) * (1.3 - r.ri / 10.0)) + getvariable('seq') AS BIGINT)
@@ -130,7 +130,7 @@ def _builds_sql() -> str:
            CAST(50 + floor(pop.pop * 20000 * {r} / (b.bi + 1)) AS BIGINT) AS games,
            CAST(round((50 + floor(pop.pop * 20000 * {r} / (b.bi + 1))) * (0.45 + 0.1 * {r}))
                 AS BIGINT) AS wins,
-           getvariable('seq')::INTEGER AS export_seq, c.champion_id % 4 AS gi
+           getvariable('seq')::INTEGER AS export_seq
     FROM patch_d p, role_d o, range(8) b(bi), champ_d c JOIN pop USING (champion_id)"""
 
 
@@ -140,7 +140,7 @@ def _matchups_sql(size: Size) -> str:
     SELECT p.patch, o.role, c.champion_id, e.champion_id AS opponent_id,
            CAST(30 + floor(1000 * {r}) AS BIGINT) AS games,
            CAST(round((30 + floor(1000 * {r})) * (0.4 + 0.2 * {r})) AS BIGINT) AS wins,
-           getvariable('seq')::INTEGER AS export_seq, c.champion_id % 4 AS gi
+           getvariable('seq')::INTEGER AS export_seq
     FROM patch_d p, role_d o, champ_d c, champ_d e
     WHERE p.pi >= {size.patches - size.matchup_patches} AND c.champion_id <> e.champion_id"""
 
@@ -148,14 +148,13 @@ def _matchups_sql(size: Size) -> str:
 def _patches_sql() -> str:
     """The patch calendar: overlays look up the latest patch here, not by scanning stats."""
     return """
-    SELECT patch, pi + 1 AS release_index, getvariable('seq')::INTEGER AS export_seq,
-           pi % 4 AS gi
+    SELECT patch, pi + 1 AS release_index, getvariable('seq')::INTEGER AS export_seq
     FROM patch_d"""
 
 
 def _champions_sql() -> str:
     return """
-    SELECT champion_id, name, getvariable('seq')::INTEGER AS export_seq, champion_id % 4 AS gi
+    SELECT champion_id, name, getvariable('seq')::INTEGER AS export_seq
     FROM champ_d"""
 
 
@@ -170,7 +169,7 @@ def _write_dataset(
     folder.mkdir(parents=True, exist_ok=True)
     entries: list[dict[str, int | str]] = []
     order = ", ".join(key)
-    con.execute(f"CREATE OR REPLACE TEMP TABLE __export AS SELECT * EXCLUDE (gi), "
+    con.execute(f"CREATE OR REPLACE TEMP TABLE __export AS SELECT *, "
                 f"row_number() OVER (ORDER BY {order}) - 1 AS __rn FROM ({sql})")
     total_row = con.execute("SELECT count(*) FROM __export").fetchone()
     total = int(total_row[0]) if total_row else 0
