@@ -33,10 +33,10 @@ from serving.responses import (
     Entry,
     dumps,
     encode_body,
+    endpoint_tokens,
     etag,
     fingerprint,
     if_none_match,
-    token,
     versions_header,
 )
 from serving.settings import EndpointSpec, Settings
@@ -106,11 +106,7 @@ class Serving:
         """Token of every endpoint whose datasets are all loaded in `snap` (memoised)."""
         tokens = self._tokens.get(snap.id)
         if tokens is None:
-            tokens = {}
-            for name, spec in self.endpoints.items():
-                versions = snap.version_ids(spec.datasets)
-                if len(versions) == len(spec.datasets):
-                    tokens[name] = token(self.fingerprints[name], versions)
+            tokens = endpoint_tokens(self.endpoints, self.fingerprints, snap)
             if len(self._tokens) >= 8:
                 del self._tokens[min(self._tokens)]
             self._tokens[snap.id] = tokens

@@ -10,11 +10,14 @@ from __future__ import annotations
 import decimal
 import hashlib
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from serving.settings import EndpointSpec
+
+if TYPE_CHECKING:
+    from loaders.snapshot import Snapshot
 
 IMMUTABLE = "public, max-age=31536000, immutable"
 NO_STORE = "no-store"
@@ -45,6 +48,17 @@ def token(spec_fingerprint: bytes, versions: Mapping[str, str]) -> str:
     """The endpoint's version token: it changes only when a dataset it reads changes."""
     parts = "\n".join(f"{d}={v}" for d, v in sorted(versions.items())).encode()
     return _digest(spec_fingerprint + b"\0" + parts, TOKEN_LENGTH // 2)
+
+
+def endpoint_tokens(endpoints: Mapping[str, EndpointSpec], fingerprints: Mapping[str, bytes],
+                    snap: Snapshot) -> dict[str, str]:
+    """Token of every endpoint whose datasets are all loaded in `snap`."""
+    tokens = {}
+    for name, spec in endpoints.items():
+        versions = snap.version_ids(spec.datasets)
+        if len(versions) == len(spec.datasets):
+            tokens[name] = token(fingerprints[name], versions)
+    return tokens
 
 
 def etag(version_token: str, key: tuple[Any, ...]) -> str:

@@ -33,7 +33,14 @@ from loaders.snapshot import Snapshot, Store
 from serving.cache import Popularity, ResponseCache
 from serving.params import ParamError, cache_key, default_value, parse_value
 from serving.query import Result, execute, execute_batch
-from serving.responses import encode_body, entry_size, etag, token, versions_header
+from serving.responses import (
+    encode_body,
+    endpoint_tokens,
+    entry_size,
+    etag,
+    token,
+    versions_header,
+)
 from serving.settings import EndpointSpec, ParamSpec
 
 log = logging.getLogger("duckswap.warm")
@@ -352,7 +359,9 @@ class Warmer:
         loop = self.loop
         if previous is not None and loop is not None:
             # Only the served and the just-replaced versions keep their answers.
-            live = frozenset(self._tokens(snap) | self._tokens(previous))
+            live = frozenset({
+                *endpoint_tokens(self.specs, self.fingerprints, snap).values(),
+                *endpoint_tokens(self.specs, self.fingerprints, previous).values()})
             asyncio.run_coroutine_threadsafe(self.cache.retain(live), loop).add_done_callback(
                 _log_failure)
         pending, self._tail = self._tail, None
@@ -367,14 +376,6 @@ class Warmer:
             log.info("warmed snapshot %d after its publish: %d more responses (%d left) in "
                      "%.3fs", snap.id, report.entries, report.skipped, report.seconds)
         return report
-
-    def _tokens(self, snap: Snapshot) -> set[str]:
-        out = set()
-        for name, spec in self.specs.items():
-            versions = snap.version_ids(spec.datasets)
-            if len(versions) == len(spec.datasets):
-                out.add(token(self.fingerprints[name], versions))
-        return out
 
     def _run(self, snap: Snapshot, tasks: list[WarmTask], seconds: float,
              done: list[set[tuple[Any, ...]]]) -> WarmReport | None:
@@ -444,10 +445,11 @@ def compute(files: dict[str, str], tasks: list[WarmTask], seconds: float, thread
             # all of them whatever the deadline: they are what the first requests after the
             # publish ask for, and a publish without them is a miss storm.
             hot: list[tuple[int, int, int, Want]] = []
+            hot_keys = [_hot(job.task) for job in jobs]
             for job in jobs:
                 done = skip[job.index] if skip else set()
-                hot.extend((-w[2], pos, job.index, w) for pos, w in enumerate(_hot(job.task))
-                           if w[1] not in done)
+                hot.extend((-w[2], pos, job.index, w)
+                           for pos, w in enumerate(hot_keys[job.index]) if w[1] not in done)
             hot.sort(key=lambda w: (w[0], w[1]))
             _rounds(con, jobs, hot, math.inf, spooler)
             # Then the rest (`warm_sql` rows and small parameter spaces), round-robin across
@@ -456,7 +458,7 @@ def compute(files: dict[str, str], tasks: list[WarmTask], seconds: float, thread
             if time.perf_counter() < deadline and not spooler.full:
                 for job in jobs:
                     done = skip[job.index] if skip else set()
-                    seen = {w[1] for w in _hot(job.task)}
+                    seen = {w[1] for w in hot_keys[job.index]}
                     rest.extend((0, pos, job.index, w) for pos, w in enumerate(
                         w for w in _keys(con, job.task) if w[1] not in done and w[1] not in seen))
                 rest.sort(key=lambda w: w[1])
