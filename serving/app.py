@@ -340,7 +340,8 @@ def create_app(settings: Settings) -> web.Application:
                       preload=("loaders.build", "serving.warm"), idle=settings.build_idle)
     warmer = Warmer(store, serving.cache, serving.popularity, settings.endpoints,
                     serving.fingerprints, serving.batch_sql, settings.warm_seconds,
-                    settings.warm_keys, builder, settings.threads, settings.warm_tail_seconds)
+                    settings.warm_keys, builder, settings.threads, settings.warm_tail_seconds,
+                    settings.warm_busy_seconds)
     app[SETTINGS] = settings
     app[STORE] = store
     app[SERVING] = serving

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from aiohttp import web
+from aiohttp.log import access_logger
 
 if TYPE_CHECKING:
     from serving.settings import Settings
@@ -73,7 +74,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except DataDirError as exc:
         print(f"{settings.file}: server.data_dir: {exc}", file=sys.stderr)
         return 2
-    web.run_app(app, host=host, port=port, print=None, shutdown_timeout=5)
+    # aiohttp's default logs every request at INFO (the default level): ~0.1 ms of the
+    # event loop per request, which at 2,000 req/s on 2 cores turned a 70 ms P99 into seconds.
+    web.run_app(app, host=host, port=port, print=None, shutdown_timeout=5,
+                access_log=access_logger if settings.access_log else None)
     return 0
 
 

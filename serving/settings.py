@@ -28,11 +28,17 @@ SETTING_KEYS: dict[str, str] = {
     "server.threads": "Queries run at once, each on one DuckDB thread (default 2).",
     "server.query_timeout": "Seconds before a query is interrupted and answered 504 (default 5).",
     "server.log_level": "Python log level (default INFO).",
+    "server.access_log": "Log one line per request to the `aiohttp.access` logger at INFO "
+    "(default false: at thousands of requests a second the log costs more CPU than the "
+    "answers; the CDN in front keeps its own).",
     "server.cache_mb": "Byte budget of the response cache in MiB; 0 turns it off (default 256).",
     "server.warm_seconds": "Seconds spent before a publish on `warm_sql` rows and small "
     "parameter spaces, once the most requested keys (always all answered) are done (default 1).",
     "server.warm_tail_seconds": "Seconds more, after the publish, for the keys the first pass "
     "had no time for (default 10; 0: none).",
+    "server.warm_busy_seconds": "On a busy machine (the warm, at idle priority, gets under 0.9 of "
+    "a core) the warm before a publish goes on past `warm_seconds`, up to this many seconds, "
+    "instead of leaving keys to cache misses that would keep it starved (default 60; 0: never).",
     "server.warm_keys": "Most popular keys per endpoint replayed before a publish (default 10000).",
     "server.version_cache_control": "`Cache-Control` of `/v1/version` (default "
     "`public, max-age=1`).",
@@ -155,6 +161,7 @@ class Settings:
     threads: int = 2
     query_timeout: float = 5.0
     log_level: str = "INFO"
+    access_log: bool = False
     debounce_ms: int = 200
     poll_seconds: float = 5.0
     quiet_seconds: float = 0.0
@@ -168,6 +175,7 @@ class Settings:
     cache_mb: float = 256.0
     warm_seconds: float = 1.0
     warm_tail_seconds: float = 10.0
+    warm_busy_seconds: float = 60.0
     warm_keys: int = 10000
     version_cache_control: str = "public, max-age=1"
     metrics: bool = True
@@ -418,6 +426,7 @@ def parse_settings(raw: Mapping[str, Any], file: str = "<config>") -> Settings:
         threads=server.get("threads", int, 2),
         query_timeout=float(server.get("query_timeout", (int, float), 5.0)),
         log_level=server.get("log_level", str, "INFO"),
+        access_log=server.get("access_log", bool, False),
         debounce_ms=source.get("debounce_ms", int, 200),
         poll_seconds=float(source.get("poll_seconds", (int, float), 5.0)),
         quiet_seconds=float(source.get("quiet_seconds", (int, float), 0.0)),
@@ -431,6 +440,7 @@ def parse_settings(raw: Mapping[str, Any], file: str = "<config>") -> Settings:
         cache_mb=float(server.get("cache_mb", (int, float), 256.0)),
         warm_seconds=float(server.get("warm_seconds", (int, float), 1.0)),
         warm_tail_seconds=float(server.get("warm_tail_seconds", (int, float), 10.0)),
+        warm_busy_seconds=float(server.get("warm_busy_seconds", (int, float), 60.0)),
         warm_keys=server.get("warm_keys", int, 10000),
         version_cache_control=server.get("version_cache_control", str, "public, max-age=1"),
         metrics=server.get("metrics", bool, True),
@@ -440,7 +450,8 @@ def parse_settings(raw: Mapping[str, Any], file: str = "<config>") -> Settings:
     )
     if settings.quiet_seconds < 0:
         raise source.fail("quiet_seconds", f"must not be negative, got {settings.quiet_seconds}")
-    for name in ("cache_mb", "warm_seconds", "warm_tail_seconds", "warm_keys", "build_nice"):
+    for name in ("cache_mb", "warm_seconds", "warm_tail_seconds", "warm_busy_seconds",
+                 "warm_keys", "build_nice"):
         if getattr(settings, name) < 0:
             raise server.fail(name, f"must not be negative, got {getattr(settings, name)!r}")
     if settings.build_nice > 19:

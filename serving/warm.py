@@ -7,7 +7,7 @@ Which keys: the most requested parameters of each affected endpoint (replayed fr
 version), every key of a small parameter space (enums, bools and narrow int ranges) and the
 rows of the endpoint's `warm_sql`. How: one batched query per endpoint when the SQL allows it
 (the endpoint's SQL run LATERAL against a table of keys), else one query per key: every hot key
-first, then the rest until the time budget is spent.
+first, then the rest until the time budget is spent (see `Budget`: longer on a busy machine).
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import gc
 import itertools
 import json
 import logging
-import math
 import pickle
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -47,6 +46,44 @@ log = logging.getLogger("duckswap.warm")
 
 T = TypeVar("T")
 ENUMERATE_LIMIT = 1000  # largest parameter space enumerated in full
+BUSY_SHARE = 0.9  # cores: a warm process getting less than this is on a busy machine
+
+
+class Budget:
+    """When the warm of the declared keys stops: `seconds` after it started, unless the machine
+    is busy, then up to `busy_seconds`.
+
+    Busy means the warm process (idle priority) got less than `busy_share` of a core so far:
+    requests are using the CPU. Keys left for after the publish are then mostly answered by
+    cache misses first, each a query on the request path (~3-6 ms of CPU under load against
+    ~0.03 ms per key batched here), and the misses starve the after-publish warm in turn: a
+    publish on a busy machine waits for the warm instead. On an idle one nothing changes: the
+    rest is warmed right after the publish.
+    """
+
+    def __init__(self, seconds: float, busy_seconds: float = 0.0,
+                 busy_share: float = BUSY_SHARE, clock: Callable[[], float] = time.perf_counter,
+                 cpu: Callable[[], float] = time.process_time) -> None:
+        self.clock, self.cpu, self.busy_share = clock, cpu, busy_share
+        self.start, self.cpu_start = clock(), cpu()
+        self.deadline = self.start + seconds
+        self.hard_deadline = self.start + max(seconds, busy_seconds)
+        self.extended = False
+
+    def share(self) -> float:
+        """Cores this process got since the budget started."""
+        return (self.cpu() - self.cpu_start) / max(self.clock() - self.start, 1e-9)
+
+    def expired(self) -> bool:
+        now = self.clock()
+        if now < self.deadline:
+            return False
+        if now >= self.hard_deadline:
+            return True
+        if self.share() < self.busy_share:
+            self.extended = True
+            return False
+        return True
 
 
 Want = tuple[dict[str, Any], tuple[Any, ...], int]  # (bound params, cache key, request count)
@@ -67,6 +104,8 @@ class WarmReport:
     single: int = 0
     skipped: int = 0
     unlisted: bool = False  # the declared keys were not enumerated in time (count unknown)
+    cpu_share: float = 0.0  # cores the warm process got while it ran (under 1: requests had them)
+    extended: bool = False  # went on past the time budget because the machine was busy
     per_endpoint: dict[str, int] = field(default_factory=dict)
 
 
@@ -283,7 +322,8 @@ class Warmer:
     def __init__(self, store: Store, cache: ResponseCache, popularity: Popularity,
                  endpoints: Mapping[str, EndpointSpec], fingerprints: Mapping[str, bytes],
                  batch: Mapping[str, BatchPlan | None], seconds: float, keys: int,
-                 builder: Builder, threads: int = 2, tail_seconds: float = 0.0) -> None:
+                 builder: Builder, threads: int = 2, tail_seconds: float = 0.0,
+                 busy_seconds: float = 0.0) -> None:
         self.store = store
         self.cache = cache
         self.popularity = popularity
@@ -295,6 +335,7 @@ class Warmer:
         self.builder = builder
         self.threads = threads
         self.tail_seconds = tail_seconds
+        self.busy_seconds = busy_seconds
         self._tail: tuple[Snapshot, list[WarmTask], list[set[tuple[Any, ...]]]] | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self._batch = dict(batch)
@@ -338,7 +379,7 @@ class Warmer:
         if not tasks:
             return WarmReport(snap.id)
         done: list[set[tuple[Any, ...]]] = [set() for _ in tasks]
-        report = self._run(snap, tasks, self.seconds, done)
+        report = self._run(snap, tasks, self.seconds, done, self.busy_seconds)
         if report is None:
             return WarmReport(snap.id)
         if (report.skipped or report.unlisted) and self.tail_seconds > 0:
@@ -347,8 +388,10 @@ class Warmer:
         self.last = report
         log.info(
             "warmed snapshot %d: %d responses (%d batched, %d single, %s left for after the "
-            "publish) in %.3fs", snap.id, report.entries, report.batched, report.single,
-            f"{report.skipped}{' + declared keys' if report.unlisted else ''}", report.seconds,
+            "publish) in %.3fs on %.2f cores%s", snap.id, report.entries, report.batched,
+            report.single, f"{report.skipped}{' + declared keys' if report.unlisted else ''}",
+            report.seconds, report.cpu_share,
+            " (busy machine: went on past warm_seconds)" if report.extended else "",
         )
         return report
 
@@ -378,7 +421,7 @@ class Warmer:
         return report
 
     def _run(self, snap: Snapshot, tasks: list[WarmTask], seconds: float,
-             done: list[set[tuple[Any, ...]]]) -> WarmReport | None:
+             done: list[set[tuple[Any, ...]]], busy_seconds: float = 0.0) -> WarmReport | None:
         """Answer in the builder process, then insert the spooled answers on the loop.
         None when the Snapshot's versions have no files (nothing to attach there)."""
         files = {d: str(v.path) for d, v in snap.versions.items() if v.path is not None}
@@ -388,7 +431,7 @@ class Warmer:
         try:
             report: WarmReport = self.builder.run(
                 compute, files, tasks, seconds, self.threads, self.cache.max_bytes, str(spool),
-                done)
+                done, busy_seconds)
             report.snapshot = snap.id
             headers = [versions_header(t.versions) for t in tasks]
             with spool.open("rb") as f:
@@ -420,14 +463,14 @@ ROUND = 4096  # keys of the first round (one batched query per endpoint); each r
 
 
 def compute(files: dict[str, str], tasks: list[WarmTask], seconds: float, threads: int,
-            max_bytes: int, spool: str,
-            skip: list[set[tuple[Any, ...]]] | None = None) -> WarmReport:
+            max_bytes: int, spool: str, skip: list[set[tuple[Any, ...]]] | None = None,
+            busy_seconds: float = 0.0, busy_share: float = BUSY_SHARE) -> WarmReport:
     """In the warm (builder) process: answer the tasks' keys on the version files in rounds
     (batched where the SQL allows): every most-requested key first, whatever the time, then
-    the declared and enumerated ones until `seconds`; all within `max_bytes` of answers. Spool
-    (task index, [(cache key, body, ETag)]) chunks to `spool`.
-    Keys in `skip[i]` (already warmed) are left out."""
-    deadline = time.perf_counter() + seconds
+    the declared and enumerated ones until `seconds` (up to `busy_seconds` on a busy machine,
+    see `Budget`); all within `max_bytes` of answers. Spool (task index, [(cache key, body,
+    ETag)]) chunks to `spool`. Keys in `skip[i]` (already warmed) are left out."""
+    budget = Budget(seconds, busy_seconds, busy_share)
     report = WarmReport(0)
     con = duckdb.connect(config={"threads": threads})
     # 10^5 answers and keys are built here and live until the spool is written: full
@@ -451,22 +494,24 @@ def compute(files: dict[str, str], tasks: list[WarmTask], seconds: float, thread
                 hot.extend((-w[2], pos, job.index, w)
                            for pos, w in enumerate(hot_keys[job.index]) if w[1] not in done)
             hot.sort(key=lambda w: (w[0], w[1]))
-            _rounds(con, jobs, hot, math.inf, spooler)
+            _rounds(con, jobs, hot, None, spooler)
             # Then the rest (`warm_sql` rows and small parameter spaces), round-robin across
             # endpoints so a small endpoint is not left behind a large one's long tail.
             rest: list[tuple[int, int, int, Want]] = []
-            if time.perf_counter() < deadline and not spooler.full:
+            if not budget.expired() and not spooler.full:
                 for job in jobs:
                     done = skip[job.index] if skip else set()
                     seen = {w[1] for w in hot_keys[job.index]}
                     rest.extend((0, pos, job.index, w) for pos, w in enumerate(
                         w for w in _keys(con, job.task) if w[1] not in done and w[1] not in seen))
                 rest.sort(key=lambda w: w[1])
-                _rounds(con, jobs, rest, deadline, spooler)
+                _rounds(con, jobs, rest, budget, spooler)
             else:
                 report.unlisted = True  # left to the after-publish pass, uncounted
             for job in jobs:
                 spooler.flush(job)
+        report.cpu_share = round(budget.share(), 2)
+        report.extended = budget.extended
     finally:
         gc.enable()
         con.close()
@@ -474,13 +519,18 @@ def compute(files: dict[str, str], tasks: list[WarmTask], seconds: float, thread
 
 
 def _rounds(con: duckdb.DuckDBPyConnection, jobs: list[_Job],
-            wants: list[tuple[int, int, int, Want]], deadline: float, spooler: _Spooler) -> None:
+            wants: list[tuple[int, int, int, Want]], budget: Budget | None,
+            spooler: _Spooler) -> None:
     """Answer `wants` in growing rounds (a batched query scans its tables once whatever the
-    key count) until the deadline or the byte budget, checked between rounds."""
+    key count) until the budget (None: no limit) or the byte budget, checked between rounds."""
     report = spooler.report
+
+    def expired() -> bool:
+        return budget is not None and budget.expired()
+
     start, size = 0, ROUND
     while start < len(wants):
-        if time.perf_counter() >= deadline or spooler.full:
+        if expired() or spooler.full:
             report.skipped += len(wants) - start
             return
         per_job: dict[int, list[Want]] = {}
@@ -490,7 +540,7 @@ def _rounds(con: duckdb.DuckDBPyConnection, jobs: list[_Job],
         for i, keys in per_job.items():
             task = jobs[i].task
             for k, ck, _ in _batched(con, jobs[i], keys, spooler):
-                if time.perf_counter() >= deadline or spooler.full:
+                if expired() or spooler.full:
                     report.skipped += 1
                     continue
                 spooler.add(jobs[i], ck, execute(con, task.spec.sql, k, task.spec.row_limit))

@@ -7,9 +7,10 @@ import socket
 import threading
 import time
 
-from bench.emulator import BUCKET, Emulator, _free_port
+from bench.emulator import BUCKET, Emulator
+from bench.ports import free_port
 
-__all__ = ["BUCKET", "Emulator", "SlowProxy", "_free_port"]
+__all__ = ["BUCKET", "Emulator", "SlowProxy", "free_port"]
 
 
 class SlowProxy:
@@ -21,7 +22,7 @@ class SlowProxy:
     def __init__(self, target_port: int, rate: int) -> None:
         self.target_port = target_port
         self.rate = rate
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._listener: socket.socket | None = None
         self._conns: list[socket.socket] = []

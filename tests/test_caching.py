@@ -12,9 +12,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from conftest import DEMO_CONFIG, Running, demo_settings, wait_for, write_seq_export
 from data.generate import write_export
 from serving.app import SERVING, STORE, WARMER
-from serving.responses import IMMUTABLE, etag
+from serving.responses import IMMUTABLE, etag, fingerprint, token
 from serving.settings import DEFAULT_CACHE_CONTROL, Settings, load_settings, parse_settings
-from serving.warm import batch_sql, enumerate_keys
+from serving.warm import Budget, WarmTask, batch_sql, compute, enumerate_keys
 
 STATS = "/v1/champions/3/stats?role=mid&rank=gold&region=na"
 
@@ -246,7 +246,8 @@ async def test_hot_keys_are_warmed_before_a_publish_whatever_the_budget(tmp_path
                                                                        serve: Any) -> None:
     """No warm time and no after-publish pass: the most requested keys are answered anyway."""
     write_export(tmp_path, 1, size="small")
-    demo = await _demo(serve, tmp_path, warm_seconds=1e-9, warm_tail_seconds=0)
+    demo = await _demo(serve, tmp_path, warm_seconds=1e-9, warm_tail_seconds=0,
+                       warm_busy_seconds=0)
     # Neither has a warm_sql row nor a small parameter space: only popularity warms them.
     hot = ["/v1/matchups/3/5?role=mid", "/v1/champions/2/trend?role=jungle&ranks=iron,gold"]
     for path in hot:
@@ -360,7 +361,7 @@ async def test_keys_without_time_before_publish_are_warmed_after_it(tmp_path: Pa
                                                                    serve: Any) -> None:
     """No time before the publish: every warm_sql key is answered right after it instead."""
     write_export(tmp_path, 1, size="small")
-    demo = await _demo(serve, tmp_path, warm_seconds=1e-9)
+    demo = await _demo(serve, tmp_path, warm_seconds=1e-9, warm_busy_seconds=0)
     cache = demo.app[SERVING].cache
     warmer = demo.app[WARMER]
     keys = 12 * 5 * 5 * 2  # champion x role x rank x region of the latest patch (small size)
@@ -378,3 +379,48 @@ async def test_keys_without_time_before_publish_are_warmed_after_it(tmp_path: Pa
                  "/v1/champions/5/builds?role=mid", "/v1/champions/7/trend?role=support"):
         assert (await _raw(demo, path))[0] == 200
     assert cache.misses == misses
+
+
+def test_warm_budget_goes_on_past_its_time_only_on_a_busy_machine() -> None:
+    """The clocks are the only fake: a busy CPU cannot be produced on cue."""
+    now, cpu = [0.0], [0.0]
+
+    def budget(busy_seconds: float) -> Budget:
+        now[0] = cpu[0] = 0.0
+        return Budget(1.0, busy_seconds, 0.9, clock=lambda: now[0], cpu=lambda: cpu[0])
+
+    idle = budget(60)
+    now[0] = cpu[0] = 0.5
+    assert not idle.expired()
+    now[0] = cpu[0] = 1.0  # a whole core: what is left is warmed right after the publish
+    assert idle.expired() and not idle.extended
+    busy = budget(60)
+    now[0], cpu[0] = 1.0, 0.3  # requests took most of the core
+    assert not busy.expired() and busy.extended
+    now[0], cpu[0] = 59.9, 10.0
+    assert not busy.expired()
+    now[0] = 60.0  # the hard limit holds whatever the share
+    assert busy.expired()
+    never = budget(0)
+    now[0], cpu[0] = 1.0, 0.0
+    assert never.expired() and not never.extended
+
+
+async def test_busy_machine_warms_every_declared_key_before_the_publish(demo: Running,
+                                                                        tmp_path: Path) -> None:
+    """The real warm on the served version files: with no time budget, a machine judged busy
+    (threshold above any share) answers every declared key; an idle one stops at the budget."""
+    snap = demo.app[STORE].current
+    files = {d: str(v.path) for d, v in snap.versions.items()}
+    specs = demo.app[WARMER].endpoints
+    tasks = [WarmTask(spec, token(fingerprint(spec), snap.version_ids(spec.datasets)),
+                      snap.version_ids(spec.datasets), batch_sql(spec), [])
+             for spec in specs.values() if spec.warm_sql]
+    spool = str(tmp_path / "spool")
+    busy = compute(files, tasks, 1e-9, 1, 2**30, spool, busy_seconds=60, busy_share=1e9)
+    assert busy.extended and busy.skipped == 0 and not busy.unlisted
+    assert busy.per_endpoint["champion_stats"] == 12 * 5 * 5 * 2  # small size, latest patch
+    assert busy.cpu_share > 0
+    idle = compute(files, tasks, 1e-9, 1, 2**30, spool, busy_seconds=60, busy_share=0)
+    assert not idle.extended and idle.entries == 0 and idle.unlisted
+

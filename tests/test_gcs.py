@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from gcs_emulator import BUCKET, Emulator, SlowProxy, _free_port
+from gcs_emulator import BUCKET, Emulator, SlowProxy, free_port
 
 from conftest import Running, seq_config, wait_for, write_seq_export
 from loaders.gcs import GcsSource
@@ -405,7 +405,7 @@ def test_kill_9_mid_download_restarts_on_the_last_good_version(tmp_path: Path,
     b.write(1)
     proxy = SlowProxy(emulator.port, rate=64 * 1024)
     proxy.start()
-    data, port = tmp_path / "data", _free_port()
+    data, port = tmp_path / "data", free_port()
     config = tmp_path / "duckswap.toml"
     config.write_text(f"""
 [server]

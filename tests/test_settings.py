@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import copy
+import os
 import subprocess
 import sys
+import time
 import tomllib
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from conftest import DEMO_CONFIG, REPO
+from bench.ports import free_port
+from conftest import DEMO_CONFIG, REPO, write_seq_export
 from serving.settings import SETTING_KEYS, ConfigError, load_settings, parse_settings
 from serving.sqlcheck import check_sql
 
@@ -187,3 +192,45 @@ def test_serve_refuses_a_wrong_config(tmp_path: Path) -> None:
     )
     assert res.returncode == 2
     assert f"{bad}: endpoints.one.datasets: reads undeclared dataset 'builds'" in res.stderr
+
+
+@pytest.mark.parametrize("access_log", [None, "true"])
+def test_access_log_is_off_unless_configured(tmp_path: Path, access_log: str | None) -> None:
+    """Per-request log lines cost the event loop more than a cached answer: opt-in only."""
+    config = tmp_path / "duckswap.toml"
+    config.write_text(f"""
+[server]
+data_dir = "{tmp_path / 'data'}"
+[source]
+url = "file://{tmp_path / 'src'}"
+[datasets.seqdata]
+key = ["k"]
+columns = {{ k = "INTEGER" }}
+[endpoints.rows]
+path = "/v1/rows"
+datasets = ["seqdata"]
+sql = "SELECT k FROM seqdata"
+""")
+    write_seq_export(tmp_path / "src", 1)
+    port = free_port()
+    env = {**os.environ, "DUCKSWAP_SERVER__PORT": str(port)}
+    if access_log is not None:
+        env["DUCKSWAP_SERVER__ACCESS_LOG"] = access_log
+    server = subprocess.Popen([sys.executable, "-m", "serving.cli", "serve", "--config",
+                               str(config)], env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/rows", timeout=1) as r:
+                    assert r.status == 200
+                    break
+            except (OSError, urllib.error.HTTPError):
+                assert time.monotonic() < deadline, "server never answered /v1/rows"
+                time.sleep(0.05)  # poll until the first version is served
+    finally:
+        server.terminate()
+        _, err = server.communicate(timeout=30)
+    logged = [line for line in err.splitlines() if '"GET /v1/rows' in line]
+    assert ("aiohttp.access" in "".join(logged)) == (access_log is not None), err[-2000:]
+
