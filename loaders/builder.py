@@ -9,7 +9,9 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import select
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -24,7 +26,8 @@ log = logging.getLogger("duckswap.loader")
 T = TypeVar("T")
 
 
-def _child_init(nice: int, idle: bool) -> None:
+def _child_init(nice: int, idle: bool, server: int) -> None:
+    _exit_with(server)
     # The value itself, not an increment: the forkserver may have been started from the
     # niced loader thread and passed its nice value on.
     if nice > 0 and hasattr(os, "setpriority") and os.getpriority(os.PRIO_PROCESS, 0) < nice:
@@ -36,6 +39,30 @@ def _child_init(nice: int, idle: bool) -> None:
             os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
         except OSError as exc:
             log.warning("could not set SCHED_IDLE on the build process: %s", exc)
+
+
+def _exit_with(server: int) -> None:
+    """End this process when the server process ends. A server killed with SIGKILL (the OOM
+    killer, a `kill -9`) runs no cleanup, and the builder, a grandchild through the forkserver,
+    would wait for work on its queue forever, holding its memory."""
+    try:
+        fd: int | None = os.pidfd_open(server)
+    except (AttributeError, OSError):  # not Linux 5.3+, or already gone: poll instead
+        fd = None
+
+    def watch() -> None:
+        if fd is not None:
+            select.select([fd], [], [])  # readable once the process has exited
+        else:
+            while True:
+                try:
+                    os.kill(server, 0)
+                except ProcessLookupError:
+                    break
+                time.sleep(1.0)  # no pidfd: poll
+        os._exit(1)
+
+    threading.Thread(target=watch, name="duckswap-server-watch", daemon=True).start()
 
 
 def _context(preload: list[str]) -> multiprocessing.context.BaseContext:
@@ -63,7 +90,7 @@ class Builder:
             if self._pool is None:
                 self._pool = ProcessPoolExecutor(
                     1, mp_context=_context(self.preload), initializer=_child_init,
-                    initargs=(self.nice, self.idle))
+                    initargs=(self.nice, self.idle, os.getpid()))
             return self._pool
 
     def run(self, fn: Callable[..., T], *args: Any) -> T:

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from gcs_emulator import BUCKET, Emulator, SlowProxy, free_port
 
-from conftest import Running, seq_config, wait_for, write_seq_export
+from conftest import Running, descendants, running, seq_config, wait_for, write_seq_export
 from loaders.gcs import GcsSource
 from serving.app import UPDATER
 from serving.settings import Settings, parse_settings
@@ -440,8 +440,12 @@ sql = "SELECT k, export_seq FROM seqdata ORDER BY k LIMIT 1"
         b.write(2, rows=100_000)  # ~1 MB of parts: seconds at 64 KiB/s
         staged = data / "staging"
         _wait(lambda: any(staged.glob("duckswap-*/*.part")), 30, "export 2 downloading")
+        builders = descendants(server.pid)  # the forkserver and the build process
+        assert builders
         os.kill(server.pid, signal.SIGKILL)
         server.wait()
+        # No cleanup ran in the server, yet its build process does not outlive it.
+        _wait(lambda: not running(builders), 10, "the killed server's build process to end")
         assert any(staged.glob("duckswap-*/*.part"))  # the crash did cut a download short
         proxy.stop()  # and the bucket is unreachable when the server comes back
 
