@@ -41,6 +41,25 @@ def write_seq_export(root: Path, seq: int, rows: int = 50, marker: str = "_SUCCE
     return folder
 
 
+def seq_config_file(tmp_path: Path, data_dir: Path) -> Path:
+    """A config file serving `seqdata` exports from `tmp_path/src` (for `duckswap serve`)."""
+    config = tmp_path / "duckswap.toml"
+    config.write_text(f"""
+[server]
+data_dir = "{data_dir}"
+[source]
+url = "file://{tmp_path / 'src'}"
+[datasets.seqdata]
+key = ["k"]
+columns = {{ k = "INTEGER" }}
+[endpoints.rows]
+path = "/v1/rows"
+datasets = ["seqdata"]
+sql = "SELECT k FROM seqdata"
+""")
+    return config
+
+
 def seq_config(root: Path, row_limit: int = 1000, **server: Any) -> Settings:
     raw = {
         "server": {"threads": 2, **server},

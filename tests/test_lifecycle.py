@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import Running, seq_config, wait_for, write_seq_export
+from conftest import Running, seq_config, seq_config_file, wait_for, write_seq_export
 from loaders.build import build_file, in_key_order
 from loaders.schema import DatasetSchema
 from loaders.snapshot import Store
@@ -333,20 +333,7 @@ def test_version_files_beyond_keep_versions_are_deleted(tmp_path: Path) -> None:
 def test_an_unusable_data_dir_stops_startup_with_a_clear_error(tmp_path: Path) -> None:
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("")
-    config = tmp_path / "duckswap.toml"
-    config.write_text(f"""
-[server]
-data_dir = "{blocker / 'data'}"
-[source]
-url = "file://{tmp_path / 'src'}"
-[datasets.seqdata]
-key = ["k"]
-columns = {{ k = "INTEGER" }}
-[endpoints.rows]
-path = "/v1/rows"
-datasets = ["seqdata"]
-sql = "SELECT k FROM seqdata"
-""")
+    config = seq_config_file(tmp_path, blocker / "data")
     done = subprocess.run([sys.executable, "-m", "serving.cli", "serve", "--config",
                            str(config)], capture_output=True, text=True, timeout=60)
     assert done.returncode == 2

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from bench.ports import free_port
-from conftest import DEMO_CONFIG, REPO, write_seq_export
+from conftest import DEMO_CONFIG, REPO, seq_config_file, write_seq_export
 from serving.settings import SETTING_KEYS, ConfigError, load_settings, parse_settings
 from serving.sqlcheck import check_sql
 
@@ -197,20 +197,7 @@ def test_serve_refuses_a_wrong_config(tmp_path: Path) -> None:
 @pytest.mark.parametrize("access_log", [None, "true"])
 def test_access_log_is_off_unless_configured(tmp_path: Path, access_log: str | None) -> None:
     """Per-request log lines cost the event loop more than a cached answer: opt-in only."""
-    config = tmp_path / "duckswap.toml"
-    config.write_text(f"""
-[server]
-data_dir = "{tmp_path / 'data'}"
-[source]
-url = "file://{tmp_path / 'src'}"
-[datasets.seqdata]
-key = ["k"]
-columns = {{ k = "INTEGER" }}
-[endpoints.rows]
-path = "/v1/rows"
-datasets = ["seqdata"]
-sql = "SELECT k FROM seqdata"
-""")
+    config = seq_config_file(tmp_path, tmp_path / "data")
     write_seq_export(tmp_path / "src", 1)
     port = free_port()
     env = {**os.environ, "DUCKSWAP_SERVER__PORT": str(port)}
