@@ -2,7 +2,7 @@
 
 A response is a pure function of (endpoint spec, versions of the datasets it reads, normalised
 parameters), so it is computed once and served as bytes: from the cache, after a warm, or from a
-query. All three paths encode through `encode_body`, so they are byte-identical.
+query. All three paths encode through `BodyEncoder`, so they are byte-identical.
 """
 
 from __future__ import annotations
@@ -66,6 +66,24 @@ def etag(version_token: str, key: tuple[Any, ...]) -> str:
     return f'"{version_token}-{_digest(dumps(key), 8)}"'
 
 
+class BodyEncoder:
+    """`encode_body` for one endpoint version: its `meta` part (all but the row count) is
+    encoded once, so answering 10^5 keys in a warm costs the rows' encoding only. The bytes
+    are exactly those of `dumps({"data": [...], "meta": {...}})` (orjson writes no spaces)."""
+
+    __slots__ = ("_meta",)
+
+    def __init__(self, spec: EndpointSpec, version_token: str,
+                 versions: Mapping[str, str]) -> None:
+        meta = dumps({"endpoint": spec.name, "token": version_token, "versions": dict(versions)})
+        self._meta = b',"meta":' + meta[:-1] + b',"rows":'
+
+    def __call__(self, columns: list[str], rows: list[tuple[Any, ...]], truncated: bool) -> bytes:
+        data = dumps([dict(zip(columns, row, strict=True)) for row in rows])
+        return b"".join((b'{"data":', data, self._meta, str(len(rows)).encode(),
+                         b',"truncated":true}}' if truncated else b',"truncated":false}}'))
+
+
 def encode_body(
     spec: EndpointSpec,
     version_token: str,
@@ -74,16 +92,7 @@ def encode_body(
     rows: list[tuple[Any, ...]],
     truncated: bool,
 ) -> bytes:
-    return dumps({
-        "data": [dict(zip(columns, row, strict=True)) for row in rows],
-        "meta": {
-            "endpoint": spec.name,
-            "token": version_token,
-            "versions": dict(versions),
-            "rows": len(rows),
-            "truncated": truncated,
-        },
-    })
+    return BodyEncoder(spec, version_token, versions)(columns, rows, truncated)
 
 
 # One cached response: (body, ETag, X-Duckswap-Versions). A plain tuple of bytes and strings

@@ -33,7 +33,8 @@ from serving.cache import Popularity, ResponseCache
 from serving.params import ParamError, cache_key, default_value, parse_value
 from serving.query import Result, execute, execute_batch
 from serving.responses import (
-    encode_body,
+    BodyEncoder,
+    Entry,
     endpoint_tokens,
     entry_size,
     etag,
@@ -442,21 +443,36 @@ class Warmer:
             report.snapshot = snap.id
             headers = [versions_header(t.versions) for t in tasks]
             with spool.open("rb") as f:
+                batch: list[list[tuple[tuple[str, tuple[Any, ...]], Entry]]] = []
                 while True:
                     try:
                         i, items = pickle.load(f)
                     except EOFError:
                         break
                     tok, header = tasks[i].token, headers[i]
-                    chunk = [((tok, ck), (body, tag, header)) for ck, body, tag in items]
+                    batch.append([((tok, ck), (body, tag, header)) for ck, body, tag in items])
                     done[i].update(ck for ck, _, _ in items)
-                    self._on_loop(lambda c=chunk: self.cache.put_many(c))  # type: ignore[misc]
-                    # Let the loop and the query threads have the GIL between chunks: ~10^5
-                    # answers inserted back to back held up requests for a second or more.
-                    time.sleep(INSERT_PAUSE)
+                    if len(batch) >= HANDOFF_CHUNKS:
+                        self._insert(batch)
+                        batch = []
+                if batch:
+                    self._insert(batch)
         finally:
             spool.unlink(missing_ok=True)
         return report
+
+
+    def _insert(self, chunks: list[list[tuple[tuple[str, tuple[Any, ...]], Entry]]]) -> None:
+        """Hand answers to the event loop, which inserts them a chunk at a time between
+        requests (one hand-off per HANDOFF_CHUNKS chunks: a busy loop answers each hand-off
+        late, and one per chunk made 10^5 answers take a minute under load)."""
+        loop = self.loop
+        if loop is None:
+            for chunk in chunks:
+                self.cache.put_many(chunk)
+            return
+        asyncio.run_coroutine_threadsafe(
+            self.cache.put_chunks(chunks, INSERT_PAUSE), loop).result(timeout=HANDOFF_TIMEOUT)
 
 
 def _log_failure(fut: concurrent.futures.Future[int]) -> None:
@@ -465,7 +481,9 @@ def _log_failure(fut: concurrent.futures.Future[int]) -> None:
 
 
 SPOOL_CHUNK = 250  # entries per pickled chunk: what the event loop inserts at a time
-INSERT_PAUSE = 0.002  # seconds the loader thread leaves the GIL to requests between chunks
+INSERT_PAUSE = 0.002  # seconds the event loop waits between inserted chunks (see put_chunks)
+HANDOFF_CHUNKS = 40  # chunks handed to the event loop at once
+HANDOFF_TIMEOUT = 60.0
 ROUND = 4096  # keys of the first round (one batched query per endpoint); each round doubles
 
 
@@ -609,6 +627,11 @@ class _Job:
     task: WarmTask
     unbatched: bool = False  # its batched query failed: key by key from now
     pending: list[WarmItem] = field(default_factory=list)
+    encode: BodyEncoder = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        t = self.task
+        self.encode = BodyEncoder(t.spec, t.token, t.versions)
 
 
 class _Spooler:
@@ -625,19 +648,19 @@ class _Spooler:
         return self.bytes >= self.max_bytes
 
     def add(self, job: _Job, ck: tuple[Any, ...], result: Result) -> None:
-        t = job.task
-        body = encode_body(t.spec, t.token, t.versions, result.columns, result.rows,
-                           result.truncated)
-        tag = etag(t.token, ck)
+        body = job.encode(result.columns, result.rows, result.truncated)
+        tag = etag(job.task.token, ck)
         self.bytes += entry_size((body, tag, ""))
-        item = (ck, body, tag)
-        job.pending.append(item)
-        self.report.entries += 1
-        self.report.per_endpoint[t.spec.name] = self.report.per_endpoint.get(t.spec.name, 0) + 1
-        if len(job.pending) >= SPOOL_CHUNK:
+        pending = job.pending
+        pending.append((ck, body, tag))
+        if len(pending) >= SPOOL_CHUNK:
             self.flush(job)
 
     def flush(self, job: _Job) -> None:
         if job.pending:
+            n = len(job.pending)
+            report, name = self.report, job.task.spec.name
+            report.entries += n
+            report.per_endpoint[name] = report.per_endpoint.get(name, 0) + n
             pickle.dump((job.index, job.pending), self.out, protocol=pickle.HIGHEST_PROTOCOL)
             job.pending = []

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import datetime
 from dataclasses import replace
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from conftest import DEMO_CONFIG, Running, demo_settings, wait_for, write_seq_export
 from data.generate import write_export
 from serving.app import SERVING, STORE, WARMER
-from serving.responses import IMMUTABLE, etag, fingerprint, token
+from serving.responses import IMMUTABLE, BodyEncoder, dumps, etag, fingerprint, token
 from serving.settings import DEFAULT_CACHE_CONTROL, Settings, load_settings, parse_settings
 from serving.warm import Budget, WarmTask, batch_sql, compute, enumerate_keys
 
@@ -321,6 +323,24 @@ async def test_hit_ratio_is_in_metrics(demo: Running) -> None:
     text = (await _raw(demo, "/metrics"))[2].decode()
     assert 'duckswap_loads_total{dataset="champion_stats",outcome="ok"} 1.0' in text
     assert "duckswap_cache_bytes" in text
+
+
+def test_body_encoder_writes_the_documented_json(tmp_path: Path) -> None:
+    """The encoder writes its `meta` once per version; its bytes must stay those of the whole
+    document encoded at once (what clients parse, and what every path serves)."""
+    spec = demo_settings(tmp_path).endpoints["tier_list"]
+    versions = {"champion_stats": "a" * 16, "patches": "b" * 16}
+    encode = BodyEncoder(spec, "0123456789abcdef", versions)
+    columns = ["champion_id", "name", "win_rate", "day", "share", "tags"]
+    rows = [(7, "Ahri \"the fox\" é", 0.5123, datetime.date(2026, 11, 2), Decimal("0.25"),
+             ["mid", None]), (8, None, float("nan"), None, None, [])]
+    for got_rows, truncated in ((rows, False), (rows[:1], True), ([], False)):
+        expected = dumps({
+            "data": [dict(zip(columns, r, strict=True)) for r in got_rows],
+            "meta": {"endpoint": "tier_list", "token": "0123456789abcdef",
+                     "versions": versions, "rows": len(got_rows), "truncated": truncated},
+        })
+        assert encode(columns, got_rows, truncated) == expected
 
 
 def test_batch_rewrite_and_enumeration(tmp_path: Path) -> None:
