@@ -141,7 +141,7 @@ def swapper(source: Path, staging: Path, url: str, interval: float, stop: thread
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and not stop.is_set():
             _, body = _get_json(url + "/readyz")
-            if body and body["versions"].get("champion_stats") not in (None, old):
+            if body and body.get("versions", {}).get("champion_stats") not in (None, old):
                 swap.served_at = time.time()
                 break
             time.sleep(0.02)

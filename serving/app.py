@@ -277,6 +277,8 @@ async def readyz(request: web.Request) -> web.Response:
     missing = [n for n, d in settings.datasets.items() if d.required and n not in snap.versions]
     if missing:
         return error_response(NotReady("waiting for datasets to load", missing=missing))
+    if not request.app[WARMER].settled:  # data is served; answers are still being computed
+        return error_response(NotReady("warming the first version's answers", warming=True))
     versions = {n: v.version_id for n, v in snap.versions.items()}
     updater = request.app[UPDATER]
     listed = updater.last_listed

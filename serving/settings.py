@@ -33,7 +33,9 @@ SETTING_KEYS: dict[str, str] = {
     "answers; the CDN in front keeps its own).",
     "server.cache_mb": "Byte budget of the response cache in MiB; 0 turns it off (default 256).",
     "server.warm_seconds": "Seconds spent before a publish on `warm_sql` rows and small "
-    "parameter spaces, once the most requested keys (always all answered) are done (default 1).",
+    "parameter spaces, once the most requested keys (always all answered) are done (default 0: "
+    "on an idle machine they are answered right after the publish, which comes sooner; on a "
+    "busy one see `warm_busy_seconds`).",
     "server.warm_tail_seconds": "Seconds more, after the publish, for the keys the first pass "
     "had no time for (default 10; 0: none).",
     "server.warm_busy_seconds": "On a busy machine (the warm, at idle priority, gets under 0.9 of "
@@ -174,7 +176,7 @@ class Settings:
     concurrency: int = 4
     staging_dir: str | None = None
     cache_mb: float = 256.0
-    warm_seconds: float = 1.0
+    warm_seconds: float = 0.0
     warm_tail_seconds: float = 10.0
     warm_busy_seconds: float = 60.0
     warm_keys: int = 10000
@@ -439,7 +441,7 @@ def parse_settings(raw: Mapping[str, Any], file: str = "<config>") -> Settings:
         concurrency=source.get("concurrency", int, 4),
         staging_dir=source.get("staging_dir", str, None),
         cache_mb=float(server.get("cache_mb", (int, float), 256.0)),
-        warm_seconds=float(server.get("warm_seconds", (int, float), 1.0)),
+        warm_seconds=float(server.get("warm_seconds", (int, float), 0.0)),
         warm_tail_seconds=float(server.get("warm_tail_seconds", (int, float), 10.0)),
         warm_busy_seconds=float(server.get("warm_busy_seconds", (int, float), 60.0)),
         warm_keys=server.get("warm_keys", int, 10000),

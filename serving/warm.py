@@ -344,6 +344,9 @@ class Warmer:
         self.last: WarmReport | None = None
         self.last_tail: WarmReport | None = None
         self._previous: Snapshot | None = None  # served before the Snapshot being published
+        # True once the first publish's after-publish pass has ended: until then a cold
+        # replica would meet its first traffic with a cache miss per declared key (/readyz).
+        self.settled = False
 
     def _on_loop(self, fn: Callable[[], T]) -> T:
         loop = self.loop
@@ -360,8 +363,6 @@ class Warmer:
         self._tail = None
         self._previous = self.store.current
         start = time.perf_counter()
-        if self.seconds <= 0:
-            return WarmReport(snap.id)
         old = self.store.current
         tasks: list[WarmTask] = []
         for name, spec in self.endpoints.items():
@@ -405,6 +406,12 @@ class Warmer:
         """After publish: the keys the first pass had no time for (the long tail of
         `warm_sql` and enumerations), within `tail_seconds` (longer on a busy machine, see
         `Budget`: the keys it leaves are met by misses until the next publish)."""
+        try:
+            return self._after_publish(snap)
+        finally:
+            self.settled = True
+
+    def _after_publish(self, snap: Snapshot) -> WarmReport | None:
         previous, self._previous = self._previous, None
         loop = self.loop
         if previous is not None and loop is not None:

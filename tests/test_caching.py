@@ -238,7 +238,14 @@ async def test_warmed_swap_serves_first_requests_from_cache(demo: Running, tmp_p
         assert b"export-000002" not in body  # meta carries versions, not export ids
         assert headers["X-Duckswap-Token"] != old[_endpoint_of(path)]["token"]
     assert cache.misses == misses, "a request after the swap had to run its query"
-    # The small tier-list space (role x region) was enumerated before the publish, too.
+    # The small tier-list space (role x region) is enumerated right after the publish (an idle
+    # machine publishes as soon as the most requested keys are in).
+    warmer, store = demo.app[WARMER], demo.app[STORE]
+
+    async def tail_warmed() -> bool:
+        return warmer.last_tail is not None and warmer.last_tail.snapshot == store.current.id
+
+    await wait_for(tail_warmed, what="the after-publish warm")
     assert (await _raw(demo, "/v1/tierlist/top?region=kr"))[0] == 200
     assert cache.misses == misses
 
@@ -294,9 +301,9 @@ async def test_cached_and_warmed_bytes_equal_uncached(tmp_path: Path, serve: Any
     warmed_before = cached.app[SERVING].cache.warmed
     write_export(tmp_path, 2, size="small")
     for srv in (cached, uncached):
-        async def moved(s: Running = srv) -> bool:
-            return (await _pointer(s))["datasets"]["champion_stats"]["export_id"] == \
-                "export-000002"
+        async def moved(s: Running = srv) -> bool:  # every dataset (they may land apart)
+            datasets = (await _pointer(s))["datasets"].values()
+            return all(d["export_id"] == "export-000002" for d in datasets)
         await wait_for(moved, what="export 2")
     assert cached.app[SERVING].cache.warmed > warmed_before
     misses = cached.app[SERVING].cache.misses
@@ -375,6 +382,36 @@ async def test_warm_sql_answers_its_keys_before_the_first_request(demo: Running)
     assert cache.misses == misses
     assert (await _raw(demo, "/v1/champions/3/stats?role=mid&patch=25.01"))[0] == 200
     assert cache.misses == misses + 1  # an older patch: outside warm_sql, never asked for
+
+
+async def test_ready_only_once_the_first_versions_answers_are_warmed(tmp_path: Path,
+                                                                     serve: Any) -> None:
+    """A replica takes traffic (/readyz 200) only once its declared keys are answered: the
+    first version is published at once, and its warm_sql keys are computed after that."""
+    write_export(tmp_path, 1, size="small")
+    settings = load_settings(DEMO_CONFIG, {"DUCKSWAP_SOURCE__URL": f'"file://{tmp_path}"'})
+    srv: Running = await serve(settings)
+    seen: list[dict[str, Any]] = []
+
+    async def ready() -> bool:
+        status, body = await srv.get("/readyz")
+        if status != 200:
+            seen.append(body)
+        return status == 200
+
+    await wait_for(ready, what="/readyz")
+    warmer, store = srv.app[WARMER], srv.app[STORE]
+    assert warmer.last_tail is not None and warmer.last_tail.snapshot == store.current.id
+    assert warmer.last_tail.entries >= 12 * 5 * 5 * 2  # the champion_stats warm_sql keys
+    cache = srv.app[SERVING].cache
+    misses = cache.misses
+    assert (await _raw(srv, "/v1/champions/11/stats?role=support&rank=gold&region=euw"))[0] == 200
+    assert cache.misses == misses
+    assert all(b["error"] == "not_ready" for b in seen)
+    # The 503 a balancer sees meanwhile (the pass above may end before a poll catches it):
+    warmer.settled = False
+    status, body = await srv.get("/readyz")
+    assert status == 503 and body["warming"] is True and body["error"] == "not_ready"
 
 
 async def test_keys_without_time_before_publish_are_warmed_after_it(tmp_path: Path,

@@ -327,6 +327,7 @@ async def test_two_servers_agree_on_version_ids(tmp_path: Path, emulator: Emulat
     second = await serve(b.settings(staging_dir=str(tmp_path / "s2")))
     for srv in (first, second):
         await srv.wait_export("/v1/rows", 1)
+        await srv.wait_ready()
     ids = [(await srv.get("/readyz"))[1]["versions"] for srv in (first, second)]
     assert ids[0] == ids[1] and ids[0]["seqdata"]
 
@@ -369,11 +370,13 @@ async def test_restart_with_the_bucket_down_serves_the_cached_version(
     settings = b.settings()
     srv = await serve(settings)
     await srv.wait_export("/v1/rows", 1)
+    await srv.wait_ready()
     _, before = await srv.get("/readyz")
     await srv.stop()
     emulator.stop()
     again = await serve(settings)
     await again.wait_export("/v1/rows", 1, timeout=10)  # gcsfs alone retries ~30 s
+    await again.wait_ready(timeout=10)
     _, after = await again.get("/readyz")
     assert after["versions"] == before["versions"]
     assert after["data_age_s"]["seqdata"] >= before["data_age_s"]["seqdata"]
@@ -451,6 +454,8 @@ sql = "SELECT k, export_seq FROM seqdata ORDER BY k LIMIT 1"
 
         server = start()
         _wait(lambda: serving(1), 30, "the cached export 1 after the restart")
+        # Ready: its first warm (which spools next to the versions) is over.
+        _wait(lambda: _get(port, "/readyz")["status"] == "ready", 30, "/readyz")
         assert list(staged.iterdir()) == []
         state = json.loads((data / "state.json").read_text())
         named = {r["file"] for r in state["datasets"]["seqdata"]["versions"]}
