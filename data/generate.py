@@ -137,8 +137,8 @@ def _builds_sql() -> str:
 def _matchups_sql(size: Size) -> str:
     r = _rand("p.pi, o.oi, c.champion_id, e.champion_id, getvariable('seq')")
     return f"""
-    SELECT p.patch, o.role, c.champion_id, e.champion_id AS opponent_id,
-           CAST(30 + floor(1000 * {r}) AS BIGINT) AS games,
+    SELECT p.patch, o.role, c.champion_id, c.name AS champion, e.champion_id AS opponent_id,
+           e.name AS opponent, CAST(30 + floor(1000 * {r}) AS BIGINT) AS games,
            CAST(round((30 + floor(1000 * {r})) * (0.4 + 0.2 * {r})) AS BIGINT) AS wins,
            getvariable('seq')::INTEGER AS export_seq
     FROM patch_d p, role_d o, champ_d c, champ_d e
