@@ -468,7 +468,6 @@ class Warmer:
             spool.unlink(missing_ok=True)
         return report
 
-
     def _insert(self, chunks: list[list[tuple[tuple[str, tuple[Any, ...]], Entry]]]) -> None:
         """Hand answers to the event loop, which inserts them a chunk at a time between
         requests (one hand-off per HANDOFF_CHUNKS chunks: a busy loop answers each hand-off
