@@ -381,6 +381,9 @@ class Warmer:
             ))
         if not tasks:
             return WarmReport(snap.id)
+        # The answers of the version `old` replaced go now, not after this publish: the cache
+        # would otherwise hold three versions' answers at the peak of every swap.
+        self._keep_only(old, snap)
         done: list[set[tuple[Any, ...]]] = [set() for _ in tasks]
         # Waiting on a busy machine trades freshness for fewer misses; an endpoint not served
         # yet has no misses to spare, only 503s: publish it as soon as possible.
@@ -413,14 +416,8 @@ class Warmer:
 
     def _after_publish(self, snap: Snapshot) -> WarmReport | None:
         previous, self._previous = self._previous, None
-        loop = self.loop
-        if previous is not None and loop is not None:
-            # Only the served and the just-replaced versions keep their answers.
-            live = frozenset({
-                *endpoint_tokens(self.specs, self.fingerprints, snap).values(),
-                *endpoint_tokens(self.specs, self.fingerprints, previous).values()})
-            asyncio.run_coroutine_threadsafe(self.cache.retain(live), loop).add_done_callback(
-                _log_failure)
+        if previous is not None:  # only the served and the just-replaced versions' answers
+            self._keep_only(snap, previous)
         pending, self._tail = self._tail, None
         if pending is None or pending[0].id != snap.id:
             return None
@@ -467,6 +464,17 @@ class Warmer:
         finally:
             spool.unlink(missing_ok=True)
         return report
+
+    def _keep_only(self, *snaps: Snapshot) -> None:
+        """Have the event loop drop, between requests, the cached answers of every token
+        that is not one of `snaps`' (a `?v=` for them is the 307 anyway)."""
+        loop = self.loop
+        if loop is None:
+            return
+        live = frozenset(tok for s in snaps
+                         for tok in endpoint_tokens(self.specs, self.fingerprints, s).values())
+        asyncio.run_coroutine_threadsafe(self.cache.retain(live), loop).add_done_callback(
+            _log_failure)
 
     def _insert(self, chunks: list[list[tuple[tuple[str, tuple[Any, ...]], Entry]]]) -> None:
         """Hand answers to the event loop, which inserts them a chunk at a time between

@@ -177,6 +177,33 @@ async def test_answers_of_versions_older_than_the_previous_are_dropped(demo: Run
     assert (await _raw(demo, f"{STATS}&v={tokens[1]}"))[0] == 200  # the just-replaced one
 
 
+async def test_a_swap_never_holds_three_versions_answers(demo: Running, tmp_path: Path) -> None:
+    """The version before the served one loses its answers before the next one's are put in,
+    so a swap's memory peak is two versions' answers, not three."""
+    cache = demo.app[SERVING].cache
+    seen: list[set[str]] = []  # the tokens cached whenever warmed answers go in
+    put_many = cache.put_many
+
+    def recording(items: Any) -> int:
+        n = put_many(items)
+        seen.append(cache.tokens())
+        return n
+
+    cache.put_many = recording  # type: ignore[method-assign]
+    tokens = [(await _pointer(demo))["endpoints"]["champion_stats"]["token"]]
+    for seq in (2, 3, 4):
+        assert (await _raw(demo, STATS))[0] == 200  # a hot key: warmed before each publish
+        write_export(tmp_path, seq, size="small")
+
+        async def moved() -> bool:
+            return (await _pointer(demo))["endpoints"]["champion_stats"]["token"] not in tokens
+
+        await wait_for(moved, what=f"export {seq}")
+        tokens.append((await _pointer(demo))["endpoints"]["champion_stats"]["token"])
+    assert len(seen) >= 3
+    assert max(len(t & set(tokens)) for t in seen) == 2
+
+
 def _two_datasets(root: Path) -> Settings:
     cols = {"k": "INTEGER", "export_seq": "INTEGER", "label": "VARCHAR"}
     return parse_settings({
