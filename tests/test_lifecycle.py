@@ -226,6 +226,7 @@ async def test_startup_removes_what_a_crash_left(tmp_path: Path, serve: Any) -> 
     kept = {p.name for p in (data / "versions").iterdir() if "-999-" not in p.name}
     srv = await serve(settings)
     await srv.wait_export("/v1/rows", 1)
+    await srv.stop()  # a state save in flight writes state.tmp too: let it finish
     assert list((data / "staging").iterdir()) == []
     assert {p.name for p in (data / "versions").iterdir()} == kept
     assert not (data / "state.tmp").exists()

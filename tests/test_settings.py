@@ -98,6 +98,7 @@ def _write(tmp_path: Path, raw: dict[str, Any]) -> Path:
         ("server.build_nice", 25, "server.build_nice", "0-19"),
         ("server.build_idle", "yes", "server.build_idle", "expected"),
         ("server.cache_mb", -1, "server.cache_mb", "must not be negative"),
+        ("server.event_loop", "trio", "server.event_loop", "expected one of auto, uvloop"),
     ],
 )
 def test_config_errors_name_the_key(path: str, value: Any, key: str, problem: str) -> None:
@@ -194,15 +195,20 @@ def test_serve_refuses_a_wrong_config(tmp_path: Path) -> None:
     assert f"{bad}: endpoints.one.datasets: reads undeclared dataset 'builds'" in res.stderr
 
 
-@pytest.mark.parametrize("access_log", [None, "true"])
-def test_access_log_is_off_unless_configured(tmp_path: Path, access_log: str | None) -> None:
-    """Per-request log lines cost the event loop more than a cached answer: opt-in only."""
+@pytest.mark.parametrize(("access_log", "event_loop"), [(None, None), ("true", "asyncio")])
+def test_access_log_and_event_loop_follow_the_config(
+    tmp_path: Path, access_log: str | None, event_loop: str | None
+) -> None:
+    """Per-request log lines cost the event loop more than a cached answer: opt-in only. The
+    loop is uvloop unless `server.event_loop` asks for asyncio's own."""
     config = seq_config_file(tmp_path, tmp_path / "data")
     write_seq_export(tmp_path / "src", 1)
     port = free_port()
     env = {**os.environ, "DUCKSWAP_SERVER__PORT": str(port)}
     if access_log is not None:
         env["DUCKSWAP_SERVER__ACCESS_LOG"] = access_log
+    if event_loop is not None:
+        env["DUCKSWAP_SERVER__EVENT_LOOP"] = event_loop
     server = subprocess.Popen([sys.executable, "-m", "serving.cli", "serve", "--config",
                                str(config)], env=env, stderr=subprocess.PIPE, text=True)
     try:
@@ -220,4 +226,5 @@ def test_access_log_is_off_unless_configured(tmp_path: Path, access_log: str | N
         _, err = server.communicate(timeout=30)
     logged = [line for line in err.splitlines() if '"GET /v1/rows' in line]
     assert ("aiohttp.access" in "".join(logged)) == (access_log is not None), err[-2000:]
+    assert f"event loop: {event_loop or 'uvloop'}." in err, err[-2000:]
 
