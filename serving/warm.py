@@ -343,6 +343,7 @@ class Warmer:
         self._batch = dict(batch)
         self.last: WarmReport | None = None
         self.last_tail: WarmReport | None = None
+        self._previous: Snapshot | None = None  # served before the Snapshot being published
         # True once the first publish's after-publish pass has ended: until then a cold
         # replica would meet its first traffic with a cache miss per declared key (/readyz).
         self.settled = False
@@ -360,6 +361,7 @@ class Warmer:
     def __call__(self, snap: Snapshot) -> WarmReport:
         """Before publish: the most requested keys first, within `seconds`."""
         self._tail = None
+        self._previous = self.store.current
         start = time.perf_counter()
         old = self.store.current
         tasks: list[WarmTask] = []
@@ -379,6 +381,9 @@ class Warmer:
             ))
         if not tasks:
             return WarmReport(snap.id)
+        # The answers of the version `old` replaced go now, not after this publish: the cache
+        # would otherwise hold three versions' answers at the peak of every swap.
+        self._keep_only(old, snap)
         done: list[set[tuple[Any, ...]]] = [set() for _ in tasks]
         # Waiting on a busy machine trades freshness for fewer misses; an endpoint not served
         # yet has no misses to spare, only 503s: publish it as soon as possible.
@@ -410,11 +415,9 @@ class Warmer:
             self.settled = True
 
     def _after_publish(self, snap: Snapshot) -> WarmReport | None:
-        # The replaced version's answers go now: kept until the next swap, they made two
-        # versions' answers the steady state and the tail's insertion a third one's worth of
-        # peak (peak RSS 1.61-1.64x the steady state at 100 req/s; dropped here: 1.29x). A
-        # `?v=` for it gets the 307 to the served token, like any version not held.
-        self._keep_only(snap)
+        previous, self._previous = self._previous, None
+        if previous is not None:  # only the served and the just-replaced versions' answers
+            self._keep_only(snap, previous)
         pending, self._tail = self._tail, None
         if pending is None or pending[0].id != snap.id:
             return None
@@ -462,13 +465,14 @@ class Warmer:
             spool.unlink(missing_ok=True)
         return report
 
-    def _keep_only(self, snap: Snapshot) -> None:
-        """Have the event loop drop, between requests, the cached answers of every token that
-        is not one of `snap`'s endpoints' (a `?v=` for them gets the 307)."""
+    def _keep_only(self, *snaps: Snapshot) -> None:
+        """Have the event loop drop, between requests, the cached answers of every token
+        that is not one of `snaps`' (a `?v=` for them is the 307 anyway)."""
         loop = self.loop
         if loop is None:
             return
-        live = frozenset(endpoint_tokens(self.specs, self.fingerprints, snap).values())
+        live = frozenset(tok for s in snaps
+                         for tok in endpoint_tokens(self.specs, self.fingerprints, s).values())
         asyncio.run_coroutine_threadsafe(self.cache.retain(live), loop).add_done_callback(
             _log_failure)
 
