@@ -89,15 +89,15 @@ def new_event_loop(choice: str) -> asyncio.AbstractEventLoop:
     """The loop `server.event_loop` asks for. uvloop (libuv) spends less CPU per request than
     asyncio's own loop: at 2000 req/s on a 2-core box with k6 beside it, a bare aiohttp handler
     0.34-0.38 against 0.45-0.52 cores, the overlay mix 0.80-0.82 against 0.85-0.89."""
-    if choice != "asyncio":
-        try:
-            import uvloop
-        except ImportError:
-            if choice == "uvloop":  # settings checked it is installed; a broken install
-                raise
-        else:
-            return uvloop.new_event_loop()
-    return asyncio.new_event_loop()
+    if choice == "asyncio":
+        return asyncio.new_event_loop()
+    try:
+        import uvloop
+    except ImportError:
+        if choice == "uvloop":  # settings checked it is installed: a broken install
+            raise
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
 
 
 async def _log_event_loop(app: web.Application) -> None:

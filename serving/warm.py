@@ -343,7 +343,6 @@ class Warmer:
         self._batch = dict(batch)
         self.last: WarmReport | None = None
         self.last_tail: WarmReport | None = None
-        self._previous: Snapshot | None = None  # served before the Snapshot being published
         # True once the first publish's after-publish pass has ended: until then a cold
         # replica would meet its first traffic with a cache miss per declared key (/readyz).
         self.settled = False
@@ -361,9 +360,12 @@ class Warmer:
     def __call__(self, snap: Snapshot) -> WarmReport:
         """Before publish: the most requested keys first, within `seconds`."""
         self._tail = None
-        self._previous = self.store.current
         start = time.perf_counter()
         old = self.store.current
+        # Only the served version and this one keep their answers: the version `old` replaced
+        # loses them now, before anything is inserted, so a swap holds two versions' answers at
+        # its peak, not three (and this one pass, on every publish, is the only prune).
+        self._keep_only(old, snap)
         tasks: list[WarmTask] = []
         for name, spec in self.endpoints.items():
             versions = snap.version_ids(spec.datasets)
@@ -381,9 +383,6 @@ class Warmer:
             ))
         if not tasks:
             return WarmReport(snap.id)
-        # The answers of the version `old` replaced go now, not after this publish: the cache
-        # would otherwise hold three versions' answers at the peak of every swap.
-        self._keep_only(old, snap)
         done: list[set[tuple[Any, ...]]] = [set() for _ in tasks]
         # Waiting on a busy machine trades freshness for fewer misses; an endpoint not served
         # yet has no misses to spare, only 503s: publish it as soon as possible.
@@ -415,9 +414,6 @@ class Warmer:
             self.settled = True
 
     def _after_publish(self, snap: Snapshot) -> WarmReport | None:
-        previous, self._previous = self._previous, None
-        if previous is not None:  # only the served and the just-replaced versions' answers
-            self._keep_only(snap, previous)
         pending, self._tail = self._tail, None
         if pending is None or pending[0].id != snap.id:
             return None
