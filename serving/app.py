@@ -9,6 +9,7 @@ import hashlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from serving.admin import add_routes
 from serving.batcher import Batcher
 from serving.cache import Popularity, ResponseCache
 from serving.errors import ApiError, BadParameter, MethodNotAllowed, NotFound, NotReady
+from serving.fold import Constants, fold_endpoints
 from serving.metrics import CONTENT_TYPE, CollectorRegistry, Metrics, render
 from serving.params import ParamError, bind_params, cache_key
 from serving.query import QueryRunner
@@ -99,8 +101,15 @@ class Serving:
         self.popularity = Popularity(settings.warm_keys)
         self._tokens: dict[int, dict[str, str]] = {}
         self._pointer: tuple[int, bytes, str] | None = None
-        self.batch_sql = {n: batch_sql(e) for n, e in settings.endpoints.items()}
-        self.batcher = Batcher(runner)
+        # Constant subqueries run once per version, not per query (see `serving.fold`); the
+        # batched plans are of the folded SQL.
+        self.constants = Constants(fold_endpoints(settings))
+        folded = self.constants.folded
+        self.batch_sql = {
+            n: batch_sql(replace(e, sql=folded[n].sql) if n in folded else e)
+            for n, e in settings.endpoints.items()
+        }
+        self.batcher = Batcher(runner, self.constants)
 
     def tokens(self, snap: Snapshot) -> dict[str, str]:
         """Token of every endpoint whose datasets are all loaded in `snap` (memoised)."""
@@ -207,7 +216,7 @@ async def _compute(app: web.Application, spec: EndpointSpec, snap: Snapshot, tok
         if sql is not None and spec.name not in serving.batcher.disabled:
             result = await serving.batcher.run(spec, sql, snap, params)
         else:
-            result = await app[RUNNER].run(spec.sql, spec.datasets, params, spec.row_limit, snap)
+            result = await app[RUNNER].run_endpoint(spec, params, serving.constants, snap)
         versions = snap.version_ids(spec.datasets)
         entry = (
             encode_body(spec, tok, versions, result.columns, result.rows, result.truncated),
@@ -343,7 +352,7 @@ def create_app(settings: Settings) -> web.Application:
     warmer = Warmer(store, serving.cache, serving.popularity, settings.endpoints,
                     serving.fingerprints, serving.batch_sql, settings.warm_seconds,
                     settings.warm_keys, builder, settings.threads, settings.warm_tail_seconds,
-                    settings.warm_busy_seconds)
+                    settings.warm_busy_seconds, serving.constants.folded)
     app[SETTINGS] = settings
     app[STORE] = store
     app[SERVING] = serving

@@ -15,6 +15,7 @@ from typing import Any
 
 from loaders.snapshot import Snapshot
 from serving.errors import QueryFailed
+from serving.fold import Constants
 from serving.query import QueryRunner, Result
 from serving.settings import EndpointSpec
 from serving.warm import BatchPlan
@@ -25,8 +26,9 @@ log = logging.getLogger("duckswap.server")
 
 
 class Batcher:
-    def __init__(self, runner: QueryRunner) -> None:
+    def __init__(self, runner: QueryRunner, constants: Constants) -> None:
         self.runner = runner
+        self.constants = constants
         self._pending: dict[tuple[str, int], list[tuple[dict[str, Any], asyncio.Future[Any]]]] = {}
         self._running: set[tuple[str, int]] = set()
         self.disabled: set[str] = set()
@@ -61,7 +63,7 @@ class Batcher:
 
     async def _single(self, spec: EndpointSpec, snap: Snapshot,
                       params: dict[str, Any]) -> Result:
-        return await self.runner.run(spec.sql, spec.datasets, params, spec.row_limit, snap)
+        return await self.runner.run_endpoint(spec, params, self.constants, snap)
 
     async def _drain(self, spec: EndpointSpec, sql: BatchPlan, snap: Snapshot,
                      k: tuple[str, int]) -> None:
@@ -75,7 +77,7 @@ class Batcher:
                 self.batched += len(batch)
                 try:
                     results: list[Result | None] = await self.runner.run_batch(
-                        spec, sql, [p for p, _ in batch], snap)
+                        spec, sql, [p for p, _ in batch], snap, self.constants)
                 except QueryFailed as exc:  # DuckDB refused the batched form: go key by key
                     log.warning("batched query of %s failed (%s); answering it key by key",
                                 spec.name, exc.message)

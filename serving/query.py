@@ -17,6 +17,7 @@ from serving.errors import NotReady, QueryFailed, QueryTimeout
 from serving.settings import EndpointSpec
 
 if TYPE_CHECKING:
+    from serving.fold import Constants
     from serving.warm import BatchPlan
 
 T = TypeVar("T")
@@ -81,13 +82,41 @@ class QueryRunner:
         result.versions = snap.version_ids(datasets)
         return result
 
+    async def run_endpoint(self, spec: EndpointSpec, params: dict[str, Any],
+                           constants: Constants, snapshot: Snapshot | None = None) -> Result:
+        """`run` of an endpoint's SQL, with its constant subqueries bound to their values on
+        the Snapshot (see `serving.fold`), or as written where they have none there."""
+        snap = self._hold(spec.datasets, snapshot)
+
+        def work(cur: duckdb.DuckDBPyConnection) -> Result:
+            fixed = constants.values(cur, snap.id, spec.name)
+            if fixed is None:
+                return execute(cur, spec.sql, params, spec.row_limit)
+            return execute(cur, constants.folded[spec.name].sql, {**params, **fixed},
+                           spec.row_limit)
+
+        result = await self._submit(snap, work)
+        result.versions = snap.version_ids(spec.datasets)
+        return result
+
     async def run_batch(
         self, spec: EndpointSpec, plan: BatchPlan, keys: list[dict[str, Any]],
-        snapshot: Snapshot,
+        snapshot: Snapshot, constants: Constants,
     ) -> list[Result | None]:
-        """Many parameter sets of one endpoint in one query; see `execute_batch`."""
+        """Many parameter sets of one endpoint in one query; see `execute_batch`. `plan` is
+        of the folded SQL where the endpoint has constants; on a Snapshot where they fail,
+        every key gets None (each is then answered by the SQL as written)."""
         snap = self._hold(spec.datasets, snapshot)
-        return await self._submit(snap, lambda cur: execute_batch(cur, spec, plan, keys))
+
+        def work(cur: duckdb.DuckDBPyConnection) -> list[Result | None]:
+            fixed: dict[str, Any] | None = {}
+            if spec.name in constants.folded:
+                fixed = constants.values(cur, snap.id, spec.name)
+                if fixed is None:
+                    return [None] * len(keys)
+            return execute_batch(cur, spec, plan, keys, fixed)
+
+        return await self._submit(snap, work)
 
     def _hold(self, datasets: tuple[str, ...], snapshot: Snapshot | None) -> Snapshot:
         store = self.store
@@ -141,9 +170,10 @@ _ARROW = {"int": pa.int64(), "float": pa.float64(), "string": pa.string(), "enum
 
 def execute_batch(
     cur: duckdb.DuckDBPyConnection, spec: EndpointSpec, plan: BatchPlan,
-    keys: list[dict[str, Any]],
+    keys: list[dict[str, Any]], fixed: dict[str, Any] | None = None,
 ) -> list[Result | None]:
     """Answer many parameter sets of one endpoint in one query per group of LIMIT values.
+    `fixed`: parameters bound alike for every key (constants, see `serving.fold`).
     A key whose answer has more rows than the row limit gets None: which rows are kept is the
     single query's business."""
     groups: dict[tuple[Any, ...], list[int]] = {}
@@ -160,7 +190,7 @@ def execute_batch(
                                      pa.list_(t) if p.is_list else t)
         cur.register("__keys", pa.table(columns))
         try:
-            cur.execute(plan.sql, dict(zip(plan.bound, values, strict=True)))
+            cur.execute(plan.sql, {**dict(zip(plan.bound, values, strict=True)), **(fixed or {})})
             names = [d[0] for d in cur.description or []][1:]
             rows = []
             # Converting rows to Python holds the GIL: in chunks, so the event loop gets it

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import duckdb
 
 from loaders.build import quote_ident
-from serving.settings import ConfigError, Settings
+from serving.settings import ConfigError, EndpointSpec, Settings
 
 
-def check_sql(settings: Settings) -> None:
-    """Raise ConfigError naming the endpoint's `sql` key if its SQL does not prepare."""
+@contextmanager
+def declared_tables(settings: Settings) -> Iterator[duckdb.DuckDBPyConnection]:
+    """An in-memory database with an empty table per declared dataset (its declared columns).
+    Raises ConfigError naming the `columns` key of a type DuckDB does not know."""
     con = duckdb.connect()
     try:
         for ds in settings.datasets.values():
@@ -20,26 +25,41 @@ def check_sql(settings: Settings) -> None:
                 raise ConfigError(
                     settings.file, f"datasets.{ds.name}.columns", f"invalid column type: {exc}"
                 ) from None
+        yield con
+    finally:
+        con.close()
+
+
+@contextmanager
+def only(con: duckdb.DuckDBPyConnection, settings: Settings,
+         spec: EndpointSpec) -> Iterator[None]:
+    """Within this block only the endpoint's declared datasets exist in `con`, so SQL that
+    reads another one fails to bind."""
+    con.execute("BEGIN")
+    try:
+        for other in settings.datasets:
+            if other not in spec.datasets:
+                con.execute(f"DROP TABLE {quote_ident(other)}")
+        yield
+    finally:
+        con.execute("ROLLBACK")
+
+
+def check_sql(settings: Settings) -> None:
+    """Raise ConfigError naming the endpoint's `sql` key if its SQL does not prepare."""
+    with declared_tables(settings) as con:
         for ep in settings.endpoints.values():
+            key = f"endpoints.{ep.name}.sql"
             try:
-                # Only the declared datasets are visible, so reading another one fails here too.
-                con.execute("BEGIN")
-                for other in settings.datasets:
-                    if other not in ep.datasets:
-                        con.execute(f"DROP TABLE {quote_ident(other)}")
-                key = f"endpoints.{ep.name}.sql"
-                con.execute(f"PREPARE duckswap_check AS {ep.sql}")
-                if ep.warm_sql:
-                    key = f"endpoints.{ep.name}.warm_sql"
-                    cur = con.execute(f"SELECT * FROM ({ep.warm_sql}) LIMIT 0")
-                    extra = [d[0] for d in cur.description or [] if d[0] not in ep.params]
-                    if extra:
-                        raise ConfigError(settings.file, key,
-                                          f"column {extra[0]!r} is not a parameter")
+                with only(con, settings, ep):
+                    con.execute(f"PREPARE duckswap_check AS {ep.sql}")
+                    if ep.warm_sql:
+                        key = f"endpoints.{ep.name}.warm_sql"
+                        cur = con.execute(f"SELECT * FROM ({ep.warm_sql}) LIMIT 0")
+                        extra = [d[0] for d in cur.description or [] if d[0] not in ep.params]
+                        if extra:
+                            raise ConfigError(settings.file, key,
+                                              f"column {extra[0]!r} is not a parameter")
             except duckdb.Error as exc:
                 first = str(exc).splitlines()[0]
                 raise ConfigError(settings.file, key, f"SQL does not prepare: {first}") from None
-            finally:
-                con.execute("ROLLBACK")
-    finally:
-        con.close()

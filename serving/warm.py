@@ -28,8 +28,9 @@ import duckdb
 
 from loaders.build import quote_ident, quote_literal
 from loaders.builder import Builder
-from loaders.snapshot import Snapshot, Store
+from loaders.snapshot import QUERY_CONFIG, Snapshot, Store
 from serving.cache import Popularity, ResponseCache
+from serving.fold import Folded, evaluate
 from serving.params import ParamError, cache_key, default_value, parse_value
 from serving.query import Result, execute, execute_batch
 from serving.responses import (
@@ -146,11 +147,13 @@ def batch_sql(spec: EndpointSpec) -> BatchPlan | None:
             return None
         order = "".join(", " + o for o in orders)
     text = spec.sql.encode()
-    bound = sorted({name for _, _, name, in_limit in found if in_limit})
+    # A parameter that is not a request's (a constant, see `serving.fold`) stays bound: it
+    # is the same for every key.
+    bound = sorted({name for _, _, name, in_limit in found if in_limit and name in spec.params})
     for loc, length, name, in_limit in sorted(found, reverse=True):
         if text[loc:loc + length] != f"${name}".encode():
             return None  # offsets not as expected: do not guess
-        if not in_limit:
+        if not in_limit and name in spec.params:
             text = text[:loc] + f"__k.{quote_ident(name)}".encode() + text[loc + length:]
     sql = (
         "SELECT __k.__i, __q.* FROM __keys AS __k, LATERAL (SELECT * FROM ("
@@ -306,8 +309,9 @@ class WarmTask:
     spec: EndpointSpec
     token: str
     versions: dict[str, str]
-    plan: BatchPlan | None
+    plan: BatchPlan | None  # of `folded`'s SQL where there is one
     hot: list[tuple[dict[str, Any], int]]  # the most requested keys, with their counts
+    folded: Folded | None = None  # its constant subqueries as parameters (`serving.fold`)
 
 
 WarmItem = tuple[tuple[Any, ...], bytes, str]  # (cache key, body, ETag)
@@ -325,7 +329,7 @@ class Warmer:
                  endpoints: Mapping[str, EndpointSpec], fingerprints: Mapping[str, bytes],
                  batch: Mapping[str, BatchPlan | None], seconds: float, keys: int,
                  builder: Builder, threads: int = 2, tail_seconds: float = 0.0,
-                 busy_seconds: float = 0.0) -> None:
+                 busy_seconds: float = 0.0, folded: Mapping[str, Folded] | None = None) -> None:
         self.store = store
         self.cache = cache
         self.popularity = popularity
@@ -341,6 +345,7 @@ class Warmer:
         self._tail: tuple[Snapshot, list[WarmTask], list[set[tuple[Any, ...]]]] | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self._batch = dict(batch)
+        self.folded = dict(folded or {})
         self.last: WarmReport | None = None
         self.last_tail: WarmReport | None = None
         # True once the first publish's after-publish pass has ended: until then a cold
@@ -380,6 +385,7 @@ class Warmer:
                 token(self.fingerprints[name], versions), versions, self._batch.get(name),
                 [({n: list(v) if isinstance(v, tuple) else v
                    for n, v in zip(names, k, strict=True)}, count) for k, count in hot],
+                self.folded.get(name),
             ))
         if not tasks:
             return WarmReport(snap.id)
@@ -507,7 +513,7 @@ def compute(files: dict[str, str], tasks: list[WarmTask], seconds: float, thread
     ETag)]) chunks to `spool`. Keys in `skip[i]` (already warmed) are left out."""
     budget = Budget(seconds, busy_seconds, busy_share)
     report = WarmReport(0)
-    con = duckdb.connect(config={"threads": threads})
+    con = duckdb.connect(config={"threads": threads, **QUERY_CONFIG})
     # 10^5 answers and keys are built here and live until the spool is written: full
     # collections over them took 50-120 ms each, several per warm. Nothing here makes cycles.
     gc.disable()
@@ -517,6 +523,8 @@ def compute(files: dict[str, str], tasks: list[WarmTask], seconds: float, thread
             con.execute(f"ATTACH {quote_literal(path)} AS w_{i} (READ_ONLY)")
             con.execute(f"CREATE VIEW {quote_ident(dataset)} AS SELECT * FROM w_{i}.main.data")
         jobs = [_Job(i, t) for i, t in enumerate(tasks)]
+        for job in jobs:
+            job.bind(con)
         with open(spool, "wb") as out:
             spooler = _Spooler(out, max_bytes, report)
             # The most requested keys first, hottest first, before anything is enumerated, and
@@ -573,12 +581,22 @@ def _rounds(con: duckdb.DuckDBPyConnection, jobs: list[_Job],
         for _, _, i, w in round_:
             per_job.setdefault(i, []).append(w)
         for i, keys in per_job.items():
-            task = jobs[i].task
-            for k, ck, _ in _batched(con, jobs[i], keys, spooler):
-                if expired() or spooler.full:
+            job = jobs[i]
+            for k, ck, _ in _batched(con, job, keys, spooler):
+                if job.failed or expired() or spooler.full:
                     report.skipped += 1
                     continue
-                spooler.add(jobs[i], ck, execute(con, task.spec.sql, k, task.spec.row_limit))
+                try:
+                    result = execute(con, job.sql, {**k, **job.fixed}, job.task.spec.row_limit)
+                except duckdb.Error as exc:
+                    # Its other keys are left to requests, each of which gets its own answer
+                    # or error; the rest of the warm goes on.
+                    job.failed = True
+                    report.skipped += 1
+                    log.warning("warm query of %s failed (%s); its other keys are left to "
+                                "requests", job.task.spec.name, str(exc).splitlines()[0])
+                    continue
+                spooler.add(job, ck, result)
                 report.single += 1
 
 
@@ -611,7 +629,7 @@ def _batched(con: duckdb.DuckDBPyConnection, job: _Job, keys: list[Want],
     if plan is None:
         return keys
     try:
-        results = execute_batch(con, job.task.spec, plan, [w[0] for w in keys])
+        results = execute_batch(con, job.task.spec, plan, [w[0] for w in keys], job.fixed)
     except duckdb.Error as exc:
         log.warning("batched warm of %s failed (%s); warming key by key",
                     job.task.spec.name, type(exc).__name__)
@@ -636,12 +654,28 @@ class _Job:
     index: int
     task: WarmTask
     unbatched: bool = False  # its batched query failed: key by key from now
+    failed: bool = False  # a single query failed: its other keys are left to requests
     pending: list[WarmItem] = field(default_factory=list)
     encode: BodyEncoder = field(init=False, repr=False)
+    sql: str = field(init=False)  # what each single query runs, with `fixed` bound
+    fixed: dict[str, Any] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         t = self.task
         self.encode = BodyEncoder(t.spec, t.token, t.versions)
+        self.sql = t.spec.sql
+
+    def bind(self, con: duckdb.DuckDBPyConnection) -> None:
+        """Compute the endpoint's constants on this version (`serving.fold`); where they
+        fail, run its SQL as written, key by key."""
+        folded = self.task.folded
+        if folded is None:
+            return
+        fixed = evaluate(con, folded)
+        if fixed is None:
+            self.unbatched = True  # the batched plan is of the folded SQL
+        else:
+            self.sql, self.fixed = folded.sql, fixed
 
 
 class _Spooler:

@@ -1,0 +1,201 @@
+"""Per-version constants: an endpoint's uncorrelated scalar subqueries, computed once per version.
+
+`WHERE m.patch = (SELECT max(patch) FROM patches)` is the same value for every request on one
+Snapshot, yet DuckDB plans and runs it on every query as a join against its one-row result:
+~0.9-1.1 ms of a 2-3.5 ms matchup lookup on the demo data. An answer is already a pure function
+of the versions the endpoint reads (that is what the response cache keys on), so such a
+subquery is folded: the endpoint runs with `CAST($__duckswap_c0 AS VARCHAR)` in its place,
+bound to the value computed once per Snapshot (on the request path, in the batched form and in
+the warm alike). Folded only when it is safe to: the subquery binds on its own against the
+endpoint's declared datasets (so it reads nothing of the outer query), takes no `$parameter`,
+the statement defines no CTE (a CTE could shadow a table name), and its type is a plain scalar
+that survives a round trip through a bound parameter. A value that fails on some version (more
+than one row, say) makes that version run the SQL as written, so its answer or its error is the
+one it always was.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import threading
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import duckdb
+
+from serving.settings import ConfigError, EndpointSpec, Settings
+from serving.sqlcheck import declared_tables, only
+
+log = logging.getLogger("duckswap.fold")
+
+PREFIX = "__duckswap_c"
+# Types whose values come back from DuckDB as Python objects that bind back to the same value.
+_SCALAR = re.compile(
+    r"(BOOLEAN|TINYINT|SMALLINT|INTEGER|BIGINT|HUGEINT|UTINYINT|USMALLINT|UINTEGER|UBIGINT|"
+    r"FLOAT|DOUBLE|DECIMAL\(\d+,\d+\)|VARCHAR|DATE|TIME|TIMESTAMP|UUID)"
+)
+_MEMO = 16  # Snapshots whose constants are kept (the served, staged and retiring ones)
+
+
+@dataclass(frozen=True)
+class Constant:
+    name: str  # the parameter it is bound as
+    sql: str  # `SELECT (subquery)`: its value on a Snapshot
+
+
+@dataclass(frozen=True)
+class Folded:
+    """An endpoint's SQL with its constant subqueries as bound parameters."""
+
+    sql: str
+    constants: tuple[Constant, ...]
+
+
+def fold_endpoints(settings: Settings) -> dict[str, Folded]:
+    """The endpoints that have constant subqueries, folded."""
+    out: dict[str, Folded] = {}
+    try:
+        with declared_tables(settings) as con:
+            for name, spec in settings.endpoints.items():
+                with only(con, settings, spec):
+                    folded = fold(con, spec)
+                if folded is not None:
+                    out[name] = folded
+                    log.info("endpoint %s: %d subquer%s computed once per version", name,
+                             len(folded.constants), "y" if len(folded.constants) == 1 else "ies")
+    except ConfigError:  # an unknown column type: check-config names it; fold nothing
+        return {}
+    return out
+
+
+def fold(con: duckdb.DuckDBPyConnection, spec: EndpointSpec) -> Folded | None:
+    """`spec.sql` with its constant subqueries replaced, or None if it has none. `con` holds
+    the endpoint's datasets as (empty) tables with the declared columns."""
+    try:
+        row = con.execute("SELECT json_serialize_sql($q)", {"q": spec.sql}).fetchone()
+    except duckdb.Error:
+        return None
+    doc: dict[str, Any] = json.loads(row[0]) if row else {"error": True}
+    if doc.get("error") or len(doc.get("statements", [])) != 1 or _has_cte(doc):
+        return None
+    text = spec.sql.encode()
+    spans: list[tuple[int, int, str]] = []  # (start, end, type) of each folded subquery
+
+    def walk(node: Any) -> None:
+        if isinstance(node, list):
+            for v in node:
+                walk(v)
+            return
+        if not isinstance(node, dict):
+            return
+        if node.get("class") == "SUBQUERY" and node.get("subquery_type") == "SCALAR":
+            start = node.get("query_location")
+            end = start + node.get("query_location_length", 0) if start is not None else None
+            if start is not None and end is not None and not _has_parameter(node):
+                sub = text[start:end].decode(errors="replace")
+                kind = _constant_type(con, sub) if sub.startswith("(") and \
+                    sub.endswith(")") else None
+                if kind is not None:
+                    spans.append((start, end, kind))
+                    return  # the whole subquery is one value: nothing inside to fold
+        for v in node.values():
+            walk(v)
+
+    walk(doc)
+    if not spans:
+        return None
+    names: dict[bytes, str] = {}  # one parameter per distinct subquery, in order of appearance
+    constants: list[Constant] = []
+    i = 0
+    for start, end, _ in sorted(spans):
+        sub = text[start:end]
+        if sub not in names:
+            while f"{PREFIX}{i}" in spec.params:
+                i += 1
+            names[sub] = f"{PREFIX}{i}"
+            constants.append(Constant(names[sub], f"SELECT {sub.decode()}"))
+            i += 1
+    for start, end, kind in sorted(spans, reverse=True):
+        text = text[:start] + f"CAST(${names[text[start:end]]} AS {kind})".encode() + text[end:]
+    folded = Folded(text.decode(), tuple(constants))
+    try:  # the rewritten statement must prepare as the original did
+        con.execute(f"PREPARE duckswap_fold AS {folded.sql}")
+        con.execute("DEALLOCATE duckswap_fold")
+    except duckdb.Error:
+        return None
+    return folded
+
+
+def _has_cte(node: Any) -> bool:
+    if isinstance(node, dict):
+        cte = node.get("cte_map")
+        if isinstance(cte, dict) and cte.get("map"):
+            return True
+        return any(_has_cte(v) for v in node.values())
+    if isinstance(node, list):
+        return any(_has_cte(v) for v in node)
+    return False
+
+
+def _has_parameter(node: Any) -> bool:
+    if isinstance(node, dict):
+        return node.get("class") == "PARAMETER" or any(_has_parameter(v) for v in node.values())
+    if isinstance(node, list):
+        return any(_has_parameter(v) for v in node)
+    return False
+
+
+def _constant_type(con: duckdb.DuckDBPyConnection, sub: str) -> str | None:
+    """The subquery's type if it binds on its own (reads none of the outer query) and is a
+    plain scalar; else None."""
+    try:
+        row = con.execute(f"SELECT typeof({sub})").fetchone()
+    except duckdb.Error:
+        return None
+    kind = str(row[0]) if row else ""
+    return kind if _SCALAR.fullmatch(kind) else None
+
+
+def evaluate(cur: duckdb.DuckDBPyConnection, folded: Folded) -> dict[str, Any] | None:
+    """The constants' values on the Snapshot `cur` reads; None if one fails there."""
+    values: dict[str, Any] = {}
+    try:
+        for c in folded.constants:
+            row = cur.execute(c.sql).fetchone()
+            values[c.name] = row[0] if row else None
+    except duckdb.Error as exc:
+        log.warning("a constant subquery failed (%s); this version runs the SQL as written",
+                    str(exc).splitlines()[0])
+        return None
+    return values
+
+
+class Constants:
+    """The folded endpoints and their constants' values per Snapshot (computed on first use,
+    on the cursor that needs them; thread-safe)."""
+
+    def __init__(self, folded: Mapping[str, Folded]) -> None:
+        self.folded = dict(folded)
+        self._values: OrderedDict[tuple[int, str], dict[str, Any] | None] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def values(self, cur: duckdb.DuckDBPyConnection, snap_id: int,
+               endpoint: str) -> dict[str, Any] | None:
+        """`cur` reads Snapshot `snap_id`. None: run the endpoint's SQL as written."""
+        folded = self.folded.get(endpoint)
+        if folded is None:
+            return None
+        key = (snap_id, endpoint)
+        with self._lock:
+            if key in self._values:
+                return self._values[key]
+        got = evaluate(cur, folded)
+        with self._lock:
+            self._values[key] = got
+            while len(self._values) > _MEMO * max(1, len(self.folded)):
+                self._values.popitem(last=False)
+        return got
