@@ -165,8 +165,10 @@ def evaluate(cur: duckdb.DuckDBPyConnection, folded: Folded) -> dict[str, Any] |
     values: dict[str, Any] = {}
     try:
         for c in folded.constants:
-            row = cur.execute(c.sql).fetchone()
-            values[c.name] = row[0] if row else None
+            # fetchall, not fetchone: a result left unfinished makes DuckDB refuse other
+            # work on the cursor (registering the warm's `__keys`, say)
+            rows = cur.execute(c.sql).fetchall()
+            values[c.name] = rows[0][0] if rows else None
     except duckdb.Error as exc:
         log.warning("a constant subquery failed (%s); this version runs the SQL as written",
                     str(exc).splitlines()[0])
