@@ -123,13 +123,8 @@ class ResponseCache:
         }
 
 
-MARGINAL_LIMIT = 512  # values counted per parameter (of the most requested)
-
-
 class Popularity:
     """Request counts per endpoint and normalised parameters, bounded; the warmer's guide.
-    Also per parameter value (the marginals), from which the warmer predicts the popular keys
-    not requested yet (see `warm.predict`).
 
     Counts are halved when a table outgrows twice its limit, so old favourites fade.
     """
@@ -137,7 +132,6 @@ class Popularity:
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self._counts: dict[str, Counter[tuple[Any, ...]]] = {}
-        self._marginals: dict[str, list[Counter[Any]]] = {}
 
     def seen(self, endpoint: str, key: tuple[Any, ...]) -> None:
         if not self.limit:
@@ -145,26 +139,13 @@ class Popularity:
         counts = self._counts.get(endpoint)
         if counts is None:
             counts = self._counts[endpoint] = Counter()
-            self._marginals[endpoint] = [Counter() for _ in key]
         counts[key] += 1
         if len(counts) > 2 * self.limit:
-            _halve(counts, self.limit)
-        for values, value in zip(self._marginals[endpoint], key, strict=True):
-            values[value] += 1
-            if len(values) > 2 * MARGINAL_LIMIT:
-                _halve(values, MARGINAL_LIMIT)
-
-    def marginals(self, endpoint: str) -> list[list[tuple[Any, int]]]:
-        """Per parameter (in key order): its most requested values with their counts."""
-        return [c.most_common(MARGINAL_LIMIT) for c in self._marginals.get(endpoint, [])]
+            kept = counts.most_common(self.limit)
+            counts.clear()
+            counts.update({k: max(1, c // 2) for k, c in kept})
 
     def hottest(self, endpoint: str, n: int) -> list[tuple[tuple[Any, ...], int]]:
         """The `n` most requested keys of an endpoint with their counts, most first."""
         counts = self._counts.get(endpoint)
         return counts.most_common(n) if counts else []
-
-
-def _halve(counts: Counter[Any], keep: int) -> None:
-    kept = counts.most_common(keep)
-    counts.clear()
-    counts.update({k: max(1, c // 2) for k, c in kept})

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import gc
-import heapq
 import itertools
 import json
 import logging
@@ -313,10 +312,6 @@ class WarmTask:
     plan: BatchPlan | None  # of `folded`'s SQL where there is one
     hot: list[tuple[dict[str, Any], int]]  # the most requested keys, with their counts
     folded: Folded | None = None  # its constant subqueries as parameters (`serving.fold`)
-    # Request counts per parameter value, to predict popular keys not requested yet (`predict`)
-    # up to `keys` keys in all with `hot`.
-    marginals: list[list[tuple[Any, int]]] = field(default_factory=list)
-    keys: int = 0
 
 
 WarmItem = tuple[tuple[Any, ...], bytes, str]  # (cache key, body, ETag)
@@ -383,16 +378,14 @@ class Warmer:
                 continue
             if versions == old.version_ids(spec.datasets):
                 continue  # unchanged token: its entries stay valid
-            hot, marginals = self._on_loop(
-                lambda n=name: (self.popularity.hottest(n, self.keys),  # type: ignore[misc]
-                                self.popularity.marginals(n)))
+            hot = self._on_loop(lambda n=name: self.popularity.hottest(n, self.keys))  # type: ignore[misc]
             names = list(spec.params)
             tasks.append(WarmTask(
                 replace(spec, params=dict(spec.params)),
                 token(self.fingerprints[name], versions), versions, self._batch.get(name),
                 [({n: list(v) if isinstance(v, tuple) else v
                    for n, v in zip(names, k, strict=True)}, count) for k, count in hot],
-                self.folded.get(name), marginals, self.keys,
+                self.folded.get(name),
             ))
         if not tasks:
             return WarmReport(snap.id)
@@ -545,22 +538,15 @@ def compute(files: dict[str, str], tasks: list[WarmTask], seconds: float, thread
                            for pos, w in enumerate(hot_keys[job.index]) if w[1] not in done)
             hot.sort(key=lambda w: (w[0], w[1]))
             _rounds(con, jobs, hot, None, spooler)
-            # Then the rest (keys predicted from their values' popularity, then `warm_sql`
-            # rows and small parameter spaces), round-robin across endpoints so a small
-            # endpoint is not left behind a large one's long tail. Predicted keys are likely,
-            # not known, first requests: they wait for the budget like the declared ones.
+            # Then the rest (`warm_sql` rows and small parameter spaces), round-robin across
+            # endpoints so a small endpoint is not left behind a large one's long tail.
             rest: list[tuple[int, int, int, Want]] = []
             if not budget.expired() and not spooler.full:
                 for job in jobs:
-                    hot_job = hot_keys[job.index]
-                    seen = {w[1] for w in hot_job} | (skip[job.index] if skip else set())
-                    wants: list[Want] = []
-                    for w in itertools.chain(_predicted(job.task, hot_job),
-                                             _keys(con, job.task)):
-                        if w[1] not in seen:
-                            seen.add(w[1])
-                            wants.append(w)
-                    rest.extend((0, pos, job.index, w) for pos, w in enumerate(wants))
+                    done = skip[job.index] if skip else set()
+                    seen = {w[1] for w in hot_keys[job.index]}
+                    rest.extend((0, pos, job.index, w) for pos, w in enumerate(
+                        w for w in _keys(con, job.task) if w[1] not in done and w[1] not in seen))
                 rest.sort(key=lambda w: w[1])
                 _rounds(con, jobs, rest, budget, spooler)
             else:
@@ -617,52 +603,6 @@ def _rounds(con: duckdb.DuckDBPyConnection, jobs: list[_Job],
 def _hot(task: WarmTask) -> list[Want]:
     """The most requested keys, with their counts (most first)."""
     return [(k, cache_key(k), count) for k, count in task.hot]
-
-
-def _predicted(task: WarmTask, hot: list[Want]) -> list[Want]:
-    """Keys predicted from their parameters' popularity, up to `task.keys` with `hot`."""
-    names = list(task.spec.params)
-    out: list[Want] = []
-    for key in predict(task.marginals, task.keys - len(hot), {w[1] for w in hot}):
-        params = {n: list(v) if isinstance(v, tuple) else v
-                  for n, v in zip(names, key, strict=True)}
-        out.append((params, cache_key(params), 0))
-    return out
-
-
-def predict(marginals: list[list[tuple[Any, int]]], n: int,
-            exclude: set[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
-    """The `n` keys (not in `exclude`) whose values are requested most, taking parameters as
-    independent: ranked by the product of their values' counts. A young process has seen few
-    of the keys it will be asked for (10^5 matchup pairs), but already knows well which
-    champions and roles are asked for. Only values requested at least twice count, so a
-    parameter whose every value is new (a counter, an id) predicts nothing."""
-    lists = [[(v, c) for v, c in m if c >= 2] for m in marginals]
-    if n <= 0 or not lists or not all(lists):
-        return []
-
-    def weight(idx: tuple[int, ...]) -> int:
-        w = 1
-        for values, i in zip(lists, idx, strict=True):
-            w *= values[i][1]
-        return w
-
-    start = (0,) * len(lists)
-    heap = [(-weight(start), start)]
-    queued = {start}
-    out: list[tuple[Any, ...]] = []
-    while heap and len(out) < n:  # best first over the grid of value ranks
-        _, idx = heapq.heappop(heap)
-        key = tuple(values[i][0] for values, i in zip(lists, idx, strict=True))
-        if key not in exclude:
-            out.append(key)
-        for d in range(len(idx)):
-            if idx[d] + 1 < len(lists[d]):
-                nxt = idx[:d] + (idx[d] + 1,) + idx[d + 1:]
-                if nxt not in queued:
-                    queued.add(nxt)
-                    heapq.heappush(heap, (-weight(nxt), nxt))
-    return out
 
 
 def _keys(con: duckdb.DuckDBPyConnection, task: WarmTask) -> list[Want]:

@@ -14,10 +14,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from conftest import DEMO_CONFIG, Running, demo_settings, wait_for, write_seq_export
 from data.generate import write_export
 from serving.app import SERVING, STORE, WARMER
-from serving.params import bind_params, cache_key
 from serving.responses import IMMUTABLE, BodyEncoder, dumps, etag, fingerprint, token
 from serving.settings import DEFAULT_CACHE_CONTROL, Settings, load_settings, parse_settings
-from serving.warm import Budget, WarmTask, batch_sql, compute, enumerate_keys, predict
+from serving.warm import Budget, WarmTask, batch_sql, compute, enumerate_keys
 
 STATS = "/v1/champions/3/stats?role=mid&rank=gold&region=na"
 
@@ -301,49 +300,6 @@ async def test_hot_keys_are_warmed_before_a_publish_whatever_the_budget(tmp_path
     for path in hot:
         assert (await _raw(demo, path))[0] == 200
     assert cache.misses == misses, "a hot key was left cold by the warm budget"
-
-
-async def test_keys_predicted_from_popular_values_are_warmed(tmp_path: Path,
-                                                             serve: Any) -> None:
-    """Matchups of popular champions nobody asked for yet are warmed (values asked for twice
-    or more), with the declared keys; a pair with a value asked for once is not predicted."""
-    write_export(tmp_path, 1, size="small")
-    demo = await _demo(serve, tmp_path)
-    for a, b in ((1, 3), (1, 4), (2, 3), (5, 4), (2, 9)):
-        assert (await _raw(demo, f"/v1/matchups/{a}/{b}?role=mid"))[0] == 200
-    old = (await _pointer(demo))["endpoints"]["matchup"]["token"]
-    write_export(tmp_path, 2, size="small")
-
-    async def swapped() -> bool:
-        return (await _pointer(demo))["endpoints"]["matchup"]["token"] != old
-
-    await wait_for(swapped, what="export 2")
-    spec = demo.app[SERVING].endpoints["matchup"]
-
-    def key(a: int, b: int) -> tuple[str, tuple[Any, ...]]:
-        params = bind_params(spec.params, {"champion_id": str(a), "opponent_id": str(b)},
-                             {"role": ["mid"]})
-        return demo.app[SERVING].tokens(demo.app[STORE].current)["matchup"], cache_key(params)
-
-    cache = demo.app[SERVING].cache
-
-    async def predicted() -> bool:  # idle: warmed right after the publish; nobody asked
-        return key(2, 4) in cache
-
-    await wait_for(predicted, what="the never requested matchup 2/4 to be warmed")
-    assert key(1, 3) in cache  # requested: a hot key
-    assert key(5, 3) not in cache  # champion 5 was asked for once: not predicted
-    misses = cache.misses
-    assert (await _raw(demo, "/v1/matchups/2/4?role=mid"))[0] == 200
-    assert cache.misses == misses
-
-
-def test_predict_ranks_keys_by_their_values_popularity() -> None:
-    marginals = [[("a", 10), ("b", 5), ("c", 1)], [(1, 4), (2, 3)]]
-    assert predict(marginals, 3, set()) == [("a", 1), ("a", 2), ("b", 1)]
-    assert predict(marginals, 10, {("a", 2)}) == [("a", 1), ("b", 1), ("b", 2)]
-    assert predict([[("a", 10)], [(1, 1)]], 5, set()) == []  # no value of one asked twice
-    assert predict(marginals, 0, set()) == []
 
 
 def _endpoint_of(path: str) -> str:
