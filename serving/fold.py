@@ -21,7 +21,7 @@ import logging
 import re
 import threading
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -130,23 +130,22 @@ def fold(con: duckdb.DuckDBPyConnection, spec: EndpointSpec) -> Folded | None:
     return folded
 
 
-def _has_cte(node: Any) -> bool:
+def _any(node: Any, test: Callable[[dict[str, Any]], bool]) -> bool:
+    """Whether `test` holds for any object node of a serialized statement."""
     if isinstance(node, dict):
-        cte = node.get("cte_map")
-        if isinstance(cte, dict) and cte.get("map"):
-            return True
-        return any(_has_cte(v) for v in node.values())
+        return test(node) or any(_any(v, test) for v in node.values())
     if isinstance(node, list):
-        return any(_has_cte(v) for v in node)
+        return any(_any(v, test) for v in node)
     return False
+
+
+def _has_cte(node: Any) -> bool:
+    return _any(node, lambda n: bool(isinstance(n.get("cte_map"), dict)
+                                      and n["cte_map"].get("map")))
 
 
 def _has_parameter(node: Any) -> bool:
-    if isinstance(node, dict):
-        return node.get("class") == "PARAMETER" or any(_has_parameter(v) for v in node.values())
-    if isinstance(node, list):
-        return any(_has_parameter(v) for v in node)
-    return False
+    return _any(node, lambda n: n.get("class") == "PARAMETER")
 
 
 def _constant_type(con: duckdb.DuckDBPyConnection, sub: str) -> str | None:
@@ -176,6 +175,25 @@ def evaluate(cur: duckdb.DuckDBPyConnection, folded: Folded) -> dict[str, Any] |
     return values
 
 
+@dataclass(frozen=True)
+class Binding:
+    """What an endpoint runs on one Snapshot."""
+
+    sql: str
+    fixed: Mapping[str, Any]  # its constants' values, bound with the request's parameters
+    batchable: bool  # its batched plan (made from the folded SQL, if any) applies
+
+
+def binding(sql: str, folded: Folded | None, values: Mapping[str, Any] | None) -> Binding:
+    """The endpoint's `sql` as written, or `folded` with `values` (its constants on the
+    Snapshot; None where one failed there: then the SQL as written, key by key)."""
+    if folded is None:
+        return Binding(sql, {}, True)
+    if values is None:
+        return Binding(sql, {}, False)
+    return Binding(folded.sql, values, True)
+
+
 class Constants:
     """The folded endpoints and their constants' values per Snapshot (computed on first use,
     on the cursor that needs them; thread-safe)."""
@@ -201,3 +219,8 @@ class Constants:
             while len(self._values) > _MEMO * max(1, len(self.folded)):
                 self._values.popitem(last=False)
         return got
+
+    def bind(self, cur: duckdb.DuckDBPyConnection, snap_id: int, spec: EndpointSpec) -> Binding:
+        """What `spec` runs on Snapshot `snap_id`, which `cur` reads."""
+        return binding(spec.sql, self.folded.get(spec.name),
+                       self.values(cur, snap_id, spec.name))

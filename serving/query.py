@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
@@ -77,26 +77,25 @@ class QueryRunner:
     ) -> Result:
         """Run on `snapshot` (default: the current one), held until the query ends (even
         past its deadline)."""
-        snap = self._hold(datasets, snapshot)
-        result = await self._submit(snap, lambda cur: execute(cur, sql, params, limit))
-        result.versions = snap.version_ids(datasets)
-        return result
+        return await self._answer(datasets, snapshot,
+                                  lambda cur, _: execute(cur, sql, params, limit))
 
     async def run_endpoint(self, spec: EndpointSpec, params: dict[str, Any],
                            constants: Constants, snapshot: Snapshot | None = None) -> Result:
         """`run` of an endpoint's SQL, with its constant subqueries bound to their values on
-        the Snapshot (see `serving.fold`), or as written where they have none there."""
-        snap = self._hold(spec.datasets, snapshot)
+        the Snapshot (see `serving.fold`), or as written where they fail there."""
 
-        def work(cur: duckdb.DuckDBPyConnection) -> Result:
-            fixed = constants.values(cur, snap.id, spec.name)
-            if fixed is None:
-                return execute(cur, spec.sql, params, spec.row_limit)
-            return execute(cur, constants.folded[spec.name].sql, {**params, **fixed},
-                           spec.row_limit)
+        def work(cur: duckdb.DuckDBPyConnection, snap: Snapshot) -> Result:
+            b = constants.bind(cur, snap.id, spec)
+            return execute(cur, b.sql, {**params, **b.fixed}, spec.row_limit)
 
-        result = await self._submit(snap, work)
-        result.versions = snap.version_ids(spec.datasets)
+        return await self._answer(spec.datasets, snapshot, work)
+
+    async def _answer(self, datasets: tuple[str, ...], snapshot: Snapshot | None,
+                      work: Callable[[duckdb.DuckDBPyConnection, Snapshot], Result]) -> Result:
+        snap = self._hold(datasets, snapshot)
+        result = await self._submit(snap, lambda cur: work(cur, snap))
+        result.versions = snap.version_ids(datasets)
         return result
 
     async def run_batch(
@@ -109,12 +108,10 @@ class QueryRunner:
         snap = self._hold(spec.datasets, snapshot)
 
         def work(cur: duckdb.DuckDBPyConnection) -> list[Result | None]:
-            fixed: dict[str, Any] | None = {}
-            if spec.name in constants.folded:
-                fixed = constants.values(cur, snap.id, spec.name)
-                if fixed is None:
-                    return [None] * len(keys)
-            return execute_batch(cur, spec, plan, keys, fixed)
+            b = constants.bind(cur, snap.id, spec)
+            if not b.batchable:
+                return [None] * len(keys)
+            return execute_batch(cur, spec, plan, keys, b.fixed)
 
         return await self._submit(snap, work)
 
@@ -170,7 +167,7 @@ _ARROW = {"int": pa.int64(), "float": pa.float64(), "string": pa.string(), "enum
 
 def execute_batch(
     cur: duckdb.DuckDBPyConnection, spec: EndpointSpec, plan: BatchPlan,
-    keys: list[dict[str, Any]], fixed: dict[str, Any] | None = None,
+    keys: list[dict[str, Any]], fixed: Mapping[str, Any] | None = None,
 ) -> list[Result | None]:
     """Answer many parameter sets of one endpoint in one query per group of LIMIT values.
     `fixed`: parameters bound alike for every key (constants, see `serving.fold`).

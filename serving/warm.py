@@ -30,7 +30,7 @@ from loaders.build import quote_ident, quote_literal
 from loaders.builder import Builder
 from loaders.snapshot import QUERY_CONFIG, Snapshot, Store
 from serving.cache import Popularity, ResponseCache
-from serving.fold import Folded, evaluate
+from serving.fold import Folded, binding, evaluate
 from serving.params import ParamError, cache_key, default_value, parse_value
 from serving.query import Result, execute, execute_batch
 from serving.responses import (
@@ -658,24 +658,19 @@ class _Job:
     pending: list[WarmItem] = field(default_factory=list)
     encode: BodyEncoder = field(init=False, repr=False)
     sql: str = field(init=False)  # what each single query runs, with `fixed` bound
-    fixed: dict[str, Any] = field(init=False, default_factory=dict)
+    fixed: Mapping[str, Any] = field(init=False)
 
     def __post_init__(self) -> None:
         t = self.task
         self.encode = BodyEncoder(t.spec, t.token, t.versions)
-        self.sql = t.spec.sql
 
     def bind(self, con: duckdb.DuckDBPyConnection) -> None:
         """Compute the endpoint's constants on this version (`serving.fold`); where they
         fail, run its SQL as written, key by key."""
         folded = self.task.folded
-        if folded is None:
-            return
-        fixed = evaluate(con, folded)
-        if fixed is None:
-            self.unbatched = True  # the batched plan is of the folded SQL
-        else:
-            self.sql, self.fixed = folded.sql, fixed
+        b = binding(self.task.spec.sql, folded, evaluate(con, folded) if folded else None)
+        self.sql, self.fixed = b.sql, b.fixed
+        self.unbatched = self.unbatched or not b.batchable
 
 
 class _Spooler:
