@@ -65,7 +65,8 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         env = dict(os.environ, DUCKSWAP_SOURCE__URL=f'"file://{source}"',
                    DUCKSWAP_SERVER__PORT=str(self.port), DUCKSWAP_SERVER__THREADS=str(threads),
-                   DUCKSWAP_SERVER__LOG_LEVEL="WARNING",
+                   # the access log is off: INFO is a few lines per swap (build, warm, publish)
+                   DUCKSWAP_SERVER__LOG_LEVEL="INFO",
                    # versions live with the run's temporary files, removed with them
                    DUCKSWAP_SERVER__DATA_DIR=f'"{source.parent / "data"}"')
         self.log = open(source.parent / "server.log", "wb")  # noqa: SIM115
@@ -239,6 +240,9 @@ def execute(args: argparse.Namespace, rates: list[float]) -> list[dict[str, Any]
     finally:
         if server:
             server.stop()
+            log = work / "server.log"
+            if log.exists():  # the server's own account of each swap (build, warm, publish)
+                shutil.copyfile(log, args.out / f"{args.mode}-server.log")
         shutil.rmtree(work, ignore_errors=True)
     (args.out / f"{args.mode}.json").write_text(json.dumps(results, indent=2))
     return results
@@ -309,7 +313,8 @@ def main(argv: list[str] | None = None) -> int:
     rates = ([float(r) for r in args.rates.split(",")] if args.mode == "sweep"
              else [args.rate])
     results = execute(args, rates)
-    print(f"\nresults: {args.out}/{args.mode}.json and {args.out}/*.png")
+    print(f"\nresults: {args.out}/{args.mode}.json, {args.out}/*.png"
+          + ("" if args.url else f" and the server log {args.out}/{args.mode}-server.log"))
     if args.mode == "sweep":
         held = [s for s in results if holds(s, args.max_p99_ms)]
         if held:

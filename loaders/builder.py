@@ -28,8 +28,8 @@ T = TypeVar("T")
 
 def _child_init(nice: int, idle: bool, server: int) -> None:
     _exit_with(server)
-    # The value itself, not an increment: the forkserver may have been started from the
-    # niced loader thread and passed its nice value on.
+    # The value itself, not an increment: the forkserver may have been started from a niced
+    # thread (a test's, say) and passed its nice value on.
     if nice > 0 and hasattr(os, "setpriority") and os.getpriority(os.PRIO_PROCESS, 0) < nice:
         os.setpriority(os.PRIO_PROCESS, 0, nice)
     if idle and hasattr(os, "SCHED_IDLE"):

@@ -6,9 +6,7 @@ import asyncio
 import contextlib
 import gc
 import logging
-import os
 import random
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
@@ -36,16 +34,6 @@ RESCAN_SECONDS = 30  # a watched folder is listed at least this often
 def backoff_delay(failures: int, base: float = 1.0, cap: float = 60.0) -> float:
     """Exponential backoff with full jitter after `failures` consecutive failures."""
     return random.uniform(base, min(cap, base * 2 ** failures))
-
-
-def lower_priority(nice: int) -> None:
-    """Raise this thread's nice value (Linux schedules threads separately); best effort."""
-    if nice <= 0 or not hasattr(os, "setpriority"):
-        return
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
-    except OSError as exc:
-        log.warning("could not lower the loader thread's priority: %s", exc)
 
 
 @dataclass(frozen=True)
@@ -79,7 +67,6 @@ class Updater:
         debounce_ms: int = 200,
         before_publish: Callable[[Snapshot], object] | None = None,
         after_publish: Callable[[Snapshot], object] | None = None,
-        nice: int = 0,
         builder: Builder | None = None,
         poll_seconds: float = 5.0,
         data: DataDir | None = None,
@@ -94,11 +81,12 @@ class Updater:
         self.builder = builder or Builder()
         self.data = data
         self.keep_versions = keep_versions
-        # Builds, warming, collection and admin actions share one thread, below the request
-        # threads' priority: one writer of the Store and the state, no locks between them.
-        self._executor = ThreadPoolExecutor(
-            1, thread_name_prefix="duckswap-loader", initializer=lower_priority, initargs=(nice,)
-        )
+        # Builds, warming, collection and admin actions share one thread: one writer of the
+        # Store and the state, no locks between them. It runs at the request threads'
+        # priority: its CPU work is in the builder process (niced), and a niced thread here
+        # would hold the GIL while the OS lets it wait for a core, stalling the event loop
+        # (up to ~50 ms under load; see `serving.warm._decoded`).
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="duckswap-loader")
         self.state: State = {name: DatasetState() for name in self.schemas}
         self.last_listed: float | None = None  # when the source last answered a listing
         self.poll_seconds = poll_seconds

@@ -362,7 +362,7 @@ def create_app(settings: Settings) -> web.Application:
     app[UPDATER] = Updater(
         make_source(settings, data.staging), store, settings.datasets,
         debounce_ms=settings.debounce_ms,
-        before_publish=warmer, after_publish=warmer.after_publish, nice=settings.build_nice,
+        before_publish=warmer, after_publish=warmer.after_publish,
         builder=builder, poll_seconds=settings.poll_seconds, data=data,
         keep_versions=settings.keep_versions,
     )

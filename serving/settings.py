@@ -52,8 +52,8 @@ SETTING_KEYS: dict[str, str] = {
     "server.version_cache_control": "`Cache-Control` of `/v1/version` (default "
     "`public, max-age=1`).",
     "server.metrics": "Serve Prometheus metrics on `/metrics` (default true).",
-    "server.build_nice": "Nice value of the build process and the loader thread, so builds and "
-    "warming yield to requests; 0 keeps normal priority (default 10).",
+    "server.build_nice": "Nice value of the build process (it also runs the warm queries), so "
+    "builds and warming yield to requests; 0 keeps normal priority (default 10).",
     "server.build_idle": "Run the build process under Linux `SCHED_IDLE`: it gets a core only "
     "when requests leave one idle, so builds stretch under load instead of adding latency; "
     "false leaves it at `build_nice` alone (default true).",

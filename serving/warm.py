@@ -19,9 +19,11 @@ import itertools
 import json
 import logging
 import pickle
+import struct
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
 import duckdb
@@ -443,28 +445,32 @@ class Warmer:
             return None
         spool = self.store.data_dir / f"warm-{snap.id}.spool"
         try:
-            report: WarmReport = self.builder.run(
-                compute, files, tasks, seconds, self.threads, self.cache.max_bytes, str(spool),
-                done, busy_seconds)
-            report.snapshot = snap.id
-            headers = [versions_header(t.versions) for t in tasks]
-            with spool.open("rb") as f:
-                batch: list[list[tuple[tuple[str, tuple[Any, ...]], Entry]]] = []
-                while True:
-                    try:
-                        i, items = pickle.load(f)
-                    except EOFError:
-                        break
-                    tok, header = tasks[i].token, headers[i]
-                    batch.append([((tok, ck), (body, tag, header)) for ck, body, tag in items])
-                    done[i].update(ck for ck, _, _ in items)
-                    if len(batch) >= HANDOFF_CHUNKS:
-                        self._insert(batch)
-                        batch = []
-                if batch:
-                    self._insert(batch)
+            return self._answer(snap, tasks, seconds, done, busy_seconds, files, spool)
+        except concurrent.futures.CancelledError:  # the event loop stopped: shutting down
+            log.info("warm of snapshot %d stopped: the server is shutting down", snap.id)
+            return None
         finally:
             spool.unlink(missing_ok=True)
+
+    def _answer(self, snap: Snapshot, tasks: list[WarmTask], seconds: float,
+                done: list[set[tuple[Any, ...]]], busy_seconds: float, files: dict[str, str],
+                spool: Path) -> WarmReport:
+        report: WarmReport = self.builder.run(
+            compute, files, tasks, seconds, self.threads, self.cache.max_bytes, str(spool),
+            done, busy_seconds)
+        report.snapshot = snap.id
+        headers = [versions_header(t.versions) for t in tasks]
+        # This thread only reads the frames (the reads release the GIL); the event loop
+        # unpickles them, a chunk at a time (see `_decoded`).
+        with spool.open("rb") as f:
+            frames: list[bytes] = []
+            while head := f.read(FRAME.size):
+                frames.append(f.read(FRAME.unpack(head)[0]))
+                if len(frames) >= HANDOFF_CHUNKS:
+                    self._insert(_decoded(frames, tasks, headers, done))
+                    frames = []
+            if frames:
+                self._insert(_decoded(frames, tasks, headers, done))
         return report
 
     def _keep_only(self, *snaps: Snapshot) -> None:
@@ -478,10 +484,10 @@ class Warmer:
         asyncio.run_coroutine_threadsafe(self.cache.retain(live), loop).add_done_callback(
             _log_failure)
 
-    def _insert(self, chunks: list[list[tuple[tuple[str, tuple[Any, ...]], Entry]]]) -> None:
-        """Hand answers to the event loop, which inserts them a chunk at a time between
-        requests (one hand-off per HANDOFF_CHUNKS chunks: a busy loop answers each hand-off
-        late, and one per chunk made 10^5 answers take a minute under load)."""
+    def _insert(self, chunks: Iterable[list[tuple[tuple[str, tuple[Any, ...]], Entry]]]) -> None:
+        """Hand answers to the event loop, which makes and inserts them a chunk at a time
+        between requests (one hand-off per HANDOFF_CHUNKS chunks: a busy loop answers each
+        hand-off late, and one per chunk made 10^5 answers take a minute under load)."""
         loop = self.loop
         if loop is None:
             for chunk in chunks:
@@ -491,12 +497,28 @@ class Warmer:
             self.cache.put_chunks(chunks, INSERT_PAUSE), loop).result(timeout=HANDOFF_TIMEOUT)
 
 
+def _decoded(frames: list[bytes], tasks: list[WarmTask], headers: list[str],
+             done: list[set[tuple[Any, ...]]]
+             ) -> Iterator[list[tuple[tuple[str, tuple[Any, ...]], Entry]]]:
+    """Cache entries from spooled frames, one chunk per frame, made as they are asked for: by
+    the event loop between requests (`ResponseCache.put_chunks`). Unpickled on the loader
+    thread instead, they held the GIL there, and a thread the OS runs less often than the
+    event loop, holding the lock it needs, stalled it for tens of milliseconds at a time under
+    load (a priority inversion). `done[i]` gains the keys of task i as they are made."""
+    for frame in frames:
+        i, items = pickle.loads(frame)
+        tok, header = tasks[i].token, headers[i]
+        done[i].update(ck for ck, _, _ in items)
+        yield [((tok, ck), (body, tag, header)) for ck, body, tag in items]
+
+
 def _log_failure(fut: concurrent.futures.Future[int]) -> None:
     if not fut.cancelled() and fut.exception() is not None:
         log.error("dropping replaced versions' answers failed", exc_info=fut.exception())
 
 
 SPOOL_CHUNK = 250  # entries per pickled chunk: what the event loop inserts at a time
+FRAME = struct.Struct("<I")  # each chunk is spooled as its pickle's length, then the pickle
 INSERT_PAUSE = 0.002  # seconds the event loop waits between inserted chunks (see put_chunks)
 HANDOFF_CHUNKS = 40  # chunks handed to the event loop at once
 HANDOFF_TIMEOUT = 60.0
@@ -701,5 +723,7 @@ class _Spooler:
             report, name = self.report, job.task.spec.name
             report.entries += n
             report.per_endpoint[name] = report.per_endpoint.get(name, 0) + n
-            pickle.dump((job.index, job.pending), self.out, protocol=pickle.HIGHEST_PROTOCOL)
+            data = pickle.dumps((job.index, job.pending), protocol=pickle.HIGHEST_PROTOCOL)
+            self.out.write(FRAME.pack(len(data)))
+            self.out.write(data)
             job.pending = []

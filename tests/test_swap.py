@@ -173,3 +173,17 @@ def test_the_build_process_yields_the_cpu_to_requests(idle: bool) -> None:
         builder.close()
     assert policy == (os.SCHED_IDLE if idle else os.SCHED_OTHER)
     assert nice >= 7  # more if the shared forkserver was started from a niced thread
+
+
+async def test_the_loader_thread_keeps_the_request_threads_priority(
+    tmp_path: Path, serve
+) -> None:
+    """Only the build process is niced. The loader thread shares the server's GIL: niced, it
+    would hold the lock while the OS lets it wait for a core, and stall the event loop."""
+    write_seq_export(tmp_path, 1)
+    srv: Running = await serve(seq_config(tmp_path))
+    await srv.wait_ready()
+    updater = srv.app[UPDATER]
+    loader = await updater.act(os.getpriority, os.PRIO_PROCESS, 0)  # the calling thread's
+    assert loader == os.getpriority(os.PRIO_PROCESS, 0)
+    assert updater.builder.run(os.getpriority, os.PRIO_PROCESS, 0) >= 10  # build_nice
