@@ -33,9 +33,8 @@ def _get_json(url: str, timeout: float = 2.0) -> tuple[int, Any]:
         return 0, None
 
 
-def cache_lookups(url: str) -> dict[str, tuple[float, float]] | None:
-    """endpoint -> (hits, misses) of the server's response cache from its /metrics; None if
-    not exposed."""
+def _metrics(url: str) -> list[Any] | None:
+    """The server's /metrics, parsed; None if not exposed."""
     from prometheus_client.parser import text_string_to_metric_families
 
     try:
@@ -43,14 +42,48 @@ def cache_lookups(url: str) -> dict[str, tuple[float, float]] | None:
             text = resp.read().decode()
     except OSError:
         return None
+    return list(text_string_to_metric_families(text))
+
+
+def cache_lookups(families: list[Any] | None) -> dict[str, tuple[float, float]] | None:
+    """endpoint -> (hits, misses) of the server's response cache."""
+    if families is None:
+        return None
     counts: dict[str, dict[str, float]] = {}
-    for family in text_string_to_metric_families(text):
+    for family in families:
         if family.name == "duckswap_cache_lookups":
             for sample in family.samples:
                 if sample.name.endswith("_total"):
                     per = counts.setdefault(sample.labels["endpoint"], {"hit": 0.0, "miss": 0.0})
                     per[sample.labels["result"]] = sample.value
     return {e: (c["hit"], c["miss"]) for e, c in counts.items()}
+
+
+def loop_lag(families: list[Any] | None) -> dict[float, float] | None:
+    """Upper bound (s) -> cumulative count of the server's event-loop lag histogram."""
+    for family in families or []:
+        if family.name == "duckswap_event_loop_lag_seconds":
+            return {float(s.labels["le"]): s.value for s in family.samples
+                    if s.name.endswith("_bucket")}
+    return None
+
+
+def lag_summary(before: dict[float, float], after: dict[float, float]) -> dict[str, Any]:
+    """Quantiles of the lag observed between two scrapes, as the bucket bound they fall under
+    (ms; None past the last finite bound), and how many probes saw more than 10 ms."""
+    bounds = sorted(after)
+    counts = [after[b] - before.get(b, 0.0) for b in bounds]
+    total = counts[-1] if counts else 0.0
+
+    def under(q: float) -> float | None:
+        for bound, n in zip(bounds, counts, strict=True):
+            if n >= q * total:
+                return None if bound == float("inf") else round(bound * 1000, 1)
+        return None
+
+    over_10ms = total - next((n for b, n in zip(bounds, counts, strict=True) if b >= 0.01), total)
+    return {"probes": int(total), "p99_under_ms": under(0.99), "p99.9_under_ms": under(0.999),
+            "max_under_ms": under(1.0), "over_10ms": int(over_10ms)}
 
 
 def _taskset(cpus: str | None) -> list[str]:
@@ -169,7 +202,8 @@ def one_run(args: argparse.Namespace, rate: float, work: Path, server: Server | 
     if source is not None and args.swap_every > 0:
         thread = threading.Thread(target=swapper, args=(
             source, staging, url, args.swap_every, stop, swaps, first), daemon=True)
-    before = cache_lookups(url)
+    scraped = _metrics(url)
+    before, lag_before = cache_lookups(scraped), loop_lag(scraped)
     gen = run_loadgen(url, rate, args.duration, out, args)
     if thread:
         thread.start()
@@ -182,7 +216,10 @@ def one_run(args: argparse.Namespace, rate: float, work: Path, server: Server | 
     if steady and summary["peak_rss_mb"]:
         summary["steady_rss_mb"] = round(steady / 1024, 1)
         summary["peak_over_steady_rss"] = round(summary["peak_rss_mb"] * 1024 / steady, 2)
-    after = cache_lookups(url)
+    scraped = _metrics(url)
+    after, lag_after = cache_lookups(scraped), loop_lag(scraped)
+    if lag_before is not None and lag_after:
+        summary["event_loop_lag"] = lag_summary(lag_before, lag_after)
     if before is not None and after:
         delta = {e: (h - before.get(e, (0.0, 0.0))[0], m - before.get(e, (0.0, 0.0))[1])
                  for e, (h, m) in after.items()}

@@ -135,6 +135,15 @@ def table(s: dict[str, Any]) -> str:
                      + ("   misses by endpoint " + ", ".join(
                          f"{e} {n}" for e, n in c["misses_by_endpoint"].items())
                         if c.get("misses_by_endpoint") else ""))
+    if "event_loop_lag" in s:
+        g = s["event_loop_lag"]
+
+        def ms(v: float | None) -> str:
+            return "over 2500 ms" if v is None else f"<= {v:g} ms"
+
+        lines.append(f"server loop lag  p99 {ms(g['p99_under_ms'])}   p99.9 "
+                     f"{ms(g['p99.9_under_ms'])}   max {ms(g['max_under_ms'])}   "
+                     f"{g['over_10ms']} of {g['probes']} probes over 10 ms")
     if s.get("p99_over_healthz_p99") is not None:
         lines.append(f"p99 / healthz p99  {s['p99_over_healthz_p99']}x")
     return "\n".join(lines)

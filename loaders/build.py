@@ -90,6 +90,14 @@ def verify(export: Export, allow_empty: bool = False) -> tuple[str, dict[str, in
     return h.hexdigest()[:16], expected_rows
 
 
+def check_export(export: Export, schema: DatasetSchema) -> str:
+    """`verify`, then `validate_files`; returns the version id. Run in the builder process:
+    hashing a large export is CPU work, kept off the server's cores and its GIL."""
+    version_id, expected_rows = verify(export, schema.allow_empty)
+    validate_files(export, schema, expected_rows)
+    return version_id
+
+
 def validate_files(export: Export, schema: DatasetSchema, expected_rows: dict[str, int]) -> None:
     """Every part readable as Parquet, with the declared columns; row counts as the manifest."""
     total = 0

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import duckdb
 import watchfiles
 
-from loaders.build import remove_version_file, validate_files, verify
+from loaders.build import check_export, remove_version_file
 from loaders.builder import Builder
 from loaders.schema import DatasetSchema, LoadError, Unavailable
 from loaders.snapshot import Snapshot, Store, Version
@@ -83,9 +83,9 @@ class Updater:
         self.keep_versions = keep_versions
         # Builds, warming, collection and admin actions share one thread: one writer of the
         # Store and the state, no locks between them. It runs at the request threads'
-        # priority: its CPU work is in the builder process (niced), and a niced thread here
-        # would hold the GIL while the OS lets it wait for a core, stalling the event loop
-        # (up to ~50 ms under load; see `serving.warm._decoded`).
+        # priority: its CPU work (checks, builds, warm queries) is in the builder process,
+        # niced, and a niced thread here would hold the GIL while the OS made it wait for a
+        # core, with the event loop waiting on it (stalls of up to ~50 ms under load).
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="duckswap-loader")
         self.state: State = {name: DatasetState() for name in self.schemas}
         self.last_listed: float | None = None  # when the source last answered a listing
@@ -217,8 +217,7 @@ class Updater:
             local = self.source.fetch(candidate)
             step = time.perf_counter()
             timings["download"] = step - start
-            version_id, expected_rows = verify(local, schema.allow_empty)
-            validate_files(local, schema, expected_rows)
+            version_id = self.builder.run(check_export, local, schema)
             timings["validate"] = time.perf_counter() - step
             path = self.store.new_version_path(local.dataset, version_id)
             rows, steps = self.builder.build(local, schema, path)
@@ -242,6 +241,11 @@ class Updater:
             return event, None
         except (LoadError, OSError) as exc:
             reason = str(exc)
+            # Logged first: whoever sees the refusal in the state can find it in the log.
+            log.error(
+                "refused export %s/%s: %s (previous version keeps serving)",
+                candidate.dataset, candidate.export_id, reason,
+            )
             quarantine = self.state[candidate.dataset].quarantine
             quarantine[candidate.export_id] = Refusal(
                 candidate.dataset, candidate.export_id, candidate.fingerprint, reason,
@@ -251,10 +255,6 @@ class Updater:
             event = LoadEvent(
                 candidate.dataset, candidate.export_id, False, reason,
                 time.perf_counter() - start, listing=self.listings,
-            )
-            log.error(
-                "refused export %s/%s: %s (previous version keeps serving)",
-                candidate.dataset, candidate.export_id, reason,
             )
             self._record(event)
             self._save()

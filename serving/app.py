@@ -25,7 +25,7 @@ from serving.batcher import Batcher
 from serving.cache import Popularity, ResponseCache
 from serving.errors import ApiError, BadParameter, MethodNotAllowed, NotFound, NotReady
 from serving.fold import Constants, fold_endpoints
-from serving.metrics import CONTENT_TYPE, CollectorRegistry, Metrics, render
+from serving.metrics import CONTENT_TYPE, CollectorRegistry, LoopLag, Metrics, render
 from serving.params import ParamError, bind_params, cache_key
 from serving.query import QueryRunner
 from serving.responses import (
@@ -143,6 +143,7 @@ class Serving:
 
 SERVING = web.AppKey("serving", Serving)
 REGISTRY = web.AppKey("registry", CollectorRegistry)
+LOOP_LAG = web.AppKey("loop_lag", LoopLag)
 
 
 def _entry_response(entry: Entry, version_token: str, cache_control: str) -> web.Response:
@@ -310,7 +311,11 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     stop = asyncio.Event()
     app[WARMER].loop = asyncio.get_running_loop()
     task = asyncio.create_task(app[UPDATER].run(stop), name="duckswap-updater")
+    probe = (asyncio.create_task(app[LOOP_LAG].run(), name="duckswap-loop-lag")
+             if settings.metrics else None)
     yield
+    if probe is not None:
+        probe.cancel()
     stop.set()
     # A load in flight is abandoned after 5 s: shutdown must not hang on it.
     with contextlib.suppress(asyncio.CancelledError, TimeoutError):
@@ -368,6 +373,7 @@ def create_app(settings: Settings) -> web.Application:
     )
     app[REGISTRY] = CollectorRegistry()
     app[REGISTRY].register(Metrics(store, serving.cache, app[UPDATER], warmer))
+    app[LOOP_LAG] = LoopLag(app[REGISTRY])
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/v1/version", version_pointer)

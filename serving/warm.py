@@ -1,8 +1,8 @@
 """Warm before publish: compute the responses a new Snapshot will be asked for first.
 
 Runs between `Store.stage` and `Store.commit`: the updater's thread asks the builder process
-(lower priority, its own GIL) to answer and encode on the staged version files, then inserts
-the answers into the cache in chunks on the event loop, so requests keep their threads.
+(lower priority, its own GIL) to answer and encode on the staged version files, then reads
+the answers into one dict per endpoint, which the event loop adopts in one step.
 Which keys: the most requested parameters of each affected endpoint (replayed from the current
 version), every key of a small parameter space (enums, bools and narrow int ranges) and the
 rows of the endpoint's `warm_sql`. How: one batched query per endpoint when the SQL allows it
@@ -19,9 +19,8 @@ import itertools
 import json
 import logging
 import pickle
-import struct
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
@@ -31,13 +30,12 @@ import duckdb
 from loaders.build import quote_ident, quote_literal
 from loaders.builder import Builder
 from loaders.snapshot import QUERY_CONFIG, Snapshot, Store
-from serving.cache import Popularity, ResponseCache
+from serving.cache import Answers, Popularity, ResponseCache
 from serving.fold import Folded, binding, evaluate
 from serving.params import ParamError, cache_key, default_value, parse_value
 from serving.query import Result, execute, execute_batch
 from serving.responses import (
     BodyEncoder,
-    Entry,
     endpoint_tokens,
     entry_size,
     etag,
@@ -324,7 +322,8 @@ class Warmer:
 
     The queries and the encoding run in the builder process (lower priority, its own GIL), on
     the Snapshot's version files attached read-only there; this process only reads the answers
-    back from a spool file and inserts them, in chunks, on the event loop.
+    back from a spool file into one dict per endpoint (on the loader thread), and the event
+    loop adopts each dict in one step (`ResponseCache.adopt`).
     """
 
     def __init__(self, store: Store, cache: ResponseCache, popularity: Popularity,
@@ -456,21 +455,36 @@ class Warmer:
                 done: list[set[tuple[Any, ...]]], busy_seconds: float, files: dict[str, str],
                 spool: Path) -> WarmReport:
         report: WarmReport = self.builder.run(
-            compute, files, tasks, seconds, self.threads, self.cache.max_bytes, str(spool),
+            compute, files, tasks, seconds, self.threads,
+            max(0, self.cache.max_bytes - self.cache.warm_bytes), str(spool),
             done, busy_seconds)
         report.snapshot = snap.id
         headers = [versions_header(t.versions) for t in tasks]
-        # This thread only reads the frames (the reads release the GIL); the event loop
-        # unpickles them, a chunk at a time (see `_decoded`).
+        # Each task's answers go into a dict of their own here, off the loop, which then
+        # adopts each dict in one step (merged with what the token had: the tail adds to it).
+        answers: dict[int, Answers] = {}
+        had: dict[int, int] = {}
         with spool.open("rb") as f:
-            frames: list[bytes] = []
-            while head := f.read(FRAME.size):
-                frames.append(f.read(FRAME.unpack(head)[0]))
-                if len(frames) >= HANDOFF_CHUNKS:
-                    self._insert(_decoded(frames, tasks, headers, done))
-                    frames = []
-            if frames:
-                self._insert(_decoded(frames, tasks, headers, done))
+            while True:
+                try:
+                    i, items = pickle.load(f)
+                except EOFError:
+                    break
+                header = headers[i]
+                into = answers.get(i)
+                if into is None:
+                    before = self.cache.warmed_answers(tasks[i].token) or {}
+                    into, had[i] = answers.setdefault(i, dict(before)), len(before)
+                into.update((ck, (body, tag, header)) for ck, body, tag in items)
+                done[i].update(ck for ck, _, _ in items)
+        adopt = [(tasks[i].token, a, sum(map(entry_size, a.values())), len(a) - had[i])
+                 for i, a in answers.items()]
+
+        def adopt_all() -> None:
+            for args in adopt:
+                self.cache.adopt(*args)
+
+        self._on_loop(adopt_all)
         return report
 
     def _keep_only(self, *snaps: Snapshot) -> None:
@@ -481,46 +495,12 @@ class Warmer:
             return
         live = frozenset(tok for s in snaps
                          for tok in endpoint_tokens(self.specs, self.fingerprints, s).values())
-        asyncio.run_coroutine_threadsafe(self.cache.retain(live), loop).add_done_callback(
-            _log_failure)
-
-    def _insert(self, chunks: Iterable[list[tuple[tuple[str, tuple[Any, ...]], Entry]]]) -> None:
-        """Hand answers to the event loop, which makes and inserts them a chunk at a time
-        between requests (one hand-off per HANDOFF_CHUNKS chunks: a busy loop answers each
-        hand-off late, and one per chunk made 10^5 answers take a minute under load)."""
-        loop = self.loop
-        if loop is None:
-            for chunk in chunks:
-                self.cache.put_many(chunk)
-            return
-        asyncio.run_coroutine_threadsafe(
-            self.cache.put_chunks(chunks, INSERT_PAUSE), loop).result(timeout=HANDOFF_TIMEOUT)
+        dropped = asyncio.run_coroutine_threadsafe(self.cache.retain(live), loop).result(
+            timeout=HANDOFF_TIMEOUT)
+        dropped.clear()  # the old answers are freed here, not on the loop
 
 
-def _decoded(frames: list[bytes], tasks: list[WarmTask], headers: list[str],
-             done: list[set[tuple[Any, ...]]]
-             ) -> Iterator[list[tuple[tuple[str, tuple[Any, ...]], Entry]]]:
-    """Cache entries from spooled frames, one chunk per frame, made as they are asked for: by
-    the event loop between requests (`ResponseCache.put_chunks`). Unpickled on the loader
-    thread instead, they held the GIL there, and a thread the OS runs less often than the
-    event loop, holding the lock it needs, stalled it for tens of milliseconds at a time under
-    load (a priority inversion). `done[i]` gains the keys of task i as they are made."""
-    for frame in frames:
-        i, items = pickle.loads(frame)
-        tok, header = tasks[i].token, headers[i]
-        done[i].update(ck for ck, _, _ in items)
-        yield [((tok, ck), (body, tag, header)) for ck, body, tag in items]
-
-
-def _log_failure(fut: concurrent.futures.Future[int]) -> None:
-    if not fut.cancelled() and fut.exception() is not None:
-        log.error("dropping replaced versions' answers failed", exc_info=fut.exception())
-
-
-SPOOL_CHUNK = 250  # entries per pickled chunk: what the event loop inserts at a time
-FRAME = struct.Struct("<I")  # each chunk is spooled as its pickle's length, then the pickle
-INSERT_PAUSE = 0.002  # seconds the event loop waits between inserted chunks (see put_chunks)
-HANDOFF_CHUNKS = 40  # chunks handed to the event loop at once
+SPOOL_CHUNK = 250  # entries per pickled chunk
 HANDOFF_TIMEOUT = 60.0
 ROUND = 4096  # keys of the first round (one batched query per endpoint); each round doubles
 
@@ -723,7 +703,5 @@ class _Spooler:
             report, name = self.report, job.task.spec.name
             report.entries += n
             report.per_endpoint[name] = report.per_endpoint.get(name, 0) + n
-            data = pickle.dumps((job.index, job.pending), protocol=pickle.HIGHEST_PROTOCOL)
-            self.out.write(FRAME.pack(len(data)))
-            self.out.write(data)
+            pickle.dump((job.index, job.pending), self.out, protocol=pickle.HIGHEST_PROTOCOL)
             job.pending = []

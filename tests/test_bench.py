@@ -14,6 +14,7 @@ from pathlib import Path
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from bench.cli import lag_summary
 from bench.report import read_rows
 from data.generate import write_export
 
@@ -33,8 +34,19 @@ def test_ci_gate_fails_on_an_impossible_bound_and_draws_the_swaps(tmp_path: Path
     assert summary["errors"]["total"] == 0
     assert summary["swaps"] >= 1 and all(lag > 0 for lag in summary["freshness_lag_s"])
     assert summary["healthz_ms"]["count"] == 100
+    assert summary["event_loop_lag"]["probes"] > 50  # ~20 a second of the 6 s run
+    assert "duckswap.loader: published" in (tmp_path / "ci-server.log").read_text()
     png = tmp_path / "ci-100.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_loop_lag_quantiles_are_read_from_the_histogram_buckets() -> None:
+    before = {0.001: 10.0, 0.01: 10.0, 0.1: 10.0, float("inf"): 10.0}
+    # 1,000 probes more: 990 under 1 ms, 9 under 10 ms, 1 over 100 ms
+    after = {0.001: 1000.0, 0.01: 1009.0, 0.1: 1009.0, float("inf"): 1010.0}
+    assert lag_summary(before, after) == {"probes": 1000, "p99_under_ms": 1.0,
+                                          "p99.9_under_ms": 10.0, "max_under_ms": None,
+                                          "over_10ms": 1}
 
 
 def test_ci_gate_reports_errors_when_the_server_stops(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import time
 from dataclasses import replace
 from decimal import Decimal
 from pathlib import Path
@@ -182,14 +183,13 @@ async def test_a_swap_never_holds_three_versions_answers(demo: Running, tmp_path
     so a swap's memory peak is two versions' answers, not three."""
     cache = demo.app[SERVING].cache
     seen: list[set[str]] = []  # the tokens cached whenever warmed answers go in
-    put_many = cache.put_many
+    adopt = cache.adopt
 
-    def recording(items: Any) -> int:
-        n = put_many(items)
+    def recording(*args: Any) -> None:
+        adopt(*args)
         seen.append(cache.tokens())
-        return n
 
-    cache.put_many = recording  # type: ignore[method-assign]
+    cache.adopt = recording  # type: ignore[method-assign]
     tokens = [(await _pointer(demo))["endpoints"]["champion_stats"]["token"]]
     for seq in (2, 3, 4):
         assert (await _raw(demo, STATS))[0] == 200  # a hot key: warmed before each publish
@@ -357,6 +357,26 @@ async def test_hit_ratio_is_in_metrics(demo: Running) -> None:
     text = (await _raw(demo, "/metrics"))[2].decode()
     assert 'duckswap_loads_total{dataset="champion_stats",outcome="ok"} 1.0' in text
     assert "duckswap_cache_bytes" in text
+
+
+async def test_event_loop_lag_is_in_metrics(demo: Running) -> None:
+    """A stall of the event loop (here a blocking call on it, as a GIL held elsewhere would
+    be) shows in the lag histogram."""
+    async def over(seconds: float) -> float:
+        body = (await _raw(demo, "/metrics"))[2].decode()
+        family = next(f for f in text_string_to_metric_families(body)
+                      if f.name == "duckswap_event_loop_lag_seconds")
+        samples = {(s.name, s.labels.get("le")): s.value for s in family.samples}
+        return (samples[("duckswap_event_loop_lag_seconds_count", None)]
+                - samples[("duckswap_event_loop_lag_seconds_bucket", str(seconds))])
+
+    before = await over(0.1)
+    time.sleep(0.3)  # blocks the loop the server runs on (the test's own)
+
+    async def recorded() -> bool:
+        return await over(0.1) == before + 1
+
+    await wait_for(recorded, what="the stall in the lag histogram")
 
 
 def test_body_encoder_writes_the_documented_json(tmp_path: Path) -> None:
