@@ -30,6 +30,7 @@ class ResponseCache:
         )
         self._warm: dict[str, Answers] = {}
         self._warm_bytes: dict[str, int] = {}
+        self.warm_bytes = 0  # their sum (an int: read by the warmer's thread too)
         self.inflight: dict[Key, asyncio.Future[Entry]] = {}
         self.hits = 0
         self.misses = 0
@@ -74,19 +75,19 @@ class ResponseCache:
         while lru.currsize > room and len(lru):
             lru.popitem()
 
-    @property
-    def warm_bytes(self) -> int:
-        return sum(self._warm_bytes.values())
-
     def warmed_answers(self, token: str) -> Answers | None:
         """The answers adopted for `token` (never changed after: safe to read off the loop)."""
         return self._warm.get(token)
+
+    def warmed_bytes(self, token: str) -> int:
+        return self._warm_bytes.get(token, 0)
 
     def adopt(self, token: str, answers: Answers, nbytes: int, added: int) -> None:
         """Serve `answers` (`nbytes` in all, `added` of them new) as `token`'s warmed ones,
         replacing any before: one step, whatever their number, so a warm costs the event loop
         nothing per answer (inserting 10^5 of them into the LRU took it 0.2-0.5 s a swap)."""
         self._warm[token] = answers
+        self.warm_bytes += nbytes - self._warm_bytes.get(token, 0)
         self._warm_bytes[token] = nbytes
         self.warmed += added
         self._trim()
@@ -101,7 +102,7 @@ class ResponseCache:
         dropped = [self._warm.pop(t) for t in list(self._warm) if t not in live]
         for t in list(self._warm_bytes):
             if t not in self._warm:
-                del self._warm_bytes[t]
+                self.warm_bytes -= self._warm_bytes.pop(t)
         self.pruned += sum(len(a) for a in dropped)
         keys = list(self._lru)
         for start in range(0, len(keys), chunk):

@@ -15,7 +15,17 @@ from prometheus_client.parser import text_string_to_metric_families
 from conftest import DEMO_CONFIG, Running, demo_settings, wait_for, write_seq_export
 from data.generate import write_export
 from serving.app import SERVING, STORE, WARMER
-from serving.responses import IMMUTABLE, BodyEncoder, dumps, etag, fingerprint, token
+from serving.cache import ResponseCache
+from serving.responses import (
+    IMMUTABLE,
+    BodyEncoder,
+    Entry,
+    dumps,
+    entry_size,
+    etag,
+    fingerprint,
+    token,
+)
 from serving.settings import DEFAULT_CACHE_CONTROL, Settings, load_settings, parse_settings
 from serving.warm import Budget, WarmTask, batch_sql, compute, enumerate_keys
 
@@ -377,6 +387,32 @@ async def test_event_loop_lag_is_in_metrics(demo: Running) -> None:
         return await over(0.1) == before + 1
 
     await wait_for(recorded, what="the stall in the lag histogram")
+
+
+async def test_warmed_answers_and_computed_ones_share_one_byte_budget() -> None:
+    """Warmed answers are adopted whole per token; computed ones get what they leave of the
+    budget; dropping a token hands its warmed answers back to the caller."""
+    def entry(n: int) -> Entry:
+        return (b"x" * n, "tag", "")
+
+    cache = ResponseCache(10_000)
+    for i in range(20):  # computed answers, ~1,360 bytes each: the LRU keeps what fits
+        cache.put(("t0", (i,)), entry(1000))
+    assert 8_000 < cache.bytes <= 10_000
+    warmed = {(i,): entry(1000) for i in range(4)}
+    size = sum(map(entry_size, warmed.values()))
+    cache.adopt("t1", warmed, size, 4)
+    assert cache.warm_bytes == size and cache.bytes <= 10_000  # the LRU made room
+    assert cache.get(("t1", (2,)), "e") == entry(1000) and cache.hits == 1
+    assert cache.warmed_answers("t1") is warmed and len(cache) == 4 + len(cache._lru)
+    cache.adopt("t1", {**warmed, (9,): entry(10)}, size + entry_size(entry(10)), 1)
+    assert cache.warm_bytes == size + entry_size(entry(10)) and cache.warmed == 5
+    cache.put(("t0", (99,)), entry(20_000))  # over the budget: not kept
+    assert ("t0", (99,)) not in cache
+    dropped = await cache.retain(frozenset({"t0"}), pause=0)
+    assert [set(d) for d in dropped] == [{(0,), (1,), (2,), (3,), (9,)}]
+    assert cache.warm_bytes == 0 and cache.get(("t1", (2,)), "e") is None
+    assert "t1" not in cache.tokens() and cache.pruned == 5
 
 
 def test_body_encoder_writes_the_documented_json(tmp_path: Path) -> None:
