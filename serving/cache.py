@@ -97,8 +97,8 @@ class ResponseCache:
         """Drop the answers of every token not in `live` (versions neither served nor just
         replaced: a `?v=` for them is a redirect anyway), so old versions' answers do not sit
         in memory until the byte budget pushes them out. The warmed ones go in one step and
-        are returned, for the caller to release off the loop (freeing 10^5 objects takes
-        tens of milliseconds); the computed ones a chunk at a time between requests."""
+        are returned, for the caller to free off the loop (10^5 answers freed at once would
+        stall it); the computed ones a chunk at a time between requests."""
         dropped = [self._warm.pop(t) for t in list(self._warm) if t not in live]
         for t in list(self._warm_bytes):
             if t not in self._warm:

@@ -37,7 +37,9 @@ SETTING_KEYS: dict[str, str] = {
     "except on Windows), else asyncio's own loop; `uvloop` or `asyncio` to choose. uvloop "
     "spends less CPU on each request's I/O (at 2000 req/s: a bare aiohttp handler 0.36 "
     "against 0.47 cores, the overlay mix 0.81 against 0.87).",
-    "server.cache_mb": "Byte budget of the response cache in MiB; 0 turns it off (default 256).",
+    "server.cache_mb": "Byte budget of the response cache in MiB: the warmed answers of the "
+    "served version and of the one being staged (or just replaced) first, the answers computed "
+    "for misses in what they leave; 0 turns it off (default 256).",
     "server.warm_seconds": "Seconds spent before a publish on `warm_sql` rows and small "
     "parameter spaces, once the most requested keys (always all answered) are done (default 0: "
     "on an idle machine they are answered right after the publish, which comes sooner; on a "
