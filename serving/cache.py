@@ -99,11 +99,11 @@ class ResponseCache:
         in memory until the byte budget pushes them out. The warmed ones go in one step and
         are returned, for the caller to free off the loop (10^5 answers freed at once would
         stall it); the computed ones a chunk at a time between requests."""
-        dropped = [self._warm.pop(t) for t in list(self._warm) if t not in live]
-        for t in list(self._warm_bytes):
-            if t not in self._warm:
-                self.warm_bytes -= self._warm_bytes.pop(t)
-        self.pruned += sum(len(a) for a in dropped)
+        dropped = []
+        for t in [t for t in self._warm if t not in live]:
+            dropped.append(self._warm.pop(t))
+            self.warm_bytes -= self._warm_bytes.pop(t)
+            self.pruned += len(dropped[-1])
         keys = list(self._lru)
         for start in range(0, len(keys), chunk):
             n = 0

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from bench.cli import loop_lag
 from conftest import DEMO_CONFIG, Running, demo_settings, wait_for, write_seq_export
 from data.generate import write_export
 from serving.app import SERVING, STORE, WARMER
@@ -374,11 +375,9 @@ async def test_event_loop_lag_is_in_metrics(demo: Running) -> None:
     be) shows in the lag histogram."""
     async def over(seconds: float) -> float:
         body = (await _raw(demo, "/metrics"))[2].decode()
-        family = next(f for f in text_string_to_metric_families(body)
-                      if f.name == "duckswap_event_loop_lag_seconds")
-        samples = {(s.name, s.labels.get("le")): s.value for s in family.samples}
-        return (samples[("duckswap_event_loop_lag_seconds_count", None)]
-                - samples[("duckswap_event_loop_lag_seconds_bucket", str(seconds))])
+        lag = loop_lag(list(text_string_to_metric_families(body)))
+        assert lag is not None
+        return lag[float("inf")] - lag[seconds]
 
     before = await over(0.1)
     time.sleep(0.3)  # blocks the loop the server runs on (the test's own)
