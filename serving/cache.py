@@ -11,7 +11,9 @@ cache misses, which gets what the warmed answers leave of the budget.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 from cachetools import LRUCache
@@ -149,12 +151,18 @@ class ResponseCache:
 class Popularity:
     """Request counts per endpoint and normalised parameters, bounded; the warmer's guide.
 
-    Counts are halved when a table outgrows twice its limit, so old favourites fade.
+    Counts are halved when a table outgrows twice its limit, so old favourites fade. A second
+    count per endpoint, the window, starts afresh at each warm (`take_window`): what was asked
+    for since the last one, for the warmer to tell how many requests a publish would leave
+    to cache misses.
     """
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, clock: Callable[[], float] = time.monotonic) -> None:
         self.limit = limit
+        self.clock = clock
         self._counts: dict[str, Counter[tuple[Any, ...]]] = {}
+        self._window: dict[str, Counter[tuple[Any, ...]]] = {}
+        self._window_start = clock()
 
     def seen(self, endpoint: str, key: tuple[Any, ...]) -> None:
         if not self.limit:
@@ -162,7 +170,11 @@ class Popularity:
         counts = self._counts.get(endpoint)
         if counts is None:
             counts = self._counts[endpoint] = Counter()
+            self._window[endpoint] = Counter()
         counts[key] += 1
+        window = self._window[endpoint]
+        if key in window or len(window) < WINDOW_KEYS * self.limit:  # bounded too
+            window[key] += 1
         if len(counts) > 2 * self.limit:
             kept = counts.most_common(self.limit)
             counts.clear()
@@ -172,3 +184,15 @@ class Popularity:
         """The `n` most requested keys of an endpoint with their counts, most first."""
         counts = self._counts.get(endpoint)
         return counts.most_common(n) if counts else []
+
+    def take_window(self) -> tuple[dict[str, Counter[tuple[Any, ...]]], float]:
+        """The counts per endpoint since the last call (or since the start) and the seconds
+        they cover; a new window starts. The returned counters are not touched again."""
+        now = self.clock()
+        window, seconds = self._window, now - self._window_start
+        self._window = {e: Counter() for e in window}
+        self._window_start = now
+        return window, seconds
+
+
+WINDOW_KEYS = 4  # a window counts at most this many times `limit` distinct keys per endpoint

@@ -18,6 +18,7 @@ import gc
 import itertools
 import json
 import logging
+import math
 import pickle
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -49,7 +50,10 @@ log = logging.getLogger("duckswap.warm")
 T = TypeVar("T")
 ENUMERATE_LIMIT = 1000  # largest parameter space enumerated in full
 BUSY_SHARE = 0.9  # cores: a warm process getting less than this is on a busy machine
-_BUSY = " (busy machine: went on past its time budget)"
+# Requests a second that a publish would leave to cache misses (see `would_miss`): from this
+# many on, the warm of the declared keys is not cut short either (~20 queries a second on the
+# request path, ~3-6 ms of CPU each under load, against ~0.03 ms per key batched in the warm).
+MISS_RATE = 20.0
 
 
 class Budget:
@@ -57,7 +61,10 @@ class Budget:
     is busy, then up to `busy_seconds`.
 
     Busy means the warm process (idle priority) got less than `busy_share` of a core so far:
-    requests are using the CPU. Keys left for after the publish are then mostly answered by
+    requests are using the CPU. (The warmer passes an infinite share, always busy, when the
+    requests of the last interval say a publish now would meet many of them with misses: see
+    `would_miss`. The CPU the warm gets so far cannot tell that the machine is about to be busy
+    with those very misses.) Keys left for after the publish are then mostly answered by
     cache misses first, each a query on the request path (~3-6 ms of CPU under load against
     ~0.03 ms per key batched here), and the misses starve the after-publish warm in turn: a
     publish on a busy machine waits for the warm instead. On an idle one nothing changes: the
@@ -109,6 +116,9 @@ class WarmReport:
     unlisted: bool = False  # the declared keys were not enumerated in time (count unknown)
     cpu_share: float = 0.0  # cores the warm process got while it ran (under 1: requests had them)
     extended: bool = False  # went on past the time budget because the machine was busy
+    # requests a second, in the interval before the warm, for answers the old version had
+    # warmed but that are not among the hot keys: what an early publish would meet with misses
+    would_miss: float = 0.0
     per_endpoint: dict[str, int] = field(default_factory=dict)
 
 
@@ -330,7 +340,8 @@ class Warmer:
                  endpoints: Mapping[str, EndpointSpec], fingerprints: Mapping[str, bytes],
                  batch: Mapping[str, BatchPlan | None], seconds: float, keys: int,
                  builder: Builder, threads: int = 2, tail_seconds: float = 0.0,
-                 busy_seconds: float = 0.0, folded: Mapping[str, Folded] | None = None) -> None:
+                 busy_seconds: float = 0.0, folded: Mapping[str, Folded] | None = None,
+                 busy_share: float = BUSY_SHARE, miss_rate: float = MISS_RATE) -> None:
         self.store = store
         self.cache = cache
         self.popularity = popularity
@@ -343,7 +354,10 @@ class Warmer:
         self.threads = threads
         self.tail_seconds = tail_seconds
         self.busy_seconds = busy_seconds
-        self._tail: tuple[Snapshot, list[WarmTask], list[set[tuple[Any, ...]]]] | None = None
+        self.busy_share = busy_share
+        self.miss_rate = miss_rate
+        # (the Snapshot, its tasks, the keys already warmed per task, the busy share used)
+        self._tail: tuple[Snapshot, list[WarmTask], list[set[tuple[Any, ...]]], float] | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self._batch = dict(batch)
         self.folded = dict(folded or {})
@@ -368,6 +382,8 @@ class Warmer:
         self._tail = None
         start = time.perf_counter()
         old = self.store.current
+        window, window_seconds = self._on_loop(self.popularity.take_window)
+        missed = 0
         # Only the served version and this one keep their answers: the version `old` replaced
         # loses them now, before anything is inserted, so a swap holds two versions' answers at
         # its peak, not three (and this one pass, on every publish, is the only prune).
@@ -380,6 +396,10 @@ class Warmer:
             if versions == old.version_ids(spec.datasets):
                 continue  # unchanged token: its entries stay valid
             hot = self._on_loop(lambda n=name: self.popularity.hottest(n, self.keys))  # type: ignore[misc]
+            old_versions = old.version_ids(spec.datasets)
+            if name in window and len(old_versions) == len(spec.datasets):
+                missed += would_miss(window[name], hot, self.cache.warmed_answers(
+                    token(self.fingerprints[name], old_versions)))
             names = list(spec.params)
             tasks.append(WarmTask(
                 replace(spec, params=dict(spec.params)),
@@ -395,19 +415,25 @@ class Warmer:
         # yet has no misses to spare, only 503s: publish it as soon as possible.
         served = all(len(old.version_ids(t.spec.datasets)) == len(t.spec.datasets)
                      for t in tasks)
-        report = self._run(snap, tasks, self.seconds, done, self.busy_seconds if served else 0)
+        # Requests for warmed answers beyond the hot keys: a publish before their keys are
+        # warmed meets them with misses, which on this box take the CPU the rest of the warm
+        # needs. Many of them make the machine busy whatever the CPU the warm gets now.
+        rate = missed / max(window_seconds, 1.0)
+        share = math.inf if rate >= self.miss_rate else self.busy_share
+        report = self._run(snap, tasks, self.seconds, done, self.busy_seconds if served else 0,
+                           share)
         if report is None:
             return WarmReport(snap.id)
+        report.would_miss = round(rate, 1)
         if (report.skipped or report.unlisted) and self.tail_seconds > 0:
-            self._tail = (snap, tasks, done)
+            self._tail = (snap, tasks, done, share)
         report.seconds = time.perf_counter() - start
         self.last = report
         log.info(
             "warmed snapshot %d: %d responses (%d batched, %d single, %s left for after the "
             "publish) in %.3fs on %.2f cores%s", snap.id, report.entries, report.batched,
             report.single, f"{report.skipped}{' + declared keys' if report.unlisted else ''}",
-            report.seconds, report.cpu_share,
-            _BUSY if report.extended else "",
+            report.seconds, report.cpu_share, _extension(report, self.miss_rate),
         )
         return report
 
@@ -425,18 +451,20 @@ class Warmer:
         if pending is None or pending[0].id != snap.id:
             return None
         start = time.perf_counter()
-        _, tasks, done = pending
-        report = self._run(snap, tasks, self.tail_seconds, done, self.busy_seconds)
+        _, tasks, done, share = pending
+        report = self._run(snap, tasks, self.tail_seconds, done, self.busy_seconds, share)
         if report is not None:
             report.seconds = time.perf_counter() - start
+            report.would_miss = self.last.would_miss if self.last else 0.0
             self.last_tail = report  # its answers are all in the cache by now
             log.info("warmed snapshot %d after its publish: %d more responses (%d left) in "
                      "%.3fs on %.2f cores%s", snap.id, report.entries, report.skipped,
-                     report.seconds, report.cpu_share, _BUSY if report.extended else "")
+                     report.seconds, report.cpu_share, _extension(report, self.miss_rate))
         return report
 
     def _run(self, snap: Snapshot, tasks: list[WarmTask], seconds: float,
-             done: list[set[tuple[Any, ...]]], busy_seconds: float = 0.0) -> WarmReport | None:
+             done: list[set[tuple[Any, ...]]], busy_seconds: float = 0.0,
+             busy_share: float = BUSY_SHARE) -> WarmReport | None:
         """Answer in the builder process, then insert the spooled answers on the loop.
         None when the Snapshot's versions have no files (nothing to attach there)."""
         files = {d: str(v.path) for d, v in snap.versions.items() if v.path is not None}
@@ -444,7 +472,8 @@ class Warmer:
             return None
         spool = self.store.data_dir / f"warm-{snap.id}.spool"
         try:
-            return self._answer(snap, tasks, seconds, done, busy_seconds, files, spool)
+            return self._answer(snap, tasks, seconds, done, busy_seconds, busy_share, files,
+                                spool)
         except concurrent.futures.CancelledError:  # the event loop stopped: shutting down
             log.info("warm of snapshot %d stopped: the server is shutting down", snap.id)
             return None
@@ -452,12 +481,12 @@ class Warmer:
             spool.unlink(missing_ok=True)
 
     def _answer(self, snap: Snapshot, tasks: list[WarmTask], seconds: float,
-                done: list[set[tuple[Any, ...]]], busy_seconds: float, files: dict[str, str],
-                spool: Path) -> WarmReport:
+                done: list[set[tuple[Any, ...]]], busy_seconds: float, busy_share: float,
+                files: dict[str, str], spool: Path) -> WarmReport:
         report: WarmReport = self.builder.run(
             compute, files, tasks, seconds, self.threads,
             max(0, self.cache.max_bytes - self.cache.warm_bytes), str(spool),
-            done, busy_seconds)
+            done, busy_seconds, busy_share)
         report.snapshot = snap.id
         headers = [versions_header(t.versions) for t in tasks]
         # Each task's answers go into a dict of their own here, off the loop, which then
@@ -513,6 +542,25 @@ class Warmer:
                 for _ in range(min(FREE_SLICE, len(old))):
                     old.popitem()
                 _yield_gil()
+
+
+def would_miss(window: Mapping[tuple[Any, ...], int], hot: list[tuple[tuple[Any, ...], int]],
+               warmed: Mapping[tuple[Any, ...], Any] | None) -> int:
+    """Requests in `window` for keys `warmed` had an answer for that are not `hot`: each one
+    met by a cache miss if the next version were published with its hot keys only."""
+    if not warmed:
+        return 0
+    first = {k for k, _ in hot}
+    return sum(n for k, n in window.items() if k in warmed and k not in first)
+
+
+def _extension(report: WarmReport, miss_rate: float) -> str:
+    if not report.extended:
+        return ""
+    if report.would_miss >= miss_rate:
+        return (f" (went on past its time budget: {report.would_miss:g} requests/s were for "
+                "answers it had not warmed yet)")
+    return " (busy machine: went on past its time budget)"
 
 
 def _yield_gil() -> None:

@@ -14,9 +14,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from bench.cli import loop_lag
 from conftest import DEMO_CONFIG, Running, demo_settings, wait_for, write_seq_export
-from data.generate import write_export
+from data.generate import RANKS, REGIONS, ROLES, write_export
 from serving.app import SERVING, STORE, WARMER
-from serving.cache import ResponseCache
+from serving.cache import Popularity, ResponseCache
 from serving.responses import (
     IMMUTABLE,
     BodyEncoder,
@@ -28,7 +28,7 @@ from serving.responses import (
     token,
 )
 from serving.settings import DEFAULT_CACHE_CONTROL, Settings, load_settings, parse_settings
-from serving.warm import Budget, WarmTask, batch_sql, compute, enumerate_keys
+from serving.warm import Budget, WarmTask, batch_sql, compute, enumerate_keys, would_miss
 
 STATS = "/v1/champions/3/stats?role=mid&rank=gold&region=na"
 
@@ -563,3 +563,64 @@ async def test_busy_machine_warms_every_declared_key_before_the_publish(demo: Ru
     idle = compute(files, tasks, 1e-9, 1, 2**30, spool, busy_seconds=60, busy_share=0)
     assert not idle.extended and idle.entries == 0 and idle.unlisted
 
+
+
+def test_request_window_counts_what_a_publish_would_leave_to_misses() -> None:
+    """Only the clock is fake. The window holds the requests since the last warm; those for
+    keys the old version had warmed, less the hot keys (warmed first anyway), would miss."""
+    now = [100.0]
+    pop = Popularity(10, clock=lambda: now[0])
+    for key, n in (((1,), 5), ((2,), 3), ((3,), 1), ((9,), 4)):
+        for _ in range(n):
+            pop.seen("stats", key)
+    now[0] = 104.0
+    window, seconds = pop.take_window()
+    assert seconds == 4.0 and window["stats"] == {(1,): 5, (2,): 3, (3,): 1, (9,): 4}
+    warmed = {(1,): b"", (2,): b"", (3,): b""}  # (9,) was never warmed: a miss either way
+    assert would_miss(window["stats"], pop.hottest("stats", 1), warmed) == 3 + 1
+    assert would_miss(window["stats"], pop.hottest("stats", 4), warmed) == 0
+    assert would_miss(window["stats"], [], None) == 0
+    pop.seen("stats", (2,))
+    now[0] = 105.0
+    window, seconds = pop.take_window()  # a new window: only what came after the last take
+    assert seconds == 1.0 and window["stats"] == {(2,): 1}
+    assert pop.hottest("stats", 1) == [((1,), 5)]  # the long-run counts are kept
+
+
+async def test_requests_for_declared_keys_hold_the_publish_for_their_warm(
+        tmp_path: Path, serve: Any) -> None:
+    """With no time before the publish and the CPU rule off (`busy_share` 0, a machine never
+    judged busy), a publish waits for the declared keys only when requests ask for them."""
+    write_export(tmp_path, 1, size="small")
+    demo = await _demo(serve, tmp_path, warm_seconds=1e-9, warm_keys=2,
+                       warm_busy_seconds=60)
+    warmer, store = demo.app[WARMER], demo.app[STORE]
+    warmer.busy_share, warmer.miss_rate = 0.0, 1.0
+    declared = 12 * 5 * 5 * 2  # champion x role x rank x region of the latest patch (small)
+
+    async def published(seq: int) -> bool:
+        stats = store.current.versions["champion_stats"]
+        return stats.export_id.endswith(f"{seq:06d}")
+
+    write_export(tmp_path, 2, size="small")  # nothing asked for: published with the hot keys
+    await wait_for(lambda: published(2), what="export 2")
+    quiet = warmer.last
+    assert quiet is not None and quiet.snapshot == store.current.id
+    assert quiet.would_miss == 0 and not quiet.extended and quiet.unlisted
+
+    paths = [f"/v1/champions/{c}/stats?role={role}&rank={rank}&region={region}"
+             for c in (1, 2) for role in ROLES for rank in RANKS[:5] for region in REGIONS[:2]]
+    for path in paths:
+        assert (await _raw(demo, path))[0] == 200
+    write_export(tmp_path, 3, size="small")
+    await wait_for(lambda: published(3), what="export 3")
+    asked = warmer.last
+    assert asked is not None and asked.snapshot == store.current.id
+    assert asked.would_miss >= 1 and asked.extended
+    assert not asked.unlisted and asked.skipped == 0
+    assert asked.per_endpoint["champion_stats"] == declared
+    cache = demo.app[SERVING].cache
+    misses = cache.misses
+    for path in paths:
+        assert (await _raw(demo, path))[0] == 200
+    assert cache.misses == misses
