@@ -21,7 +21,7 @@ import logging
 import math
 import pickle
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence, Set
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
@@ -117,7 +117,7 @@ class WarmReport:
     cpu_share: float = 0.0  # cores the warm process got while it ran (under 1: requests had them)
     extended: bool = False  # went on past the time budget because the machine was busy
     # requests a second, in the interval before the warm, for answers the old version had
-    # warmed but that are not among the hot keys: what an early publish would meet with misses
+    # warmed beyond the hot keys the warm before chose: what an early publish met with misses
     would_miss: float = 0.0
     per_endpoint: dict[str, int] = field(default_factory=dict)
 
@@ -356,6 +356,7 @@ class Warmer:
         self.busy_seconds = busy_seconds
         self.busy_share = busy_share
         self.miss_rate = miss_rate
+        self._hot: dict[str, frozenset[tuple[Any, ...]]] = {}  # each endpoint's last hot keys
         # (the Snapshot, its tasks, the keys already warmed per task, the busy share used)
         self._tail: tuple[Snapshot, list[WarmTask], list[set[tuple[Any, ...]]], float] | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -396,9 +397,14 @@ class Warmer:
             if versions == old.version_ids(spec.datasets):
                 continue  # unchanged token: its entries stay valid
             hot = self._on_loop(lambda n=name: self.popularity.hottest(n, self.keys))  # type: ignore[misc]
+            hot_now = frozenset(k for k, _ in hot)
+            # Out of sample: the requests since the last warm against the hot keys it chose
+            # (the ones chosen now were chosen from those very requests); the first time, the
+            # ones chosen now.
+            earlier, self._hot[name] = self._hot.get(name, hot_now), hot_now
             old_versions = old.version_ids(spec.datasets)
             if name in window and len(old_versions) == len(spec.datasets):
-                missed += would_miss(window[name], hot, self.cache.warmed_answers(
+                missed += would_miss(window[name], earlier, self.cache.warmed_answers(
                     token(self.fingerprints[name], old_versions)))
             names = list(spec.params)
             tasks.append(WarmTask(
@@ -544,14 +550,13 @@ class Warmer:
                 _yield_gil()
 
 
-def would_miss(window: Mapping[tuple[Any, ...], int], hot: list[tuple[tuple[Any, ...], int]],
+def would_miss(window: Mapping[tuple[Any, ...], int], hot: Set[tuple[Any, ...]],
                warmed: Mapping[tuple[Any, ...], Any] | None) -> int:
     """Requests in `window` for keys `warmed` had an answer for that are not `hot`: each one
-    met by a cache miss if the next version were published with its hot keys only."""
+    met by a cache miss had a version been published with the `hot` keys only."""
     if not warmed:
         return 0
-    first = {k for k, _ in hot}
-    return sum(n for k, n in window.items() if k in warmed and k not in first)
+    return sum(n for k, n in window.items() if k in warmed and k not in hot)
 
 
 def _extension(report: WarmReport, miss_rate: float) -> str:
