@@ -563,8 +563,8 @@ def _extension(report: WarmReport, miss_rate: float) -> str:
     if not report.extended:
         return ""
     if report.would_miss >= miss_rate:
-        return (f" (went on past its time budget: {report.would_miss:g} requests/s were for "
-                "answers it had not warmed yet)")
+        return (f" (went on past its time budget: {report.would_miss:g} requests/s asked for "
+                "answers beyond the hot keys)")
     return " (busy machine: went on past its time budget)"
 
 
