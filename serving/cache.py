@@ -11,9 +11,11 @@ cache misses, which gets what the warmed answers leave of the budget.
 from __future__ import annotations
 
 import asyncio
+import heapq
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
+from operator import itemgetter
 from typing import Any
 
 from cachetools import LRUCache
@@ -182,8 +184,12 @@ class Popularity:
 
     def hottest(self, endpoint: str, n: int) -> list[tuple[tuple[Any, ...], int]]:
         """The `n` most requested keys of an endpoint with their counts, most first."""
-        counts = self._counts.get(endpoint)
-        return counts.most_common(n) if counts else []
+        return hottest(self._counts.get(endpoint, {}), n)
+
+    def counts(self, endpoints: Iterable[str]) -> dict[str, dict[tuple[Any, ...], int]]:
+        """A copy of the counts of `endpoints`, for `hottest` off the event loop: copying
+        20,000 counts takes it ~0.3 ms, picking the top 10,000 of them ~22 ms."""
+        return {e: dict(c) for e in endpoints if (c := self._counts.get(e))}
 
     def take_window(self) -> tuple[dict[str, Counter[tuple[Any, ...]]], float]:
         """The counts per endpoint since the last call (or since the start) and the seconds
@@ -193,6 +199,12 @@ class Popularity:
         self._window = {e: Counter() for e in window}
         self._window_start = now
         return window, seconds
+
+
+def hottest(counts: Mapping[tuple[Any, ...], int],
+            n: int) -> list[tuple[tuple[Any, ...], int]]:
+    """The `n` most requested keys in `counts` with their counts, most first."""
+    return heapq.nlargest(n, counts.items(), key=itemgetter(1))
 
 
 WINDOW_KEYS = 4  # a window counts at most this many times `limit` distinct keys per endpoint

@@ -21,6 +21,7 @@ import logging
 import math
 import pickle
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence, Set
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -31,7 +32,7 @@ import duckdb
 from loaders.build import quote_ident, quote_literal
 from loaders.builder import Builder
 from loaders.snapshot import QUERY_CONFIG, Snapshot, Store
-from serving.cache import Answers, Popularity, ResponseCache
+from serving.cache import Answers, Popularity, ResponseCache, hottest
 from serving.fold import Folded, binding, evaluate
 from serving.params import ParamError, cache_key, default_value, parse_value
 from serving.query import Result, execute, execute_batch
@@ -383,7 +384,13 @@ class Warmer:
         self._tail = None
         start = time.perf_counter()
         old = self.store.current
-        window, window_seconds = self._on_loop(self.popularity.take_window)
+
+        def take() -> tuple[tuple[dict[str, Counter[tuple[Any, ...]]], float],
+                            dict[str, dict[tuple[Any, ...], int]]]:
+            return self.popularity.take_window(), self.popularity.counts(self.endpoints)
+
+        # Copies, taken on the loop in one step; the top keys are picked here, off it.
+        (window, window_seconds), counts = self._on_loop(take)
         missed = 0
         # Only the served version and this one keep their answers: the version `old` replaced
         # loses them now, before anything is inserted, so a swap holds two versions' answers at
@@ -396,7 +403,7 @@ class Warmer:
                 continue
             if versions == old.version_ids(spec.datasets):
                 continue  # unchanged token: its entries stay valid
-            hot = self._on_loop(lambda n=name: self.popularity.hottest(n, self.keys))  # type: ignore[misc]
+            hot = hottest(counts.get(name, {}), self.keys)
             hot_now = frozenset(k for k, _ in hot)
             # Out of sample: the requests since the last warm against the hot keys it chose
             # (the ones chosen now were chosen from those very requests); the first time, the

@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from bench.cli import loop_lag
 from conftest import DEMO_CONFIG, Running, demo_settings, wait_for, write_seq_export
-from data.generate import RANKS, REGIONS, ROLES, write_export
+from data.generate import RANKS, REGIONS, ROLES, export_id, write_export
 from serving.app import SERVING, STORE, WARMER
 from serving.cache import Popularity, ResponseCache
 from serving.responses import (
@@ -594,37 +594,39 @@ async def test_requests_for_declared_keys_hold_the_publish_for_their_warm(
     write_export(tmp_path, 1, size="small")
     demo = await _demo(serve, tmp_path, warm_seconds=1e-9, warm_keys=2,
                        warm_busy_seconds=60)
-    warmer, store = demo.app[WARMER], demo.app[STORE]
+    warmer, store, serving = demo.app[WARMER], demo.app[STORE], demo.app[SERVING]
     warmer.busy_share, warmer.miss_rate = 0.0, 1.0
     declared = 12 * 5 * 5 * 2  # champion x role x rank x region of the latest patch (small)
+    stats_only = ("champion_stats",)  # one dataset an export: one Snapshot, one warm
 
     async def published(seq: int) -> bool:
-        stats = store.current.versions["champion_stats"]
-        return stats.export_id.endswith(f"{seq:06d}")
+        return store.current.versions["champion_stats"].export_id == export_id(seq)
 
-    write_export(tmp_path, 2, size="small")  # nothing asked for: published with the hot keys
+    async def declared_warmed() -> bool:
+        tok = serving.tokens(store.current)["champion_stats"]
+        return len(serving.cache.warmed_answers(tok) or {}) >= declared
+
+    write_export(tmp_path, 2, size="small", datasets=stats_only)  # nothing asked for
     await wait_for(lambda: published(2), what="export 2")
     quiet = warmer.last
     assert quiet is not None and quiet.snapshot == store.current.id
     assert quiet.would_miss == 0 and not quiet.extended and quiet.unlisted
+    await wait_for(declared_warmed, what="the after-publish warm of export 2")
 
-    async def tail_warmed() -> bool:
-        return warmer.last_tail is not None and warmer.last_tail.snapshot == store.current.id
-
-    await wait_for(tail_warmed, what="the after-publish warm of export 2")
     paths = [f"/v1/champions/{c}/stats?role={role}&rank={rank}&region={region}"
              for c in (1, 2) for role in ROLES for rank in RANKS[:5] for region in REGIONS[:2]]
+    cache = serving.cache
+    misses = cache.misses
     for path in paths:
         assert (await _raw(demo, path))[0] == 200
-    write_export(tmp_path, 3, size="small")
+    assert cache.misses == misses  # answered from the warmed answers
+    write_export(tmp_path, 3, size="small", datasets=stats_only)
     await wait_for(lambda: published(3), what="export 3")
     asked = warmer.last
     assert asked is not None and asked.snapshot == store.current.id
     assert asked.would_miss >= 1 and asked.extended
     assert not asked.unlisted and asked.skipped == 0
     assert asked.per_endpoint["champion_stats"] == declared
-    cache = demo.app[SERVING].cache
-    misses = cache.misses
     for path in paths:
         assert (await _raw(demo, path))[0] == 200
     assert cache.misses == misses
