@@ -111,3 +111,10 @@ class Metrics(Collector):
                                 value=last.seconds if last else 0.0)
         yield GaugeMetricFamily("duckswap_warm_last_entries", "Responses of the last warm",
                                 value=last.entries if last else 0)
+        yield GaugeMetricFamily("duckswap_warm_last_extended", "1 when the last warm before a "
+                                "publish went on past its time budget (a busy machine)",
+                                value=1 if last and last.extended else 0)
+        yield GaugeMetricFamily("duckswap_warm_last_beyond_hot_requests_per_second",
+                                "Requests a second, before the last warm, for warmed answers "
+                                "beyond the hot keys: from 20 a publish waits for the declared "
+                                "keys", value=last.would_miss if last else 0.0)

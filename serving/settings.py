@@ -49,9 +49,8 @@ SETTING_KEYS: dict[str, str] = {
     "server.warm_busy_seconds": "On a busy machine (the warm, at idle priority, gets under 0.9 of "
     "a core, or the requests since the last warm asked 20 or more a second for warmed answers "
     "beyond the hot keys it chose) the warm before a publish and the one after it go on past "
-    "`warm_seconds` and "
-    "`warm_tail_seconds`, up to this many seconds, instead of leaving keys to cache misses "
-    "that would keep them starved (default 60; 0: never).",
+    "`warm_seconds` and `warm_tail_seconds`, up to this many seconds, instead of leaving keys "
+    "to cache misses that would keep them starved (default 60; 0: never).",
     "server.warm_keys": "Most popular keys per endpoint replayed before a publish (default 10000).",
     "server.version_cache_control": "`Cache-Control` of `/v1/version` (default "
     "`public, max-age=1`).",

@@ -627,6 +627,10 @@ async def test_requests_for_declared_keys_hold_the_publish_for_their_warm(
     assert asked.would_miss >= 1 and asked.extended
     assert not asked.unlisted and asked.skipped == 0
     assert asked.per_endpoint["champion_stats"] == declared
+    gauges = {f.name: f.samples[0].value for f in text_string_to_metric_families(
+        (await _raw(demo, "/metrics"))[2].decode()) if f.name.startswith("duckswap_warm_last")}
+    assert gauges["duckswap_warm_last_extended"] == 1
+    assert gauges["duckswap_warm_last_beyond_hot_requests_per_second"] == asked.would_miss
     for path in paths:
         assert (await _raw(demo, path))[0] == 200
     assert cache.misses == misses
