@@ -406,8 +406,8 @@ class Warmer:
             hot = hottest(counts.get(name, {}), self.keys)
             hot_now = frozenset(k for k, _ in hot)
             # Out of sample: the requests since the last warm against the hot keys it chose
-            # (the ones chosen now were chosen from those very requests); the first time, the
-            # ones chosen now.
+            # (the ones chosen now were chosen from those very requests). After a start, that
+            # warm had none to choose from: every such request counts.
             earlier, self._hot[name] = self._hot.get(name, hot_now), hot_now
             old_versions = old.version_ids(spec.datasets)
             if name in window and len(old_versions) == len(spec.datasets):
