@@ -16,7 +16,7 @@ from bench.cli import loop_lag
 from conftest import DEMO_CONFIG, Running, demo_settings, wait_for, write_seq_export
 from data.generate import RANKS, REGIONS, ROLES, export_id, write_export
 from serving.app import SERVING, STORE, WARMER
-from serving.cache import Popularity, ResponseCache
+from serving.cache import WINDOW_KEYS, Popularity, ResponseCache
 from serving.responses import (
     IMMUTABLE,
     BodyEncoder,
@@ -564,7 +564,6 @@ async def test_busy_machine_warms_every_declared_key_before_the_publish(demo: Ru
     assert not idle.extended and idle.entries == 0 and idle.unlisted
 
 
-
 def test_request_window_counts_what_a_publish_would_leave_to_misses() -> None:
     """Only the clock is fake. The window holds the requests since the last warm; those for
     keys the old version had warmed, less the hot keys (warmed first anyway), would miss."""
@@ -585,6 +584,12 @@ def test_request_window_counts_what_a_publish_would_leave_to_misses() -> None:
     window, seconds = pop.take_window()  # a new window: only what came after the last take
     assert seconds == 1.0 and window["stats"] == {(2,): 1}
     assert pop.hottest("stats", 1) == [((1,), 5)]  # the long-run counts are kept
+    pop.seen("stats", (2,))
+    for k in range(100):  # a window holds at most WINDOW_KEYS x limit distinct keys
+        pop.seen("stats", (100 + k,))
+    pop.seen("stats", (2,))  # one it holds goes on counting
+    window, _ = pop.take_window()
+    assert len(window["stats"]) == WINDOW_KEYS * 10 and window["stats"][(2,)] == 2
 
 
 async def test_requests_for_declared_keys_hold_the_publish_for_their_warm(
