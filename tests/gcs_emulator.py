@@ -29,14 +29,31 @@ class SlowProxy:
 
     def start(self) -> None:
         listener = socket.socket()
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind(("127.0.0.1", self.port))
-        listener.listen(64)
+        try:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            deadline = time.monotonic() + 10
+            while True:  # the port may be taken a moment by a loopback connection's end
+                try:
+                    listener.bind(("127.0.0.1", self.port))
+                    break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.05)
+            listener.listen(64)
+        except BaseException:
+            listener.close()
+            raise
         self._listener = listener
         threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
 
     def stop(self) -> None:
         if self._listener is not None:
+            # Linux keeps a socket listening while a thread is blocked in its accept(), close
+            # or not: a start before the next connection came failed with EADDRINUSE.
+            # shutdown() wakes that accept() up.
+            with contextlib.suppress(OSError):
+                self._listener.shutdown(socket.SHUT_RDWR)
             self._listener.close()
             self._listener = None
         for conn in self._conns:
@@ -75,3 +92,4 @@ class SlowProxy:
             for s in (src, dst):
                 with contextlib.suppress(OSError):
                     s.shutdown(socket.SHUT_RDWR)
+            src.close()  # the other direction's thread closes the other end
