@@ -116,5 +116,6 @@ class Metrics(Collector):
                                 value=1 if last and last.extended else 0)
         yield GaugeMetricFamily("duckswap_warm_last_beyond_hot_requests_per_second",
                                 "Requests a second, before the last warm, for warmed answers "
-                                "beyond the hot keys: from 20 a publish waits for the declared "
-                                "keys", value=last.would_miss if last else 0.0)
+                                f"beyond the hot keys: from {self.warmer.miss_rate:g} a publish "
+                                "waits for the declared keys",
+                                value=last.would_miss if last else 0.0)

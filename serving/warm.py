@@ -41,7 +41,6 @@ from serving.responses import (
     endpoint_tokens,
     entry_size,
     etag,
-    token,
     versions_header,
 )
 from serving.settings import EndpointSpec, ParamSpec
@@ -392,31 +391,29 @@ class Warmer:
         # Copies, taken on the loop in one step; the top keys are picked here, off it.
         (window, window_seconds), counts = self._on_loop(take)
         missed = 0
+        old_tokens = endpoint_tokens(self.specs, self.fingerprints, old)
+        new_tokens = endpoint_tokens(self.specs, self.fingerprints, snap)
         # Only the served version and this one keep their answers: the version `old` replaced
         # loses them now, before anything is inserted, so a swap holds two versions' answers at
         # its peak, not three (and this one pass, on every publish, is the only prune).
-        self._keep_only(old, snap)
+        self._keep_only(frozenset(old_tokens.values()) | frozenset(new_tokens.values()))
         tasks: list[WarmTask] = []
         for name, spec in self.endpoints.items():
-            versions = snap.version_ids(spec.datasets)
-            if len(versions) != len(spec.datasets):
-                continue
-            if versions == old.version_ids(spec.datasets):
-                continue  # unchanged token: its entries stay valid
+            tok, old_tok = new_tokens.get(name), old_tokens.get(name)
+            if tok is None or tok == old_tok:
+                continue  # not all its datasets loaded, or an unchanged token (still valid)
             hot = hottest(counts.get(name, {}), self.keys)
             hot_now = frozenset(k for k, _ in hot)
             # Out of sample: the requests since the last warm against the hot keys it chose
             # (the ones chosen now were chosen from those very requests). After a start, that
             # warm had none to choose from: every such request counts.
             earlier, self._hot[name] = self._hot.get(name, hot_now), hot_now
-            old_versions = old.version_ids(spec.datasets)
-            if name in window and len(old_versions) == len(spec.datasets):
-                missed += would_miss(window[name], earlier, self.cache.warmed_answers(
-                    token(self.fingerprints[name], old_versions)))
+            if name in window and old_tok is not None:
+                missed += would_miss(window[name], earlier, self.cache.warmed_answers(old_tok))
             names = list(spec.params)
             tasks.append(WarmTask(
                 replace(spec, params=dict(spec.params)),
-                token(self.fingerprints[name], versions), versions, self._batch.get(name),
+                tok, snap.version_ids(spec.datasets), self._batch.get(name),
                 [({n: list(v) if isinstance(v, tuple) else v
                    for n, v in zip(names, k, strict=True)}, count) for k, count in hot],
                 self.folded.get(name),
@@ -426,8 +423,7 @@ class Warmer:
         done: list[set[tuple[Any, ...]]] = [set() for _ in tasks]
         # Waiting on a busy machine trades freshness for fewer misses; an endpoint not served
         # yet has no misses to spare, only 503s: publish it as soon as possible.
-        served = all(len(old.version_ids(t.spec.datasets)) == len(t.spec.datasets)
-                     for t in tasks)
+        served = all(t.spec.name in old_tokens for t in tasks)
         # Requests for warmed answers beyond the hot keys: a publish before their keys are
         # warmed meets them with misses, which on this box take the CPU the rest of the warm
         # needs. Many of them make the machine busy whatever the CPU the warm gets now.
@@ -537,14 +533,12 @@ class Warmer:
         self._on_loop(adopt_all)
         return report
 
-    def _keep_only(self, *snaps: Snapshot) -> None:
+    def _keep_only(self, live: frozenset[str]) -> None:
         """Have the event loop drop, between requests, the cached answers of every token
-        that is not one of `snaps`' (a `?v=` for them is the 307 anyway)."""
+        not in `live` (a `?v=` for them is the 307 anyway)."""
         loop = self.loop
         if loop is None:
             return
-        live = frozenset(tok for s in snaps
-                         for tok in endpoint_tokens(self.specs, self.fingerprints, s).values())
         try:
             dropped = asyncio.run_coroutine_threadsafe(self.cache.retain(live), loop).result(
                 timeout=HANDOFF_TIMEOUT)
