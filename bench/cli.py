@@ -316,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--swap-every", type=float, default=10.0)
     p.add_argument("--floor-seconds", type=float, default=None,
                    help="seconds of /healthz at the same rate first (the floor reference)")
-    p.add_argument("--generator", choices=["auto", "k6", "python"], default="auto",
+    p.add_argument("--generator", choices=["auto", "k6", "lean", "python"], default="auto",
                    help="load engine (auto: k6 when its binary is installed, else python)")
     p.add_argument("--warmup", type=float, default=None,
                    help="seconds of the mix before the measured run (reported apart; its "

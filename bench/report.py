@@ -86,6 +86,8 @@ def summarise(phase: Phase, swaps: list[Swap], peak_rss_kb: int | None,
         "swaps_started": len(swaps),
         "overlapping_swap_ms": latency(during),
         "not_overlapping_ms": latency(rest),
+        "by_request_ms": {name: latency([r for r in rows if r["ep"] == name])
+                          for name in sorted({r["ep"] for r in rows})},
         "freshness_lag_s": [round(s.lag_s, 3) for s in served if s.lag_s is not None],
         "peak_rss_mb": round(peak_rss_kb / 1024, 1) if peak_rss_kb else None,
     }
@@ -119,6 +121,10 @@ def table(s: dict[str, Any]) -> str:
     for name, v in rows:
         lines.append(f"  {name:<15}" + "".join(
             f"{v[k]:<9}" for k in ("p50", "p90", "p99", "p99.9", "max")) + f"{v['count']}")
+    if len(s.get("by_request_ms", {})) > 1:
+        lines.append("  p50 / p99 / p99.9 by request: " + ", ".join(
+            f"{name} {v['p50']:g} / {v['p99']:g} / {v['p99.9']:g}"
+            for name, v in s["by_request_ms"].items()))
     lines += [
         f"errors           {s['errors']}  statuses {s['error_statuses']}"
         + (f"   warm-up {s['warmup_errors']}" if "warmup_errors" in s else ""),

@@ -11,6 +11,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
@@ -84,7 +85,8 @@ def test_ci_gate_reports_errors_when_the_server_stops(tmp_path: Path) -> None:
     assert 0 < summary["latency_ms"]["count"] == 600
 
 
-async def test_generator_is_open_loop(tmp_path: Path) -> None:
+@pytest.mark.parametrize("engine", ["python", "lean"])
+async def test_generator_is_open_loop(tmp_path: Path, engine: str) -> None:
     """One request at a time is served, 100 ms each; requests are sent at 20/s regardless."""
     lock = asyncio.Lock()
 
@@ -102,7 +104,7 @@ async def test_generator_is_open_loop(tmp_path: Path) -> None:
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "bench.loadgen", "--url", str(server.make_url("")),
             "--path", "/slow", "--rate", "20", "--duration", "2", "--out", str(out),
-            cwd=REPO)
+            "--engine", engine, cwd=REPO)
         assert await proc.wait() == 0
     finally:
         await server.close()
@@ -116,3 +118,38 @@ async def test_generator_is_open_loop(tmp_path: Path) -> None:
     # where a closed-loop client would report ~100 ms each.
     lat = sorted(r["lat_us"] / 1e6 for r in rows)
     assert lat[-1] > 1.5 and lat[len(lat) // 2] > 0.8
+
+
+async def test_lean_generator_counts_timeouts_and_refused_connections(tmp_path: Path) -> None:
+    """Two connections at most; every request hangs past the 0.5 s timeout. The ones that
+    waited for a connection count as timeouts too, from when they were due; a closed port
+    gives connection errors. Each request is in the file once."""
+    async def hang(request: web.Request) -> web.Response:
+        await asyncio.sleep(30)
+        return web.Response(text="late")
+
+    app = web.Application()
+    app.router.add_get("/hang", hang)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    url = str(server.make_url(""))
+    out = tmp_path / "rows.jsonl"
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "bench.loadgen", "--url", url, "--path", "/hang",
+            "--rate", "10", "--duration", "1", "--timeout", "0.5", "--connections", "2",
+            "--out", str(out), "--engine", "lean", cwd=REPO)
+        assert await proc.wait() == 0
+    finally:
+        await server.close()
+    rows = read_rows(out)
+    assert len(rows) == 10 and {r["kind"] for r in rows} == {"timeout"}
+    assert all(0.5e6 <= r["lat_us"] < 1.5e6 for r in rows)
+    refused = tmp_path / "refused.jsonl"  # the same port, now closed
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bench.loadgen", "--url", url, "--path", "/hang", "--rate", "10",
+        "--duration", "1", "--timeout", "0.5", "--out", str(refused), "--engine", "lean",
+        cwd=REPO)
+    assert await proc.wait() == 0
+    rows = read_rows(refused)
+    assert len(rows) == 10 and {r["kind"] for r in rows} == {"connection"}
