@@ -15,6 +15,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from bench.cpu import CpuSampler
 from bench.mix import DEFAULT_MIX
 from bench.ports import free_port
 from bench.report import Phase, Swap, plot, read_rows, summarise, table
@@ -205,9 +206,11 @@ def one_run(args: argparse.Namespace, rate: float, work: Path, server: Server | 
     scraped = _metrics(url)
     before, lag_before = cache_lookups(scraped), loop_lag(scraped)
     gen = run_loadgen(url, rate, args.duration, out, args)
+    cpu = CpuSampler(server.proc.pid if server else None, gen.pid).start()
     if thread:
         thread.start()
     gen.wait()
+    cpu.stop()
     stop.set()
     if thread:
         thread.join()
@@ -229,10 +232,13 @@ def one_run(args: argparse.Namespace, rate: float, work: Path, server: Server | 
                             else None,
                             "misses_by_endpoint": {e: int(m) for e, (_, m) in
                                                    sorted(delta.items()) if m}}
+    if cpu.samples:
+        end = time.time()
+        summary["cpu"] = cpu.summary([(s.marker_at, s.served_at or end) for s in swaps])
     summary["label"] = label
     summary["generator"] = args.generator
     if phase.rows:
-        plot(phase, swaps, args.out / f"{label}.png",
+        plot(phase, swaps, cpu.samples, args.out / f"{label}.png",
              f"duckswap {label}: {rate:.0f} req/s, size {args.size}, swaps every "
              f"{args.swap_every:g}s")
     return summary

@@ -152,11 +152,19 @@ def table(s: dict[str, Any]) -> str:
                      f"{g['over_10ms']} of {g['probes']} probes over 10 ms")
     if s.get("p99_over_healthz_p99") is not None:
         lines.append(f"p99 / healthz p99  {s['p99_over_healthz_p99']}x")
+    if s.get("cpu", {}).get("mean_cores"):
+        for name, key in (("cores, the run", "mean_cores"),
+                          ("cores, swaps", "mean_cores_during_swaps")):
+            if s["cpu"].get(key):
+                lines.append(f"{name:<17}" + "  ".join(
+                    f"{part} {v:g}" for part, v in s["cpu"][key].items()))
     return "\n".join(lines)
 
 
-def plot(phase: Phase, swaps: list[Swap], path: Path, title: str) -> None:
-    """Latency percentiles per second with swaps marked, and a latency histogram."""
+def plot(phase: Phase, swaps: list[Swap], cpu: list[tuple[float, dict[str, float]]], path: Path,
+         title: str) -> None:
+    """Latency percentiles per second with swaps marked, where the CPU went (when sampled),
+    and a latency histogram."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -168,7 +176,8 @@ def plot(phase: Phase, swaps: list[Swap], path: Path, title: str) -> None:
     for r in rows:
         buckets[int(r["t"] - t0)].append(r["lat_us"] / 1000)
     secs = sorted(buckets)
-    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(11, 8))
+    fig, axes = plt.subplots(3 if cpu else 2, 1, figsize=(11, 11 if cpu else 8))
+    ax1, ax2 = axes[0], axes[-1]
     for pct, style in ((50, "-"), (99, "-"), (100, ":")):
         ys = []
         for sec in secs:
@@ -186,6 +195,20 @@ def plot(phase: Phase, swaps: list[Swap], path: Path, title: str) -> None:
     ax1.set_ylabel("latency (ms, from intended send time)")
     ax1.set_title(title)
     ax1.legend(loc="upper right")
+    if cpu:
+        from bench.cpu import PARTS
+
+        ax3 = axes[1]
+        xs = [t - t0 for t, _ in cpu]
+        ax3.stackplot(xs, *[[c.get(p, 0.0) for _, c in cpu] for p in PARTS], labels=PARTS)
+        for s in swaps:
+            ax3.axvline(s.marker_at - t0, color="red", alpha=0.6)
+            if s.served_at is not None:
+                ax3.axvline(s.served_at - t0, color="green", alpha=0.6, linestyle="--")
+        ax3.set_xlim(ax1.get_xlim())
+        ax3.set_xlabel("seconds into the run")
+        ax3.set_ylabel("cores (server loop, its threads, its child processes, ...)")
+        ax3.legend(loc="upper right", ncol=len(PARTS), fontsize="small")
     lat = [r["lat_us"] / 1000 for r in rows] or [0.0]
     ax2.hist(lat, bins=100, log=True)
     ax2.set_xlabel("latency (ms)")

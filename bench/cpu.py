@@ -1,0 +1,121 @@
+"""Where the box's CPU goes during a run, sampled from /proc (Linux): the server's event loop
+(its main thread), its other threads (queries, the loader), its child processes (the builder,
+which also runs the warm), the load generator with its children, everything else, idle and
+steal (time the hypervisor gave to other guests). On a shared 2-core box a latency spike is
+then one of: the server's own work, the generator, a neighbour, or the hypervisor."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+PARTS = ("loop", "threads", "builder", "generator", "other", "idle", "steal")
+TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _ticks(path: str) -> int:
+    """utime + stime of a /proc stat file, in clock ticks (0 when it is gone)."""
+    try:
+        fields = Path(path).read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0
+    return int(fields[11]) + int(fields[12])
+
+
+def _children() -> dict[int, list[int]]:
+    kids: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                ppid = int(Path(entry.path, "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            kids.setdefault(ppid, []).append(int(entry.name))
+    return kids
+
+
+def _tree(root: int, kids: dict[int, list[int]]) -> list[int]:
+    out, todo = [], list(kids.get(root, []))
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo.extend(kids.get(pid, []))
+    return out
+
+
+class CpuSampler:
+    """Samples every `interval` s in a thread until `stop()`; `samples` are (seconds since the
+    epoch, {part: cores over the interval before})."""
+
+    def __init__(self, server: int | None, generator: int | None, interval: float = 0.5) -> None:
+        self.server, self.generator, self.interval = server, generator, interval
+        self.samples: list[tuple[float, dict[str, float]]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._seen: dict[str, int] = {}  # "pid" or "pid/tid" -> ticks at the last sample
+
+    def start(self) -> CpuSampler:
+        if Path("/proc/stat").exists():
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def _delta(self, key: str, ticks: int) -> int:
+        before = self._seen.get(key)
+        self._seen[key] = ticks
+        return 0 if before is None else max(0, ticks - before)
+
+    def _read(self) -> tuple[dict[str, int], list[int]]:
+        """Ticks each part used since the last read, and the box's /proc/stat counters."""
+        used = dict.fromkeys(PARTS[:4], 0)
+        kids = _children()
+        if self.server is not None:
+            tasks = Path(f"/proc/{self.server}/task")
+            for tid in (os.listdir(tasks) if tasks.exists() else []):
+                part = "loop" if int(tid) == self.server else "threads"
+                used[part] += self._delta(f"{self.server}/{tid}",
+                                          _ticks(f"{tasks}/{tid}/stat"))
+            for pid in _tree(self.server, kids):
+                used["builder"] += self._delta(str(pid), _ticks(f"/proc/{pid}/stat"))
+        if self.generator is not None:
+            for pid in [self.generator, *_tree(self.generator, kids)]:
+                used["generator"] += self._delta(str(pid), _ticks(f"/proc/{pid}/stat"))
+        box = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+        return used, box
+
+    def _run(self) -> None:
+        _, box0 = self._read()
+        last = time.monotonic()
+        while not self._stop.wait(self.interval):
+            used, box = self._read()
+            now = time.monotonic()
+            elapsed = now - last
+            d = [b - a for a, b in zip(box0, box, strict=True)]
+            total_busy = sum(d) - d[3] - d[4] - d[7]  # all but idle, iowait and steal
+            cores = {k: v / TICK / elapsed for k, v in used.items()}
+            cores["other"] = max(0.0, total_busy / TICK / elapsed - sum(cores.values()))
+            cores["idle"] = (d[3] + d[4]) / TICK / elapsed
+            cores["steal"] = d[7] / TICK / elapsed
+            self.samples.append((time.time(), {k: round(v, 3) for k, v in cores.items()}))
+            box0, last = box, now
+
+    def summary(self, windows: list[tuple[float, float]] | None = None) -> dict[str, Any]:
+        """Mean cores per part over the run, and over the samples inside `windows` (the
+        swaps: from an export written to it served)."""
+        def mean(samples: list[dict[str, float]]) -> dict[str, float]:
+            return {k: round(sum(s.get(k, 0.0) for s in samples) / len(samples), 2)
+                    for k in PARTS} if samples else {}
+
+        out: dict[str, Any] = {"samples": len(self.samples),
+                               "mean_cores": mean([s for _, s in self.samples])}
+        if windows:
+            inside = [s for t, s in self.samples if any(a <= t <= b for a, b in windows)]
+            out["mean_cores_during_swaps"] = mean(inside)
+        return out
