@@ -506,8 +506,10 @@ class Warmer:
         # Each task's answers go into a dict of their own here, off the loop, which then
         # adopts each dict in one step (a copy of what the token had plus the new answers).
         # A chunk arrives as a dict of finished entries with its size: merging it is a few C
-        # calls, so this thread holds the GIL ~0.1 ms a chunk (a Python loop per answer held
-        # it 0.3-0.7 s a warm at 2000 req/s, and the requests queued behind it).
+        # calls, and unpickling is most of the work (a demo warm's ~96,000 answers: ~0.13 s
+        # of CPU idle, 0.2-0.5 s at 2000 req/s). The pacer keeps this thread to a quarter of
+        # the GIL, so the requests do not queue behind it.
+        pacer = _GilPacer()
         answers: dict[int, Answers] = {}
         had: dict[int, int] = {}
         sizes: dict[int, int] = {}
@@ -527,7 +529,7 @@ class Warmer:
                 sizes[i] += nbytes - sum(entry_size(into[k]) for k in replaced)
                 into.update(chunk)
                 done[i].update(chunk)
-                _yield_gil()
+                pacer.pause()
         adopt = [(tasks[i].token, a, sizes[i], len(a) - had[i]) for i, a in answers.items()]
         report.read_seconds = time.perf_counter() - read_start
         report.read_cpu = time.thread_time() - read_cpu
@@ -550,11 +552,12 @@ class Warmer:
                 timeout=HANDOFF_TIMEOUT)
         except concurrent.futures.CancelledError:  # the event loop stopped: shutting down
             return
+        pacer = _GilPacer()
         for old in dropped:  # freed here, not on the loop, and a slice at a time
             while old:
                 for _ in range(min(FREE_SLICE, len(old))):
                     old.popitem()
-                _yield_gil()
+                pacer.pause()
 
 
 def would_miss(window: Mapping[tuple[Any, ...], int], hot: Set[tuple[Any, ...]],
@@ -575,16 +578,32 @@ def _extension(report: WarmReport, miss_rate: float) -> str:
     return " (busy machine: went on past its time budget)"
 
 
-def _yield_gil() -> None:
-    """Let the event loop have the GIL. A thread that holds it for long stretches makes the
-    loop wait a whole switch interval (5 ms) for it after every wait for I/O: with ~0.3 s of
-    a warm's answers read back in one go, requests at 1000 req/s had P99 spikes of ~120 ms at
-    each publish. A real sleep, so the loop takes the GIL at once."""
-    time.sleep(YIELD_SECONDS)
+LOADER_SHARE = 0.25  # of the GIL, at most, for the loader thread reading a warm back
+
+
+class _GilPacer:
+    """Paces a thread that shares the GIL with the event loop: after each slice of work it
+    sleeps `1 / share - 1` times the CPU the slice took (at least `YIELD_SECONDS`), so the
+    loop gets the GIL at least `1 - share` of the time. A thread that holds it for long
+    stretches makes the loop wait a whole switch interval (5 ms) for it after every wait for
+    I/O: with ~0.3 s of a warm's answers read back in one go, requests at 1000 req/s had P99
+    spikes of ~120 ms at each publish. A fixed 1 ms pause was not enough at 2000 req/s: on a
+    contended core a chunk takes 1-3 ms, the loop got the GIL about half the time while it
+    needs ~0.55 of a core, and requests queued behind the read-back (P50 up to 25 ms for a
+    second or two). A real sleep, so the loop takes the GIL at once."""
+
+    def __init__(self, share: float = LOADER_SHARE) -> None:
+        self.ratio = 1 / share - 1
+        self.mark = time.thread_time()
+
+    def pause(self) -> None:
+        spent = time.thread_time() - self.mark
+        time.sleep(max(YIELD_SECONDS, spent * self.ratio))
+        self.mark = time.thread_time()
 
 
 SPOOL_CHUNK = 250  # entries per pickled chunk: what the loader thread reads between yields
-YIELD_SECONDS = 0.001  # the loader thread's pause between chunks (see `_yield_gil`)
+YIELD_SECONDS = 0.001  # the loader thread's shortest pause between chunks (see `_GilPacer`)
 FREE_SLICE = 2000  # replaced answers freed between two pauses (~1 ms of work)
 HANDOFF_TIMEOUT = 60.0
 ROUND = 4096  # keys of the first round (one batched query per endpoint); each round doubles
