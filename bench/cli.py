@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shutil
@@ -323,7 +324,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--floor-seconds", type=float, default=None,
                    help="seconds of /healthz at the same rate first (the floor reference)")
     p.add_argument("--generator", choices=["auto", "k6", "lean", "python"], default="auto",
-                   help="load engine (auto: k6 when its binary is installed, else python)")
+                   help="load engine (auto: lean when httptools and uvloop are installed, "
+                   "else k6 when its binary is, else python)")
     p.add_argument("--warmup", type=float, default=None,
                    help="seconds of the mix before the measured run (reported apart; its "
                    "failed requests count against --max-errors)")
@@ -352,7 +354,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.url and args.source is None:
         args.swap_every = 0
     if args.generator == "auto":
-        args.generator = "k6" if shutil.which("k6") else "python"
+        lean = all(importlib.util.find_spec(m) for m in ("httptools", "uvloop"))
+        args.generator = "lean" if lean else "k6" if shutil.which("k6") else "python"
     rates = ([float(r) for r in args.rates.split(",")] if args.mode == "sweep"
              else [args.rate])
     results = execute(args, rates)
