@@ -12,7 +12,7 @@ Two engines write the same file, one JSON line per request:
   2,000 req/s it takes ~0.9 of the box's 2 cores, twice what aiohttp's own "hello world" needs.
 - `lean` (uvloop, an asyncio Protocol per keep-alive connection, httptools' llhttp parser):
   requests are written as prebuilt bytes on a pool of connections, like wrk2; latency from each
-  request's intended send time, like `python`. ~0.06 ms of CPU per request, so the server under
+  request's intended send time, like `python`. ~0.13 ms of CPU per request, so the server under
   test gets the box.
 """
 

@@ -587,10 +587,10 @@ class _GilPacer:
     loop gets the GIL at least `1 - share` of the time. A thread that holds it for long
     stretches makes the loop wait a whole switch interval (5 ms) for it after every wait for
     I/O: with ~0.3 s of a warm's answers read back in one go, requests at 1000 req/s had P99
-    spikes of ~120 ms at each publish. A fixed 1 ms pause was not enough at 2000 req/s: on a
-    contended core a chunk takes 1-3 ms, the loop got the GIL about half the time while it
-    needs ~0.55 of a core, and requests queued behind the read-back (P50 up to 25 ms for a
-    second or two). A real sleep, so the loop takes the GIL at once."""
+    spikes of ~120 ms at each publish. A fixed 1 ms pause was not enough at 2000 req/s: a
+    chunk took 0.5-1.3 ms of CPU there, so the loop had the GIL as little as half the time
+    while it needs ~0.55 of a core, and requests queued behind the read-back (P50 up to 25 ms
+    for a second or two). A real sleep, so the loop takes the GIL at once."""
 
     def __init__(self, share: float = LOADER_SHARE) -> None:
         self.ratio = 1 / share - 1
