@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -88,6 +89,24 @@ def test_ci_gate_reports_errors_when_the_server_stops(tmp_path: Path) -> None:
     assert 0 < summary["latency_ms"]["count"] == 600
 
 
+async def _one_route(path: str,
+                     handler: Callable[[web.Request], Awaitable[web.Response]]) -> TestServer:
+    """A real aiohttp server on a loopback port answering GET `path`."""
+    app = web.Application()
+    app.router.add_get(path, handler)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    return server
+
+
+async def _loadgen(url: str, path: str, out: Path, *args: str) -> int:
+    """Run the load generator on one path in its own process; its exit status."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bench.loadgen", "--url", url, "--path", path, "--out", str(out),
+        *args, cwd=REPO)
+    return await proc.wait()
+
+
 @pytest.mark.parametrize("engine", ["python", "lean"])
 async def test_generator_is_open_loop(tmp_path: Path, engine: str) -> None:
     """One request at a time is served, 100 ms each; requests are sent at 20/s regardless."""
@@ -98,17 +117,11 @@ async def test_generator_is_open_loop(tmp_path: Path, engine: str) -> None:
             await asyncio.sleep(0.1)
         return web.Response(text="ok")
 
-    app = web.Application()
-    app.router.add_get("/slow", slow)
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
+    server = await _one_route("/slow", slow)
     out = tmp_path / "rows.jsonl"
     try:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "bench.loadgen", "--url", str(server.make_url("")),
-            "--path", "/slow", "--rate", "20", "--duration", "2", "--out", str(out),
-            "--engine", engine, cwd=REPO)
-        assert await proc.wait() == 0
+        assert await _loadgen(str(server.make_url("")), "/slow", out, "--rate", "20",
+                              "--duration", "2", "--engine", engine) == 0
     finally:
         await server.close()
     rows = read_rows(out)
@@ -131,28 +144,18 @@ async def test_lean_generator_counts_timeouts_and_refused_connections(tmp_path: 
         await asyncio.sleep(30)
         return web.Response(text="late")
 
-    app = web.Application()
-    app.router.add_get("/hang", hang)
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
+    server = await _one_route("/hang", hang)
     url = str(server.make_url(""))
     out = tmp_path / "rows.jsonl"
+    lean = ["--rate", "10", "--duration", "1", "--timeout", "0.5", "--engine", "lean"]
     try:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "bench.loadgen", "--url", url, "--path", "/hang",
-            "--rate", "10", "--duration", "1", "--timeout", "0.5", "--connections", "2",
-            "--out", str(out), "--engine", "lean", cwd=REPO)
-        assert await proc.wait() == 0
+        assert await _loadgen(url, "/hang", out, *lean, "--connections", "2") == 0
     finally:
         await server.close()
     rows = read_rows(out)
     assert len(rows) == 10 and {r["kind"] for r in rows} == {"timeout"}
     assert all(0.5e6 <= r["lat_us"] < 1.5e6 for r in rows)
     refused = tmp_path / "refused.jsonl"  # the same port, now closed
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "bench.loadgen", "--url", url, "--path", "/hang", "--rate", "10",
-        "--duration", "1", "--timeout", "0.5", "--out", str(refused), "--engine", "lean",
-        cwd=REPO)
-    assert await proc.wait() == 0
+    assert await _loadgen(url, "/hang", refused, *lean) == 0
     rows = read_rows(refused)
     assert len(rows) == 10 and {r["kind"] for r in rows} == {"connection"}
