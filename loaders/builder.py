@@ -93,10 +93,15 @@ class Builder:
                     initargs=(self.nice, self.idle, os.getpid()))
             return self._pool
 
-    def run(self, fn: Callable[..., T], *args: Any) -> T:
-        """Call a module-level `fn(*args)` in the builder process and wait for its result."""
+    def run(self, fn: Callable[..., T], *args: Any,
+            meanwhile: Callable[[], None] | None = None) -> T:
+        """Call a module-level `fn(*args)` in the builder process and wait for its result;
+        `meanwhile`, if given, runs on this thread while the builder works."""
         try:
-            return self._executor().submit(fn, *args).result()
+            future = self._executor().submit(fn, *args)
+            if meanwhile is not None:
+                meanwhile()
+            return future.result()
         except BrokenProcessPool:
             with self._lock:
                 self._pool = None  # a fresh process next time

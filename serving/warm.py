@@ -322,7 +322,7 @@ class WarmTask:
     token: str
     versions: dict[str, str]
     plan: BatchPlan | None  # of `folded`'s SQL where there is one
-    hot: list[tuple[dict[str, Any], int]]  # the most requested keys, with their counts
+    hot: list[tuple[tuple[Any, ...], int]]  # the most requested cache keys, with counts
     folded: Folded | None = None  # its constant subqueries as parameters (`serving.fold`)
 
 
@@ -398,29 +398,33 @@ class Warmer:
         # Only the served version and this one keep their answers: the version `old` replaced
         # loses them now, before anything is inserted, so a swap holds two versions' answers at
         # its peak, not three (and this one pass, on every publish, is the only prune).
-        self._keep_only(frozenset(old_tokens.values()) | frozenset(new_tokens.values()))
+        dropped = self._drop_others(frozenset(old_tokens.values())
+                                    | frozenset(new_tokens.values()))
         tasks: list[WarmTask] = []
+        # Picking the hot keys is ~25 ms of GIL at 2000 req/s (a sort of up to 20,000 counts
+        # per endpoint, the window's count of would-be misses): paced, a step at a time.
+        pacer = _GilPacer()
         for name, spec in self.endpoints.items():
             tok, old_tok = new_tokens.get(name), old_tokens.get(name)
             if tok is None or tok == old_tok:
                 continue  # not all its datasets loaded, or an unchanged token (still valid)
             hot = hottest(counts.get(name, {}), self.keys)
             hot_now = frozenset(k for k, _ in hot)
+            pacer.pause()
             # Out of sample: the requests since the last warm against the hot keys it chose
             # (the ones chosen now were chosen from those very requests). After a start, that
             # warm had none to choose from: every such request counts.
             earlier, self._hot[name] = self._hot.get(name, hot_now), hot_now
             if name in window and old_tok is not None:
                 missed += would_miss(window[name], earlier, self.cache.warmed_answers(old_tok))
-            names = list(spec.params)
+                pacer.pause()
             tasks.append(WarmTask(
                 replace(spec, params=dict(spec.params)),
-                tok, snap.version_ids(spec.datasets), self._batch.get(name),
-                [({n: list(v) if isinstance(v, tuple) else v
-                   for n, v in zip(names, k, strict=True)}, count) for k, count in hot],
+                tok, snap.version_ids(spec.datasets), self._batch.get(name), hot,
                 self.folded.get(name),
             ))
         if not tasks:
+            _free(dropped)
             return WarmReport(snap.id)
         done: list[set[tuple[Any, ...]]] = [set() for _ in tasks]
         # Waiting on a busy machine trades freshness for fewer misses; an endpoint not served
@@ -432,7 +436,7 @@ class Warmer:
         rate = missed / max(window_seconds, 1.0)
         share = math.inf if rate >= self.miss_rate else self.busy_share
         report = self._run(snap, tasks, self.seconds, done, self.busy_seconds if served else 0,
-                           share)
+                           share, dropped)
         if report is None:
             return WarmReport(snap.id)
         report.would_miss = round(rate, 1)
@@ -478,16 +482,19 @@ class Warmer:
 
     def _run(self, snap: Snapshot, tasks: list[WarmTask], seconds: float,
              done: list[set[tuple[Any, ...]]], busy_seconds: float = 0.0,
-             busy_share: float = BUSY_SHARE) -> WarmReport | None:
+             busy_share: float = BUSY_SHARE,
+             dropped: list[Answers] | None = None) -> WarmReport | None:
         """Answer in the builder process, then insert the spooled answers on the loop.
-        None when the Snapshot's versions have no files (nothing to attach there)."""
+        None when the Snapshot's versions have no files (nothing to attach there).
+        `dropped`: answers to free meanwhile (see `_drop_others`)."""
         files = {d: str(v.path) for d, v in snap.versions.items() if v.path is not None}
         if len(files) != len(snap.versions):
+            _free(dropped or [])
             return None
         spool = self.store.data_dir / f"warm-{snap.id}.spool"
         try:
             return self._answer(snap, tasks, seconds, done, busy_seconds, busy_share, files,
-                                spool)
+                                spool, dropped or [])
         except concurrent.futures.CancelledError:  # the event loop stopped: shutting down
             log.info("warm of snapshot %d stopped: the server is shutting down", snap.id)
             return None
@@ -496,11 +503,11 @@ class Warmer:
 
     def _answer(self, snap: Snapshot, tasks: list[WarmTask], seconds: float,
                 done: list[set[tuple[Any, ...]]], busy_seconds: float, busy_share: float,
-                files: dict[str, str], spool: Path) -> WarmReport:
+                files: dict[str, str], spool: Path, dropped: list[Answers]) -> WarmReport:
         report: WarmReport = self.builder.run(
             compute, files, tasks, seconds, self.threads,
             max(0, self.cache.max_bytes - self.cache.warm_bytes), str(spool),
-            done, busy_seconds, busy_share)
+            done, busy_seconds, busy_share, meanwhile=lambda: _free(dropped))
         report.snapshot = snap.id
         read_start, read_cpu = time.perf_counter(), time.thread_time()
         # Each task's answers go into a dict of their own here, off the loop, which then
@@ -541,23 +548,30 @@ class Warmer:
         self._on_loop(adopt_all)
         return report
 
-    def _keep_only(self, live: frozenset[str]) -> None:
+    def _drop_others(self, live: frozenset[str]) -> list[Answers]:
         """Have the event loop drop, between requests, the cached answers of every token
-        not in `live` (a `?v=` for them is the 307 anyway)."""
+        not in `live` (a `?v=` for them is the 307 anyway). Returns the warmed answers it
+        dropped, for `_free`: freeing ~10^5 of them at once would stall the loop."""
         loop = self.loop
         if loop is None:
-            return
+            return []
         try:
-            dropped = asyncio.run_coroutine_threadsafe(self.cache.retain(live), loop).result(
+            return asyncio.run_coroutine_threadsafe(self.cache.retain(live), loop).result(
                 timeout=HANDOFF_TIMEOUT)
         except concurrent.futures.CancelledError:  # the event loop stopped: shutting down
-            return
-        pacer = _GilPacer()
-        for old in dropped:  # freed here, not on the loop, and a slice at a time
-            while old:
-                for _ in range(min(FREE_SLICE, len(old))):
-                    old.popitem()
-                pacer.pause()
+            return []
+
+
+def _free(dropped: list[Answers]) -> None:
+    """Free dropped answers on this thread, a slice at a time, at `FREE_SHARE` of the GIL.
+    A demo version's ~97,000 answers are 40-70 ms of CPU at 2000 req/s; a warm runs this
+    while the builder process computes (7-10 s there), so it can take its time."""
+    pacer = _GilPacer(FREE_SHARE)
+    for old in dropped:
+        while old:
+            for _ in range(min(FREE_SLICE, len(old))):
+                old.popitem()
+            pacer.pause()
 
 
 def would_miss(window: Mapping[tuple[Any, ...], int], hot: Set[tuple[Any, ...]],
@@ -605,6 +619,7 @@ class _GilPacer:
 SPOOL_CHUNK = 250  # entries per pickled chunk: what the loader thread reads between yields
 YIELD_SECONDS = 0.001  # the loader thread's shortest pause between chunks (see `_GilPacer`)
 FREE_SLICE = 2000  # replaced answers freed between two pauses (~1 ms of work)
+FREE_SHARE = 0.1  # of the GIL, at most, for freeing a replaced version's answers
 HANDOFF_TIMEOUT = 60.0
 ROUND = 4096  # keys of the first round (one batched query per endpoint); each round doubles
 
@@ -708,8 +723,11 @@ def _rounds(con: duckdb.DuckDBPyConnection, jobs: list[_Job],
 
 
 def _hot(task: WarmTask) -> list[Want]:
-    """The most requested keys, with their counts (most first)."""
-    return [(k, cache_key(k), count) for k, count in task.hot]
+    """The most requested keys, with their counts (most first), as parameters: built here,
+    in the builder process (10,000 dicts took the server's loader thread ~10 ms of GIL)."""
+    names = list(task.spec.params)
+    return [({n: list(v) if isinstance(v, tuple) else v for n, v in zip(names, ck, strict=True)},
+             ck, count) for ck, count in task.hot]
 
 
 def _keys(con: duckdb.DuckDBPyConnection, task: WarmTask) -> list[Want]:
