@@ -724,7 +724,8 @@ def _rounds(con: duckdb.DuckDBPyConnection, jobs: list[_Job],
 
 def _hot(task: WarmTask) -> list[Want]:
     """The most requested keys, with their counts (most first), as parameters: built here,
-    in the builder process (10,000 dicts took the server's loader thread ~10 ms of GIL)."""
+    in the builder process: with `heapq.nlargest` they took the server's loader thread
+    59-67 ms of CPU in one go at 2000 req/s, 24-27 ms without them."""
     names = list(task.spec.params)
     return [({n: list(v) if isinstance(v, tuple) else v for n, v in zip(names, ck, strict=True)},
              ck, count) for ck, count in task.hot]

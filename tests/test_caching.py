@@ -16,7 +16,7 @@ from bench.cli import loop_lag
 from conftest import DEMO_CONFIG, Running, demo_settings, wait_for, write_seq_export
 from data.generate import RANKS, REGIONS, ROLES, export_id, write_export
 from serving.app import SERVING, STORE, WARMER
-from serving.cache import WINDOW_KEYS, Popularity, ResponseCache
+from serving.cache import WINDOW_KEYS, Popularity, ResponseCache, hottest
 from serving.responses import (
     IMMUTABLE,
     BodyEncoder,
@@ -584,6 +584,9 @@ def test_request_window_counts_what_a_publish_would_leave_to_misses() -> None:
     window, seconds = pop.take_window()  # a new window: only what came after the last take
     assert seconds == 1.0 and window["stats"] == {(2,): 1}
     assert pop.hottest("stats", 1) == [((1,), 5)]  # the long-run counts are kept
+    # most first; equal counts in the order first counted; no more than asked for
+    assert hottest({(7,): 2, (1,): 5, (4,): 2, (2,): 3}, 3) == [((1,), 5), ((2,), 3), ((7,), 2)]
+    assert hottest({(1,): 1}, 5) == [((1,), 1)] and hottest({}, 5) == []
     pop.seen("stats", (2,))
     for k in range(100):  # a window holds at most WINDOW_KEYS x limit distinct keys
         pop.seen("stats", (100 + k,))
