@@ -483,18 +483,18 @@ class Warmer:
     def _run(self, snap: Snapshot, tasks: list[WarmTask], seconds: float,
              done: list[set[tuple[Any, ...]]], busy_seconds: float = 0.0,
              busy_share: float = BUSY_SHARE,
-             dropped: list[Answers] | None = None) -> WarmReport | None:
+             dropped: Sequence[Answers] = ()) -> WarmReport | None:
         """Answer in the builder process, then insert the spooled answers on the loop.
         None when the Snapshot's versions have no files (nothing to attach there).
         `dropped`: answers to free meanwhile (see `_drop_others`)."""
         files = {d: str(v.path) for d, v in snap.versions.items() if v.path is not None}
         if len(files) != len(snap.versions):
-            _free(dropped or [])
+            _free(dropped)
             return None
         spool = self.store.data_dir / f"warm-{snap.id}.spool"
         try:
             return self._answer(snap, tasks, seconds, done, busy_seconds, busy_share, files,
-                                spool, dropped or [])
+                                spool, dropped)
         except concurrent.futures.CancelledError:  # the event loop stopped: shutting down
             log.info("warm of snapshot %d stopped: the server is shutting down", snap.id)
             return None
@@ -503,7 +503,7 @@ class Warmer:
 
     def _answer(self, snap: Snapshot, tasks: list[WarmTask], seconds: float,
                 done: list[set[tuple[Any, ...]]], busy_seconds: float, busy_share: float,
-                files: dict[str, str], spool: Path, dropped: list[Answers]) -> WarmReport:
+                files: dict[str, str], spool: Path, dropped: Sequence[Answers]) -> WarmReport:
         report: WarmReport = self.builder.run(
             compute, files, tasks, seconds, self.threads,
             max(0, self.cache.max_bytes - self.cache.warm_bytes), str(spool),
@@ -562,7 +562,7 @@ class Warmer:
             return []
 
 
-def _free(dropped: list[Answers]) -> None:
+def _free(dropped: Sequence[Answers]) -> None:
     """Free dropped answers on this thread, a slice at a time, at `FREE_SHARE` of the GIL.
     A demo version's ~97,000 answers are 40-70 ms of CPU at 2000 req/s; a warm runs this
     while the builder process computes (7-10 s there), so it can take its time."""
@@ -592,7 +592,8 @@ def _extension(report: WarmReport, miss_rate: float) -> str:
     return " (busy machine: went on past its time budget)"
 
 
-LOADER_SHARE = 0.25  # of the GIL, at most, for the loader thread reading a warm back
+LOADER_SHARE = 0.25  # of the GIL, at most, for the loader thread's share of a warm (picking
+# the hot keys, reading the answers back)
 
 
 class _GilPacer:
