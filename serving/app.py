@@ -27,6 +27,7 @@ from serving.errors import ApiError, BadParameter, MethodNotAllowed, NotFound, N
 from serving.fold import Constants, fold_endpoints
 from serving.metrics import CONTENT_TYPE, CollectorRegistry, LoopLag, Metrics, render
 from serving.params import ParamError, bind_params, cache_key
+from serving.plan import batch_sql
 from serving.query import QueryRunner
 from serving.responses import (
     IMMUTABLE,
@@ -42,7 +43,7 @@ from serving.responses import (
     versions_header,
 )
 from serving.settings import EndpointSpec, Settings
-from serving.warm import Warmer, batch_sql
+from serving.warm import Warmer
 
 log = logging.getLogger("duckswap.server")
 
@@ -353,7 +354,7 @@ def create_app(settings: Settings) -> web.Application:
     serving = Serving(settings, store, runner)
     # One lower-priority process builds versions and computes their warm answers.
     builder = Builder(nice=settings.build_nice, threads=settings.threads,
-                      preload=("loaders.build", "serving.warm"), idle=settings.build_idle)
+                      preload=("loaders.build", "serving.spool"), idle=settings.build_idle)
     warmer = Warmer(store, serving.cache, serving.popularity, settings.endpoints,
                     serving.fingerprints, serving.batch_sql, settings.warm_seconds,
                     settings.warm_keys, builder, settings.threads, settings.warm_tail_seconds,

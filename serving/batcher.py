@@ -16,9 +16,9 @@ from typing import Any
 from loaders.snapshot import Snapshot
 from serving.errors import QueryFailed
 from serving.fold import Constants
+from serving.plan import BatchPlan
 from serving.query import QueryRunner, Result
 from serving.settings import EndpointSpec
-from serving.warm import BatchPlan
 
 MAX_BATCH = 2000
 BATCH_AFTER = 16

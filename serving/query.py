@@ -18,7 +18,7 @@ from serving.settings import EndpointSpec
 
 if TYPE_CHECKING:
     from serving.fold import Constants
-    from serving.warm import BatchPlan
+    from serving.plan import BatchPlan
 
 T = TypeVar("T")
 

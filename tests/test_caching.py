@@ -17,6 +17,8 @@ from conftest import DEMO_CONFIG, Running, demo_settings, wait_for, write_seq_ex
 from data.generate import RANKS, REGIONS, ROLES, export_id, write_export
 from serving.app import SERVING, STORE, WARMER
 from serving.cache import WINDOW_KEYS, Popularity, ResponseCache, hottest
+from serving.keys import enumerate_keys
+from serving.plan import batch_sql
 from serving.responses import (
     IMMUTABLE,
     BodyEncoder,
@@ -28,7 +30,8 @@ from serving.responses import (
     token,
 )
 from serving.settings import DEFAULT_CACHE_CONTROL, Settings, load_settings, parse_settings
-from serving.warm import Budget, WarmTask, batch_sql, compute, enumerate_keys, would_miss
+from serving.spool import Budget, WarmTask, compute
+from serving.warm import would_miss
 
 STATS = "/v1/champions/3/stats?role=mid&rank=gold&region=na"
 

@@ -1,0 +1,297 @@
+"""The warm's half in the builder process: answer the keys of a staged Snapshot on its version
+files and spool the encoded answers to a file, for the server's loader thread to read back.
+
+Runs in the builder process (lower priority, its own GIL): every hot key first, whatever the
+time, then the declared and enumerated keys in growing batched rounds until the time budget
+(see `Budget`: longer on a busy machine); all within a byte budget of answers.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import pickle
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO
+
+import duckdb
+
+from loaders.build import quote_ident, quote_literal
+from loaders.snapshot import QUERY_CONFIG
+from serving.fold import Folded, binding, evaluate
+from serving.keys import Want, hot_wants, warm_wants
+from serving.plan import BatchPlan
+from serving.query import Result, execute, execute_batch
+from serving.responses import BodyEncoder, entry_size, etag, versions_header
+from serving.settings import EndpointSpec
+
+log = logging.getLogger("duckswap.warm")
+
+BUSY_SHARE = 0.9  # cores: a warm process getting less than this is on a busy machine
+
+
+
+class Budget:
+    """When the warm of the declared keys stops: `seconds` after it started, unless the machine
+    is busy, then up to `busy_seconds`.
+
+    Busy means the warm process (idle priority) got less than `busy_share` of a core so far:
+    requests are using the CPU. (The warmer passes an infinite share, always busy, when the
+    requests of the last interval say a publish now would meet many of them with misses: see
+    `would_miss`. The CPU the warm gets so far cannot tell that the machine is about to be busy
+    with those very misses.) Keys left for after the publish are then mostly answered by
+    cache misses first, each a query on the request path (~3-6 ms of CPU under load against
+    ~0.03 ms per key batched here), and the misses starve the after-publish warm in turn: a
+    publish on a busy machine waits for the warm instead. On an idle one nothing changes: the
+    rest is warmed right after the publish.
+    """
+
+    def __init__(self, seconds: float, busy_seconds: float = 0.0,
+                 busy_share: float = BUSY_SHARE, clock: Callable[[], float] = time.perf_counter,
+                 cpu: Callable[[], float] = time.process_time) -> None:
+        self.clock, self.cpu, self.busy_share = clock, cpu, busy_share
+        self.start, self.cpu_start = clock(), cpu()
+        self.deadline = self.start + seconds
+        self.hard_deadline = self.start + max(seconds, busy_seconds)
+        self.extended = False
+
+    def share(self) -> float:
+        """Cores this process got since the budget started."""
+        return (self.cpu() - self.cpu_start) / max(self.clock() - self.start, 1e-9)
+
+    def expired(self) -> bool:
+        now = self.clock()
+        if now < self.deadline:
+            return False
+        if now >= self.hard_deadline:
+            return True
+        if self.share() < self.busy_share:
+            self.extended = True
+            return False
+        return True
+
+
+@dataclass
+class WarmReport:
+    snapshot: int
+    seconds: float = 0.0
+    entries: int = 0
+    batched: int = 0
+    single: int = 0
+    skipped: int = 0
+    unlisted: bool = False  # the declared keys were not enumerated in time (count unknown)
+    cpu_share: float = 0.0  # cores the warm process got while it ran (under 1: requests had them)
+    extended: bool = False  # went on past the time budget because the machine was busy
+    # requests a second, in the interval before the warm, for answers the old version had
+    # warmed beyond the hot keys the warm before chose: what an early publish met with misses
+    would_miss: float = 0.0
+    read_seconds: float = 0.0  # reading the answers back here (the loader thread), wall
+    read_cpu: float = 0.0  # ... and the CPU that thread spent on it
+    per_endpoint: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class WarmTask:
+    """One endpoint to warm for a staged Snapshot (sent to the warm process: picklable)."""
+
+    spec: EndpointSpec
+    token: str
+    versions: dict[str, str]
+    plan: BatchPlan | None  # of `folded`'s SQL where there is one
+    hot: list[tuple[tuple[Any, ...], int]]  # the most requested cache keys, with counts
+    folded: Folded | None = None  # its constant subqueries as parameters (`serving.fold`)
+
+
+WarmItem = tuple[tuple[Any, ...], bytes, str]  # (cache key, body, ETag)
+
+SPOOL_CHUNK = 250  # entries per pickled chunk: what the loader thread reads between yields
+ROUND = 4096  # keys of the first round (one batched query per endpoint); each round doubles
+
+
+def compute(files: dict[str, str], tasks: list[WarmTask], seconds: float, threads: int,
+            max_bytes: int, spool: str, skip: list[set[tuple[Any, ...]]] | None = None,
+            busy_seconds: float = 0.0, busy_share: float = BUSY_SHARE) -> WarmReport:
+    """In the warm (builder) process: answer the tasks' keys on the version files in rounds
+    (batched where the SQL allows): every most-requested key first, whatever the time, then
+    the declared and enumerated ones until `seconds` (up to `busy_seconds` on a busy machine,
+    see `Budget`); all within `max_bytes` of answers. Spool (task index, {cache key: cache
+    entry}, bytes of the entries) chunks to `spool`. Keys in `skip[i]` (already warmed) are
+    left out."""
+    budget = Budget(seconds, busy_seconds, busy_share)
+    report = WarmReport(0)
+    con = duckdb.connect(config={"threads": threads, **QUERY_CONFIG})
+    # 10^5 answers and keys are built here and live until the spool is written: full
+    # collections over them took 50-120 ms each, several per warm. Nothing here makes cycles.
+    gc.disable()
+    try:
+        con.execute("SET enable_progress_bar = false")
+        for i, (dataset, path) in enumerate(sorted(files.items())):
+            con.execute(f"ATTACH {quote_literal(path)} AS w_{i} (READ_ONLY)")
+            con.execute(f"CREATE VIEW {quote_ident(dataset)} AS SELECT * FROM w_{i}.main.data")
+        jobs = [_Job(i, t) for i, t in enumerate(tasks)]
+        for job in jobs:
+            job.bind(con)
+        with open(spool, "wb") as out:
+            spooler = _Spooler(out, max_bytes, report)
+            # The most requested keys first, hottest first, before anything is enumerated, and
+            # all of them whatever the deadline: they are what the first requests after the
+            # publish ask for, and a publish without them is a miss storm.
+            hot: list[tuple[int, int, int, Want]] = []
+            hot_keys = [hot_wants(job.task.spec, job.task.hot) for job in jobs]
+            for job in jobs:
+                done = skip[job.index] if skip else set()
+                hot.extend((-w[2], pos, job.index, w)
+                           for pos, w in enumerate(hot_keys[job.index]) if w[1] not in done)
+            hot.sort(key=lambda w: (w[0], w[1]))
+            _rounds(con, jobs, hot, None, spooler)
+            # Then the rest (`warm_sql` rows and small parameter spaces), round-robin across
+            # endpoints so a small endpoint is not left behind a large one's long tail.
+            rest: list[tuple[int, int, int, Want]] = []
+            if not budget.expired() and not spooler.full:
+                for job in jobs:
+                    done = skip[job.index] if skip else set()
+                    seen = {w[1] for w in hot_keys[job.index]}
+                    left = (w for w in warm_wants(con, job.task.spec)
+                            if w[1] not in done and w[1] not in seen)
+                    rest.extend((0, pos, job.index, w) for pos, w in enumerate(left))
+                rest.sort(key=lambda w: w[1])
+                _rounds(con, jobs, rest, budget, spooler)
+            else:
+                report.unlisted = True  # left to the after-publish pass, uncounted
+            for job in jobs:
+                spooler.flush(job)
+        report.cpu_share = round(budget.share(), 2)
+        report.extended = budget.extended
+    finally:
+        gc.enable()
+        con.close()
+    return report
+
+
+def _rounds(con: duckdb.DuckDBPyConnection, jobs: list[_Job],
+            wants: list[tuple[int, int, int, Want]], budget: Budget | None,
+            spooler: _Spooler) -> None:
+    """Answer `wants` in growing rounds (a batched query scans its tables once whatever the
+    key count) until the budget (None: no limit) or the byte budget, checked between rounds."""
+    report = spooler.report
+
+    def expired() -> bool:
+        return budget is not None and budget.expired()
+
+    start, size = 0, ROUND
+    while start < len(wants):
+        if expired() or spooler.full:
+            report.skipped += len(wants) - start
+            return
+        per_job: dict[int, list[Want]] = {}
+        round_, start, size = wants[start:start + size], start + size, size * 2
+        for _, _, i, w in round_:
+            per_job.setdefault(i, []).append(w)
+        for i, keys in per_job.items():
+            job = jobs[i]
+            for k, ck, _ in _batched(con, job, keys, spooler):
+                if job.failed or expired() or spooler.full:
+                    report.skipped += 1
+                    continue
+                try:
+                    result = execute(con, job.sql, {**k, **job.fixed}, job.task.spec.row_limit)
+                except duckdb.Error as exc:
+                    # Its other keys are left to requests, each of which gets its own answer
+                    # or error; the rest of the warm goes on.
+                    job.failed = True
+                    report.skipped += 1
+                    log.warning("warm query of %s failed (%s); its other keys are left to "
+                                "requests", job.task.spec.name, str(exc).splitlines()[0])
+                    continue
+                spooler.add(job, ck, result)
+                report.single += 1
+
+
+def _batched(con: duckdb.DuckDBPyConnection, job: _Job, keys: list[Want],
+             spooler: _Spooler) -> list[Want]:
+    """Answer what one batched query can; return the keys left for single queries."""
+    plan = None if job.unbatched else job.task.plan
+    if plan is None:
+        return keys
+    try:
+        results = execute_batch(con, job.task.spec, plan, [w[0] for w in keys], job.fixed)
+    except duckdb.Error as exc:
+        log.warning("batched warm of %s failed (%s); warming key by key",
+                    job.task.spec.name, type(exc).__name__)
+        job.unbatched = True
+        return keys
+    rest = []
+    for want, result in zip(keys, results, strict=True):
+        if result is None:
+            rest.append(want)
+        elif not spooler.full:
+            spooler.add(job, want[1], result)
+            spooler.report.batched += 1
+        else:
+            spooler.report.skipped += 1
+    return rest
+
+
+@dataclass
+class _Job:
+    """One task, and its answers not spooled yet."""
+
+    index: int
+    task: WarmTask
+    unbatched: bool = False  # its batched query failed: key by key from now
+    failed: bool = False  # a single query failed: its other keys are left to requests
+    pending: list[WarmItem] = field(default_factory=list)
+    encode: BodyEncoder = field(init=False, repr=False)
+    header: str = field(init=False)  # X-Duckswap-Versions of its answers
+    sql: str = field(init=False)  # what each single query runs, with `fixed` bound
+    fixed: Mapping[str, Any] = field(init=False)
+
+    def __post_init__(self) -> None:
+        t = self.task
+        self.encode = BodyEncoder(t.spec, t.token, t.versions)
+        self.header = versions_header(t.versions)
+
+    def bind(self, con: duckdb.DuckDBPyConnection) -> None:
+        """Compute the endpoint's constants on this version (`serving.fold`); where they
+        fail, run its SQL as written, key by key."""
+        folded = self.task.folded
+        b = binding(self.task.spec.sql, folded, evaluate(con, folded) if folded else None)
+        self.sql, self.fixed = b.sql, b.fixed
+        self.unbatched = self.unbatched or not b.batchable
+
+
+class _Spooler:
+    """Encodes answers and writes them to the spool file in chunks, within a byte budget."""
+
+    def __init__(self, out: BinaryIO, max_bytes: int, report: WarmReport) -> None:
+        self.out = out
+        self.max_bytes = max_bytes
+        self.report = report
+        self.bytes = 0
+
+    @property
+    def full(self) -> bool:
+        return self.bytes >= self.max_bytes
+
+    def add(self, job: _Job, ck: tuple[Any, ...], result: Result) -> None:
+        body = job.encode(result.columns, result.rows, result.truncated)
+        tag = etag(job.task.token, ck)
+        self.bytes += entry_size((body, tag, ""))
+        pending = job.pending
+        pending.append((ck, body, tag))
+        if len(pending) >= SPOOL_CHUNK:
+            self.flush(job)
+
+    def flush(self, job: _Job) -> None:
+        if job.pending:
+            n = len(job.pending)
+            report, name = self.report, job.task.spec.name
+            report.entries += n
+            report.per_endpoint[name] = report.per_endpoint.get(name, 0) + n
+            # Finished cache entries, keyed: the server merges the dict in one call
+            chunk = {ck: (body, tag, job.header) for ck, body, tag in job.pending}
+            nbytes = sum(entry_size(entry) for entry in chunk.values())
+            pickle.dump((job.index, chunk, nbytes), self.out, protocol=pickle.HIGHEST_PROTOCOL)
+            job.pending = []
