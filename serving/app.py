@@ -23,6 +23,7 @@ from loaders.updater import Updater
 from serving.admin import add_routes
 from serving.batcher import Batcher
 from serving.cache import Popularity, ResponseCache
+from serving.endpoints import EndpointSpec
 from serving.errors import ApiError, BadParameter, MethodNotAllowed, NotFound, NotReady
 from serving.fold import Constants, fold_endpoints
 from serving.metrics import CONTENT_TYPE, CollectorRegistry, LoopLag, Metrics, render
@@ -42,7 +43,7 @@ from serving.responses import (
     if_none_match,
     versions_header,
 )
-from serving.settings import EndpointSpec, Settings
+from serving.settings import Settings
 from serving.warm import Warmer
 
 log = logging.getLogger("duckswap.server")

@@ -14,11 +14,11 @@ import logging
 from typing import Any
 
 from loaders.snapshot import Snapshot
+from serving.endpoints import EndpointSpec
 from serving.errors import QueryFailed
 from serving.fold import Constants
 from serving.plan import BatchPlan
 from serving.query import QueryRunner, Result
-from serving.settings import EndpointSpec
 
 MAX_BATCH = 2000
 BATCH_AFTER = 16

@@ -43,7 +43,7 @@ def _load(config: str | None) -> Settings:
 
 def _settings_or_none(config: str | None) -> Settings | None:
     """The validated settings, or None after printing the config error."""
-    from serving.settings import ConfigError
+    from serving.config import ConfigError
 
     try:
         return _load(config)

@@ -27,7 +27,9 @@ from typing import Any
 
 import duckdb
 
-from serving.settings import ConfigError, EndpointSpec, Settings
+from serving.config import ConfigError
+from serving.endpoints import EndpointSpec
+from serving.settings import Settings
 from serving.sqlcheck import declared_tables, only
 
 log = logging.getLogger("duckswap.fold")

@@ -13,7 +13,7 @@ from typing import Any
 import duckdb
 
 from loaders.build import quote_ident
-from serving.settings import EndpointSpec
+from serving.endpoints import EndpointSpec
 
 
 @dataclass(frozen=True)

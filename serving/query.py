@@ -13,8 +13,8 @@ import duckdb
 import pyarrow as pa
 
 from loaders.snapshot import Snapshot, Store
+from serving.endpoints import EndpointSpec
 from serving.errors import NotReady, QueryFailed, QueryTimeout
-from serving.settings import EndpointSpec
 
 if TYPE_CHECKING:
     from serving.fold import Constants

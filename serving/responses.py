@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from serving.settings import EndpointSpec
+from serving.endpoints import EndpointSpec
 
 if TYPE_CHECKING:
     from loaders.snapshot import Snapshot

@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from loaders.schema import EXTRA_COLUMNS, DatasetSchema
+from serving.config import ConfigError, Reader, positive
+from serving.endpoints import EndpointSpec, parse_endpoint
 
 ENV_PREFIX = "DUCKSWAP_"
 EVENT_LOOPS = ("auto", "uvloop", "asyncio")
-PARAM_TYPES = ("int", "float", "string", "enum", "bool")
-PATH_PARAM_RE = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 # Every documented setting; tests check each appears in README's config table.
@@ -118,51 +118,6 @@ SETTING_KEYS: dict[str, str] = {
     "sorted and deduplicated (default false).",
 }
 
-
-class ConfigError(ValueError):
-    """A config that cannot be served; the message names the file and the key."""
-
-    def __init__(self, file: str, key: str, problem: str) -> None:
-        super().__init__(f"{file}: {key}: {problem}")
-        self.file = file
-        self.key = key
-        self.problem = problem
-
-
-@dataclass(frozen=True)
-class ParamSpec:
-    name: str
-    type: str
-    is_list: bool = False
-    max_items: int = 50
-    required: bool = True
-    default: Any = None
-    min: float | None = None
-    max: float | None = None
-    max_length: int = 200
-    pattern: str | None = None
-    values: tuple[str, ...] = ()
-    ignore_case: bool = False
-    unordered: bool = False
-
-
-DEFAULT_CACHE_CONTROL = "public, max-age=5, stale-while-revalidate=30"
-RESERVED_PATHS = ("/healthz", "/readyz", "/metrics", "/v1/version", "/admin")
-
-
-@dataclass(frozen=True)
-class EndpointSpec:
-    name: str
-    path: str
-    sql: str
-    datasets: tuple[str, ...]
-    params: Mapping[str, ParamSpec]
-    row_limit: int = 1000
-    cache_control: str = DEFAULT_CACHE_CONTROL
-    warm: bool = True
-    warm_sql: str | None = None
-
-
 @dataclass(frozen=True)
 class Settings:
     source_url: str
@@ -200,175 +155,7 @@ class Settings:
     def source_path(self) -> Path:
         return Path(self.source_url.removeprefix("file://"))
 
-
-class _Reader:
-    """Reads one table of the config, tracking which keys were used."""
-
-    def __init__(self, file: str, prefix: str, table: Any) -> None:
-        self.file = file
-        self.prefix = prefix
-        if not isinstance(table, dict):
-            raise ConfigError(file, prefix or "<root>", "must be a table")
-        self.table: dict[str, Any] = table
-        self.used: set[str] = set()
-
-    def key(self, name: str) -> str:
-        return f"{self.prefix}.{name}" if self.prefix else name
-
-    def fail(self, name: str, problem: str) -> ConfigError:
-        return ConfigError(self.file, self.key(name), problem)
-
-    def get(self, name: str, kind: type | tuple[type, ...], default: Any = ..., ) -> Any:
-        self.used.add(name)
-        if name not in self.table:
-            if default is ...:
-                raise self.fail(name, "missing required key")
-            return default
-        value = self.table[name]
-        kinds = kind if isinstance(kind, tuple) else (kind,)
-        if isinstance(value, bool) and bool not in kinds:
-            raise self.fail(name, f"expected {_kind_names(kinds)}, got {value!r}")
-        if not isinstance(value, kinds):
-            raise self.fail(name, f"expected {_kind_names(kinds)}, got {value!r}")
-        return value
-
-    def sub(self, name: str, default: Any = ...) -> _Reader:
-        value = self.get(name, dict, default)
-        return _Reader(self.file, self.key(name), value)
-
-    def finish(self) -> None:
-        unknown = sorted(set(self.table) - self.used)
-        if unknown:
-            raise self.fail(unknown[0], "unknown key")
-
-
-def _kind_names(kinds: tuple[type, ...]) -> str:
-    names = {int: "an integer", float: "a number", str: "a string", bool: "a boolean",
-             list: "a list", dict: "a table"}
-    return " or ".join(names.get(k, k.__name__) for k in kinds)
-
-
-def _positive(r: _Reader, name: str, value: float) -> None:
-    if value <= 0:
-        raise r.fail(name, f"must be positive, got {value!r}")
-
-
-def _parse_param(r: _Reader, name: str) -> ParamSpec:
-    p = r.sub(name)
-    ptype = p.get("type", str)
-    if ptype not in PARAM_TYPES:
-        raise p.fail("type", f"must be one of {', '.join(PARAM_TYPES)}, got {ptype!r}")
-    values = tuple(p.get("values", list, [] if ptype != "enum" else ...))
-    if ptype == "enum" and (not values or not all(isinstance(v, str) for v in values)):
-        raise p.fail("values", "an enum needs a non-empty list of strings")
-    pattern = p.get("pattern", str, None)
-    if pattern is not None:
-        try:
-            re.compile(pattern)
-        except re.error as exc:
-            raise p.fail("pattern", f"invalid regular expression: {exc}") from None
-    has_default = "default" in p.table
-    default = p.get("default", (int, float, str, bool, list), None)
-    spec = ParamSpec(
-        name=name,
-        type=ptype,
-        is_list=p.get("list", bool, False),
-        max_items=p.get("max_items", int, 50),
-        required=p.get("required", bool, not has_default),
-        default=default,
-        min=p.get("min", (int, float), None),
-        max=p.get("max", (int, float), None),
-        max_length=p.get("max_length", int, 200),
-        pattern=pattern,
-        values=values,
-        ignore_case=p.get("ignore_case", bool, False),
-        unordered=p.get("unordered", bool, False),
-    )
-    p.finish()
-    if spec.ignore_case and ptype not in ("enum", "string"):
-        raise p.fail("ignore_case", "applies to enum and string parameters only")
-    if spec.unordered and not spec.is_list:
-        raise p.fail("unordered", "applies to list parameters only")
-    if spec.ignore_case and ptype == "enum" and len({v.lower() for v in values}) != len(values):
-        raise p.fail("values", "values differ only in case, so ignore_case is ambiguous")
-    if spec.required and has_default:
-        raise p.fail("default", "a required parameter cannot have a default")
-    if has_default:
-        # Late import keeps settings free of a cycle; params validates the default itself.
-        from serving.params import ParamError, parse_value
-
-        raw = default if isinstance(default, list) else [default]
-        try:
-            parse_value(spec, [str(v).lower() if isinstance(v, bool) else str(v) for v in raw])
-        except ParamError as exc:
-            raise p.fail("default", exc.message) from None
-    return spec
-
-
-def _parse_endpoint(r: _Reader, name: str, datasets: Mapping[str, DatasetSchema]) -> EndpointSpec:
-    e = r.sub(name)
-    path = e.get("path", str)
-    if not path.startswith("/"):
-        raise e.fail("path", f"must start with '/', got {path!r}")
-    for reserved in RESERVED_PATHS:
-        if path == reserved or path.startswith(reserved + "/"):
-            raise e.fail("path", f"{reserved} is reserved by the server")
-    sql = e.get("sql", str).strip().rstrip(";").strip()
-    if not sql:
-        raise e.fail("sql", "must not be empty")
-    ds = e.get("datasets", list)
-    if not ds:
-        raise e.fail("datasets", "must name at least one dataset")
-    for d in ds:
-        if d not in datasets:
-            raise e.fail("datasets", f"reads undeclared dataset {d!r}")
-    params_r = e.sub("params", {})
-    params = {pname: _parse_param(params_r, pname) for pname in params_r.table}
-    if "v" in params:
-        raise params_r.fail("v", "`v` is reserved for version tokens (`?v=`)")
-    row_limit = e.get("row_limit", int, 1000)
-    _positive(e, "row_limit", row_limit)
-    cache_control = e.get("cache_control", str, DEFAULT_CACHE_CONTROL)
-    warm = e.get("warm", bool, True)
-    warm_sql = e.get("warm_sql", str, None)
-    e.finish()
-    if warm_sql is not None:
-        warm_sql = warm_sql.strip().rstrip(";").strip()
-        if sql_parameters(warm_sql, r.file, e.key("warm_sql")):
-            raise e.fail("warm_sql", "takes no parameters")
-    for pname in PATH_PARAM_RE.findall(path):
-        if pname not in params:
-            raise e.fail("path", f"path parameter {pname!r} has no spec in params")
-        if params[pname].is_list:
-            raise e.fail(f"params.{pname}.list", "a path parameter cannot be a list")
-    used = sql_parameters(sql, r.file, e.key("sql"))
-    for pname in used:
-        if pname not in params:
-            raise e.fail("sql", f"SQL parameter ${pname} has no spec in params")
-    for pname in params:
-        if pname not in used:
-            raise e.fail(f"params.{pname}", "declared but not used in the SQL")
-    return EndpointSpec(name, path, sql, tuple(ds), params, row_limit, cache_control, warm,
-                        warm_sql)
-
-
-def sql_parameters(sql: str, file: str, key: str) -> set[str]:
-    """Named `$parameters` of one SQL statement, as DuckDB's parser sees them."""
-    import duckdb
-
-    try:
-        statements = duckdb.extract_statements(sql)
-    except duckdb.Error as exc:
-        raise ConfigError(file, key, f"SQL does not parse: {exc}") from None
-    if len(statements) != 1:
-        raise ConfigError(file, key, f"must be exactly one statement, got {len(statements)}")
-    stmt = statements[0]
-    if stmt.type != duckdb.StatementType.SELECT:
-        raise ConfigError(file, key, f"must be a SELECT statement, got {stmt.type.name}")
-    return set(stmt.named_parameters)
-
-
-def _parse_dataset(r: _Reader, name: str) -> DatasetSchema:
+def _parse_dataset(r: Reader, name: str) -> DatasetSchema:
     import duckdb
 
     if not NAME_RE.match(name):
@@ -396,7 +183,7 @@ def _parse_dataset(r: _Reader, name: str) -> DatasetSchema:
         mb = d.get(option, (int, float), None)
         if mb is None:
             return None
-        _positive(d, option, mb)
+        positive(d, option, mb)
         return int(mb * 2**20)
 
     extra = d.get("extra_columns", str, "keep")
@@ -416,7 +203,7 @@ def _parse_dataset(r: _Reader, name: str) -> DatasetSchema:
 
 
 def parse_settings(raw: Mapping[str, Any], file: str = "<config>") -> Settings:
-    root = _Reader(file, "", dict(raw))
+    root = Reader(file, "", dict(raw))
     server = root.sub("server", {})
     source = root.sub("source")
     ds_r = root.sub("datasets")
@@ -424,7 +211,7 @@ def parse_settings(raw: Mapping[str, Any], file: str = "<config>") -> Settings:
     if not datasets:
         raise root.fail("datasets", "must declare at least one dataset")
     ep_r = root.sub("endpoints")
-    endpoints = {name: _parse_endpoint(ep_r, name, datasets) for name in ep_r.table}
+    endpoints = {name: parse_endpoint(ep_r, name, datasets) for name in ep_r.table}
     url = source.get("url", str)
     if not url.startswith(("file://", "gs://")):
         raise source.fail("url", f"expected a file:// or gs:// URL, got {url!r}")
@@ -475,13 +262,13 @@ def parse_settings(raw: Mapping[str, Any], file: str = "<config>") -> Settings:
         raise server.fail("event_loop", "uvloop is not installed (pip install uvloop)")
     if settings.build_nice > 19:
         raise server.fail("build_nice", f"must be 0-19, got {settings.build_nice}")
-    _positive(source, "poll_seconds", settings.poll_seconds)
-    _positive(server, "keep_versions", settings.keep_versions)
+    positive(source, "poll_seconds", settings.poll_seconds)
+    positive(server, "keep_versions", settings.keep_versions)
     if settings.admin_token is not None and len(settings.admin_token) < 16:
         raise server.fail("admin_token", "must be at least 16 characters")  # never echoed
-    _positive(source, "concurrency", settings.concurrency)
-    _positive(server, "threads", settings.threads)
-    _positive(server, "query_timeout", settings.query_timeout)
+    positive(source, "concurrency", settings.concurrency)
+    positive(server, "threads", settings.threads)
+    positive(server, "query_timeout", settings.query_timeout)
     if not 0 <= settings.port <= 65535:
         raise server.fail("port", f"must be 0-65535, got {settings.port}")
     for r in (server, source, root):

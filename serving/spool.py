@@ -20,12 +20,12 @@ import duckdb
 
 from loaders.build import quote_ident, quote_literal
 from loaders.snapshot import QUERY_CONFIG
+from serving.endpoints import EndpointSpec
 from serving.fold import Folded, binding, evaluate
 from serving.keys import Want, hot_wants, warm_wants
 from serving.plan import BatchPlan
 from serving.query import Result, execute, execute_batch
 from serving.responses import BodyEncoder, entry_size, etag, versions_header
-from serving.settings import EndpointSpec
 
 log = logging.getLogger("duckswap.warm")
 

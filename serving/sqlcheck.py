@@ -8,7 +8,9 @@ from contextlib import contextmanager
 import duckdb
 
 from loaders.build import quote_ident
-from serving.settings import ConfigError, EndpointSpec, Settings
+from serving.config import ConfigError
+from serving.endpoints import EndpointSpec
+from serving.settings import Settings
 
 
 @contextmanager

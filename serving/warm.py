@@ -29,10 +29,10 @@ from typing import Any, TypeVar
 from loaders.builder import Builder
 from loaders.snapshot import Snapshot, Store
 from serving.cache import Answers, Popularity, ResponseCache, hottest
+from serving.endpoints import EndpointSpec
 from serving.fold import Folded
 from serving.plan import BatchPlan
 from serving.responses import endpoint_tokens, entry_size
-from serving.settings import EndpointSpec
 from serving.spool import BUSY_SHARE, WarmReport, WarmTask, compute
 
 log = logging.getLogger("duckswap.warm")

@@ -17,6 +17,7 @@ from conftest import DEMO_CONFIG, Running, demo_settings, wait_for, write_seq_ex
 from data.generate import RANKS, REGIONS, ROLES, export_id, write_export
 from serving.app import SERVING, STORE, WARMER
 from serving.cache import WINDOW_KEYS, Popularity, ResponseCache, hottest
+from serving.endpoints import DEFAULT_CACHE_CONTROL
 from serving.keys import enumerate_keys
 from serving.plan import batch_sql
 from serving.responses import (
@@ -29,7 +30,7 @@ from serving.responses import (
     fingerprint,
     token,
 )
-from serving.settings import DEFAULT_CACHE_CONTROL, Settings, load_settings, parse_settings
+from serving.settings import Settings, load_settings, parse_settings
 from serving.spool import Budget, WarmTask, compute
 from serving.warm import would_miss
 

@@ -17,7 +17,8 @@ import pytest
 
 from bench.ports import free_port
 from conftest import DEMO_CONFIG, REPO, seq_config_file, write_seq_export
-from serving.settings import SETTING_KEYS, ConfigError, load_settings, parse_settings
+from serving.config import ConfigError
+from serving.settings import SETTING_KEYS, load_settings, parse_settings
 from serving.sqlcheck import check_sql
 
 BASE: dict[str, Any] = {

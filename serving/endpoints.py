@@ -1,0 +1,163 @@
+"""Endpoint and parameter specs, parsed from the config's `[endpoints.*]` tables."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from loaders.schema import DatasetSchema
+from serving.config import ConfigError, Reader, positive
+
+PARAM_TYPES = ("int", "float", "string", "enum", "bool")
+PATH_PARAM_RE = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    name: str
+    type: str
+    is_list: bool = False
+    max_items: int = 50
+    required: bool = True
+    default: Any = None
+    min: float | None = None
+    max: float | None = None
+    max_length: int = 200
+    pattern: str | None = None
+    values: tuple[str, ...] = ()
+    ignore_case: bool = False
+    unordered: bool = False
+
+
+DEFAULT_CACHE_CONTROL = "public, max-age=5, stale-while-revalidate=30"
+RESERVED_PATHS = ("/healthz", "/readyz", "/metrics", "/v1/version", "/admin")
+
+
+@dataclass(frozen=True)
+class EndpointSpec:
+    name: str
+    path: str
+    sql: str
+    datasets: tuple[str, ...]
+    params: Mapping[str, ParamSpec]
+    row_limit: int = 1000
+    cache_control: str = DEFAULT_CACHE_CONTROL
+    warm: bool = True
+    warm_sql: str | None = None
+
+
+def parse_param(r: Reader, name: str) -> ParamSpec:
+    p = r.sub(name)
+    ptype = p.get("type", str)
+    if ptype not in PARAM_TYPES:
+        raise p.fail("type", f"must be one of {', '.join(PARAM_TYPES)}, got {ptype!r}")
+    values = tuple(p.get("values", list, [] if ptype != "enum" else ...))
+    if ptype == "enum" and (not values or not all(isinstance(v, str) for v in values)):
+        raise p.fail("values", "an enum needs a non-empty list of strings")
+    pattern = p.get("pattern", str, None)
+    if pattern is not None:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise p.fail("pattern", f"invalid regular expression: {exc}") from None
+    has_default = "default" in p.table
+    default = p.get("default", (int, float, str, bool, list), None)
+    spec = ParamSpec(
+        name=name,
+        type=ptype,
+        is_list=p.get("list", bool, False),
+        max_items=p.get("max_items", int, 50),
+        required=p.get("required", bool, not has_default),
+        default=default,
+        min=p.get("min", (int, float), None),
+        max=p.get("max", (int, float), None),
+        max_length=p.get("max_length", int, 200),
+        pattern=pattern,
+        values=values,
+        ignore_case=p.get("ignore_case", bool, False),
+        unordered=p.get("unordered", bool, False),
+    )
+    p.finish()
+    if spec.ignore_case and ptype not in ("enum", "string"):
+        raise p.fail("ignore_case", "applies to enum and string parameters only")
+    if spec.unordered and not spec.is_list:
+        raise p.fail("unordered", "applies to list parameters only")
+    if spec.ignore_case and ptype == "enum" and len({v.lower() for v in values}) != len(values):
+        raise p.fail("values", "values differ only in case, so ignore_case is ambiguous")
+    if spec.required and has_default:
+        raise p.fail("default", "a required parameter cannot have a default")
+    if has_default:
+        # Late import: params imports ParamSpec from here; it validates the default itself.
+        from serving.params import ParamError, parse_value
+
+        raw = default if isinstance(default, list) else [default]
+        try:
+            parse_value(spec, [str(v).lower() if isinstance(v, bool) else str(v) for v in raw])
+        except ParamError as exc:
+            raise p.fail("default", exc.message) from None
+    return spec
+
+
+def parse_endpoint(r: Reader, name: str, datasets: Mapping[str, DatasetSchema]) -> EndpointSpec:
+    e = r.sub(name)
+    path = e.get("path", str)
+    if not path.startswith("/"):
+        raise e.fail("path", f"must start with '/', got {path!r}")
+    for reserved in RESERVED_PATHS:
+        if path == reserved or path.startswith(reserved + "/"):
+            raise e.fail("path", f"{reserved} is reserved by the server")
+    sql = e.get("sql", str).strip().rstrip(";").strip()
+    if not sql:
+        raise e.fail("sql", "must not be empty")
+    ds = e.get("datasets", list)
+    if not ds:
+        raise e.fail("datasets", "must name at least one dataset")
+    for d in ds:
+        if d not in datasets:
+            raise e.fail("datasets", f"reads undeclared dataset {d!r}")
+    params_r = e.sub("params", {})
+    params = {pname: parse_param(params_r, pname) for pname in params_r.table}
+    if "v" in params:
+        raise params_r.fail("v", "`v` is reserved for version tokens (`?v=`)")
+    row_limit = e.get("row_limit", int, 1000)
+    positive(e, "row_limit", row_limit)
+    cache_control = e.get("cache_control", str, DEFAULT_CACHE_CONTROL)
+    warm = e.get("warm", bool, True)
+    warm_sql = e.get("warm_sql", str, None)
+    e.finish()
+    if warm_sql is not None:
+        warm_sql = warm_sql.strip().rstrip(";").strip()
+        if sql_parameters(warm_sql, r.file, e.key("warm_sql")):
+            raise e.fail("warm_sql", "takes no parameters")
+    for pname in PATH_PARAM_RE.findall(path):
+        if pname not in params:
+            raise e.fail("path", f"path parameter {pname!r} has no spec in params")
+        if params[pname].is_list:
+            raise e.fail(f"params.{pname}.list", "a path parameter cannot be a list")
+    used = sql_parameters(sql, r.file, e.key("sql"))
+    for pname in used:
+        if pname not in params:
+            raise e.fail("sql", f"SQL parameter ${pname} has no spec in params")
+    for pname in params:
+        if pname not in used:
+            raise e.fail(f"params.{pname}", "declared but not used in the SQL")
+    return EndpointSpec(name, path, sql, tuple(ds), params, row_limit, cache_control, warm,
+                        warm_sql)
+
+
+def sql_parameters(sql: str, file: str, key: str) -> set[str]:
+    """Named `$parameters` of one SQL statement, as DuckDB's parser sees them."""
+    import duckdb
+
+    try:
+        statements = duckdb.extract_statements(sql)
+    except duckdb.Error as exc:
+        raise ConfigError(file, key, f"SQL does not parse: {exc}") from None
+    if len(statements) != 1:
+        raise ConfigError(file, key, f"must be exactly one statement, got {len(statements)}")
+    stmt = statements[0]
+    if stmt.type != duckdb.StatementType.SELECT:
+        raise ConfigError(file, key, f"must be a SELECT statement, got {stmt.type.name}")
+    return set(stmt.named_parameters)
