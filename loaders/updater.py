@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import gc
 import logging
-import random
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
@@ -16,24 +15,18 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import duckdb
-import watchfiles
 
 from loaders.build import check_export, remove_version_file
 from loaders.builder import Builder
 from loaders.schema import DatasetSchema, LoadError, Unavailable
 from loaders.snapshot import Snapshot, Store, Version
-from loaders.source import Export, LocalSource, Source, is_ignored
+from loaders.source import Export, Source
 from loaders.state import DataDir, DatasetState, Refusal, State, VersionRecord, checks_digest
+from loaders.watcher import Watcher
 
 log = logging.getLogger("duckswap.loader")
 T = TypeVar("T")
 QUARANTINE_KEPT = 50  # refusals remembered per dataset
-RESCAN_SECONDS = 30  # a watched folder is listed at least this often
-
-
-def backoff_delay(failures: int, base: float = 1.0, cap: float = 60.0) -> float:
-    """Exponential backoff with full jitter after `failures` consecutive failures."""
-    return random.uniform(base, min(cap, base * 2 ** failures))
 
 
 @dataclass(frozen=True)
@@ -384,9 +377,6 @@ class Updater:
         log.warning("admin: %s %s %s", action, dataset or "(all datasets)",
                     " ".join(f"{k}={v}" for k, v in detail.items()))
 
-    def _watch_filter(self, change: watchfiles.Change, path: str) -> bool:
-        return not is_ignored(Path(path).name)
-
     async def run(self, stop: asyncio.Event) -> None:
         """Serve the cached versions, then scan, then watch the folder (or poll the bucket)
         until `stop` is set."""
@@ -396,66 +386,11 @@ class Updater:
                 await self.act(self.restore)
             except Exception:  # a cache that cannot be read is no reason not to serve
                 log.exception("restoring cached versions failed; loading from the source")
-            if isinstance(self.source, LocalSource):
-                await self._watch(self.source, stop)
-            else:
-                await self._poll(stop)
+            await Watcher(self, self.debounce_ms, self.poll_seconds).run(stop)
         finally:
             collector.cancel()
             await asyncio.gather(collector, return_exceptions=True)
             self._executor.shutdown(wait=False, cancel_futures=True)
-
-    async def _refresh_logged(self, datasets: set[str] | None) -> bool:
-        """One refresh in the loader thread; False (logged, nothing else) when the source
-        could not be listed: the served data stays, and the caller tries again later."""
-        try:
-            await asyncio.get_running_loop().run_in_executor(
-                self._executor, self.refresh, datasets)
-        except Exception as exc:  # a source outage must never stop the watcher
-            self.source_errors += 1
-            log.warning("listing %s failed (%s); serving data %s old, retrying", self.source.url,
-                        type(exc).__name__, self.data_age_text())
-            return False
-        return True
-
-    async def _watch(self, source: LocalSource, stop: asyncio.Event) -> None:
-        """Watch first, then scan: an export landing during the initial scan (or during a
-        long first load) is an event, never missed. Every `RESCAN_SECONDS` without events
-        (every second with a quiet period, whose exports complete without any event) the
-        folder is listed anyway: a lost notification costs seconds, not an export."""
-        # Runs from awatch's first await, once its watcher exists (created before any await).
-        scan = asyncio.create_task(self._refresh_logged(None))
-        async for changes in watchfiles.awatch(
-            source.root,
-            stop_event=stop,
-            debounce=self.debounce_ms,
-            step=20,
-            watch_filter=self._watch_filter,
-            recursive=True,
-            rust_timeout=1000 if source.quiet_seconds > 0 else RESCAN_SECONDS * 1000,
-            yield_on_timeout=True,
-        ):
-            if not changes:
-                await self._refresh_logged(None)
-                continue
-            names = {source.dataset_of(Path(p)) for _, p in changes}
-            touched = {n for n in names if n is not None}
-            if touched:
-                await self._refresh_logged(touched)
-        await scan
-
-    async def _poll(self, stop: asyncio.Event) -> None:
-        """List every `poll_seconds`; after failures, back off (jittered, up to 60 s)."""
-        failures = 0
-        while not stop.is_set():
-            if await self._refresh_logged(None):
-                failures = 0
-                delay = self.poll_seconds
-            else:
-                failures += 1
-                delay = min(60.0, max(self.poll_seconds, backoff_delay(failures)))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=delay)
 
     def data_age(self) -> dict[str, float]:
         """Seconds since each served version was loaded."""
