@@ -32,7 +32,6 @@ log = logging.getLogger("duckswap.warm")
 BUSY_SHARE = 0.9  # cores: a warm process getting less than this is on a busy machine
 
 
-
 class Budget:
     """When the warm of the declared keys stops: `seconds` after it started, unless the machine
     is busy, then up to `busy_seconds`.
