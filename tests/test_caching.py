@@ -15,7 +15,6 @@ from prometheus_client.parser import text_string_to_metric_families
 from bench.cli import loop_lag
 from conftest import DEMO_CONFIG, Running, demo_settings, wait_for, write_seq_export
 from data.generate import RANKS, REGIONS, ROLES, export_id, write_export
-from serving.app import SERVING, STORE, WARMER
 from serving.cache import WINDOW_KEYS, Popularity, ResponseCache, hottest
 from serving.endpoints import DEFAULT_CACHE_CONTROL
 from serving.keys import enumerate_keys
@@ -32,6 +31,7 @@ from serving.responses import (
 )
 from serving.settings import Settings, load_settings, parse_settings
 from serving.spool import Budget, WarmTask, compute
+from serving.state import SERVING, STORE, WARMER
 from serving.warm import would_miss
 
 STATS = "/v1/champions/3/stats?role=mid&rank=gold&region=na"

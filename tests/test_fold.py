@@ -11,10 +11,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from conftest import Running, demo_settings, wait_for
-from serving.app import SERVING
 from serving.fold import Constant, Folded, evaluate, fold, fold_endpoints
 from serving.settings import Settings, parse_settings
 from serving.sqlcheck import declared_tables, only
+from serving.state import SERVING
 
 
 def _fold(settings: Settings, name: str, sql: str) -> Folded | None:

@@ -21,8 +21,8 @@ from gcs_emulator import BUCKET, Emulator, SlowProxy, free_port
 
 from conftest import Running, descendants, running, seq_config, wait_for, write_seq_export
 from loaders.gcs import GcsSource
-from serving.app import UPDATER
 from serving.settings import Settings, parse_settings
+from serving.state import UPDATER
 
 PREFIX = "prod"
 ADMIN = "admin-token-for-tests-0123456789"

@@ -20,8 +20,8 @@ from loaders.schema import DatasetSchema
 from loaders.snapshot import Store
 from loaders.source import LocalSource
 from loaders.updater import Updater
-from serving.app import UPDATER
 from serving.settings import parse_settings
+from serving.state import UPDATER
 
 TOKEN = "lifecycle-admin-token-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

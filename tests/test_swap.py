@@ -15,7 +15,7 @@ from conftest import Running, seq_config, wait_for, write_seq_export
 from loaders.snapshot import Store
 from loaders.source import LocalSource
 from loaders.updater import Updater
-from serving.app import STORE, UPDATER
+from serving.state import STORE, UPDATER
 
 
 async def test_zero_failed_requests_during_30_swaps(tmp_path: Path, serve) -> None:

@@ -1,0 +1,225 @@
+"""The request handlers: declared endpoints (from the cache, else one query per key and
+version), the version pointer, health, readiness and metrics; one error shape for all."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from loaders.snapshot import Snapshot
+from serving.endpoints import EndpointSpec
+from serving.errors import ApiError, BadParameter, MethodNotAllowed, NotFound, NotReady
+from serving.metrics import CONTENT_TYPE, render
+from serving.params import ParamError, bind_params, cache_key
+from serving.responses import (
+    IMMUTABLE,
+    NO_STORE,
+    TOKEN_LENGTH,
+    Entry,
+    dumps,
+    encode_body,
+    etag,
+    if_none_match,
+    versions_header,
+)
+from serving.state import REGISTRY, RUNNER, SERVING, SETTINGS, STORE, UPDATER, WARMER
+
+log = logging.getLogger("duckswap.server")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def json_response(
+    body: Any, status: int = 200, headers: dict[str, str] | None = None
+) -> web.Response:
+    return web.Response(
+        body=dumps(body), status=status, content_type="application/json", headers=headers
+    )
+
+
+def error_response(err: ApiError) -> web.Response:
+    """Errors are never cached: a CDN must not pin a 404 or a 503 under a data URL."""
+    return json_response(err.body(), err.status, {"Cache-Control": NO_STORE, **err.headers})
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        return error_response(exc)
+    except web.HTTPNotFound:
+        return error_response(NotFound(f"no route for {request.path}"))
+    except web.HTTPMethodNotAllowed:
+        return error_response(
+            MethodNotAllowed(f"{request.method} is not allowed on {request.path}")
+        )
+    except web.HTTPException:
+        raise
+    except Exception:
+        log.exception("unhandled error on %s", request.path)
+        return error_response(ApiError("internal error"))
+
+
+def _entry_response(entry: Entry, version_token: str, cache_control: str) -> web.Response:
+    body, tag, versions = entry
+    return web.Response(body=body, headers={
+        "Content-Type": "application/json",
+        "ETag": tag,
+        "Cache-Control": cache_control,
+        "X-Duckswap-Token": version_token,
+        "X-Duckswap-Versions": versions,
+    })
+
+
+def endpoint_handler(spec: EndpointSpec) -> Handler:
+    name = spec.name
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        app = request.app
+        serving = app[SERVING]
+        raw, wanted = _query(request)
+        try:
+            params = bind_params(spec.params, request.match_info, raw)
+        except ParamError as exc:
+            raise BadParameter(f"{exc.name}: {exc.message}", parameter=exc.name) from None
+        key = cache_key(params)
+        serving.popularity.seen(name, key)
+        cache = serving.cache
+        store = serving.store
+        snap = store.acquire()
+        try:
+            tok = serving.tokens(snap).get(name)
+            if tok is None:
+                missing = [d for d in spec.datasets if d not in snap.versions]
+                raise NotReady(f"dataset {missing[0]!r} has no loaded version yet",
+                               missing=missing)
+            if wanted is not None and wanted != tok:
+                held = cache.peek((wanted, key))
+                if held is not None:  # an older version's exact bytes: still true for its URL
+                    return _entry_response(held, wanted, IMMUTABLE)
+                return _moved(request, tok)
+            cache_control = spec.cache_control if wanted is None else IMMUTABLE
+            tag = etag(tok, key)
+            if if_none_match(request.headers.get("If-None-Match"), tag):
+                return web.Response(status=304, headers={
+                    "ETag": tag, "Cache-Control": cache_control, "X-Duckswap-Token": tok})
+            entry = cache.get((tok, key), name)
+            if entry is None:
+                entry = await _compute(app, spec, snap, tok, key, params)
+            return _entry_response(entry, tok, cache_control)
+        finally:
+            store.release(snap)
+
+    return handle
+
+
+async def _compute(app: web.Application, spec: EndpointSpec, snap: Snapshot, tok: str,
+                   key: tuple[Any, ...], params: dict[str, Any]) -> Entry:
+    """Query once per key and version: concurrent misses for the same key wait for one."""
+    cache = app[SERVING].cache
+    ck = (tok, key)
+    pending = cache.inflight.get(ck)
+    if pending is not None:
+        cache.coalesced += 1
+        return await asyncio.shield(pending)
+    fut: asyncio.Future[Entry] = asyncio.get_running_loop().create_future()
+    fut.add_done_callback(_consume)
+    cache.inflight[ck] = fut
+    try:
+        serving = app[SERVING]
+        sql = serving.batch_sql.get(spec.name)
+        if sql is not None and spec.name not in serving.batcher.disabled:
+            result = await serving.batcher.run(spec, sql, snap, params)
+        else:
+            result = await app[RUNNER].run_endpoint(spec, params, serving.constants, snap)
+        versions = snap.version_ids(spec.datasets)
+        entry = (
+            encode_body(spec, tok, versions, result.columns, result.rows, result.truncated),
+            etag(tok, key),
+            versions_header(versions),
+        )
+        cache.put(ck, entry)
+        fut.set_result(entry)
+        return entry
+    except asyncio.CancelledError:
+        fut.cancel()
+        raise
+    except BaseException as exc:
+        fut.set_exception(exc)
+        raise
+    finally:
+        del cache.inflight[ck]
+
+
+def _consume(fut: asyncio.Future[Entry]) -> None:
+    if not fut.cancelled():
+        fut.exception()
+
+
+def _moved(request: web.Request, current: str) -> web.Response:
+    """`?v=` names a version this process does not hold: point at the current one, uncached."""
+    location = str(request.rel_url.update_query(v=current))
+    body = {"error": "version_not_held", "status": 307, "token": current,
+            "message": "this server does not hold that version; follow Location for the "
+                       "current one"}
+    return json_response(body, 307, {"Location": location, "Cache-Control": NO_STORE})
+
+
+def _query(request: web.Request) -> tuple[dict[str, list[str]], str | None]:
+    """Query parameters, and the `v` version token if one was given."""
+    out: dict[str, list[str]] = {}
+    wanted = None
+    for key, value in request.query.items():
+        if key == "v":
+            if wanted is not None:
+                raise BadParameter("v: expected a single version token", parameter="v")
+            if len(value) != TOKEN_LENGTH or value.strip("0123456789abcdef"):
+                raise BadParameter(f"v: expected a {TOKEN_LENGTH}-character version token "
+                                   "from /v1/version", parameter="v")
+            wanted = value
+        else:
+            out.setdefault(key, []).append(value)
+    return out, wanted
+
+
+async def version_pointer(request: web.Request) -> web.Response:
+    """`/v1/version`: current dataset versions and every endpoint's token. Tiny, short TTL."""
+    body, tag = request.app[SERVING].pointer()
+    headers = {"ETag": tag, "Cache-Control": request.app[SETTINGS].version_cache_control}
+    if if_none_match(request.headers.get("If-None-Match"), tag):
+        return web.Response(status=304, headers=headers)
+    return web.Response(body=body, content_type="application/json", headers=headers)
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    settings = request.app[SETTINGS]
+    snap = request.app[STORE].current
+    missing = [n for n, d in settings.datasets.items() if d.required and n not in snap.versions]
+    if missing:
+        return error_response(NotReady("waiting for datasets to load", missing=missing))
+    if not request.app[WARMER].settled:  # data is served; answers are still being computed
+        return error_response(NotReady("warming the first version's answers", warming=True))
+    versions = {n: v.version_id for n, v in snap.versions.items()}
+    updater = request.app[UPDATER]
+    listed = updater.last_listed
+    return json_response({
+        "status": "ready", "versions": versions, "data_age_s": updater.data_age(),
+        "source": {"url": updater.source.url, "errors": updater.source_errors,
+                   "last_listed_age_s": round(time.time() - listed, 3) if listed else None},
+    })
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus text format: cache hit ratio, loads and refusals, dataset versions, warming."""
+    return web.Response(body=render(request.app[REGISTRY]),
+                        headers={"Content-Type": CONTENT_TYPE, "Cache-Control": NO_STORE})

@@ -1,0 +1,87 @@
+"""What the handlers reach through the app: its typed keys, and `Serving`, the request path's
+state (version tokens per Snapshot, the response cache, popularity, the pointer document)."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import replace
+
+from aiohttp import web
+
+from loaders.snapshot import Snapshot, Store
+from loaders.state import DataDir
+from loaders.updater import Updater
+from serving.batcher import Batcher
+from serving.cache import Popularity, ResponseCache
+from serving.fold import Constants, fold_endpoints
+from serving.metrics import CollectorRegistry, LoopLag
+from serving.plan import batch_sql
+from serving.query import QueryRunner
+from serving.responses import dumps, endpoint_tokens, fingerprint
+from serving.settings import Settings
+from serving.warm import Warmer
+
+SETTINGS = web.AppKey("settings", Settings)
+STORE = web.AppKey("store", Store)
+RUNNER = web.AppKey("runner", QueryRunner)
+UPDATER = web.AppKey("updater", Updater)
+WARMER = web.AppKey("warmer", Warmer)
+DATA = web.AppKey("data", DataDir)
+
+
+class Serving:
+    """Request-path state: version tokens per Snapshot, the response cache, popularity."""
+
+    def __init__(self, settings: Settings, store: Store, runner: QueryRunner) -> None:
+        self.store = store
+        self.endpoints = settings.endpoints
+        self.fingerprints = {n: fingerprint(e) for n, e in settings.endpoints.items()}
+        self.cache = ResponseCache(int(settings.cache_mb * 2**20))
+        for name in settings.endpoints:  # every endpoint's series exists from the start
+            self.cache.by_endpoint[name] = [0, 0]
+        self.popularity = Popularity(settings.warm_keys)
+        self._tokens: dict[int, dict[str, str]] = {}
+        self._pointer: tuple[int, bytes, str] | None = None
+        # Constant subqueries run once per version, not per query (see `serving.fold`); the
+        # batched plans are of the folded SQL.
+        self.constants = Constants(fold_endpoints(settings))
+        folded = self.constants.folded
+        self.batch_sql = {
+            n: batch_sql(replace(e, sql=folded[n].sql) if n in folded else e)
+            for n, e in settings.endpoints.items()
+        }
+        self.batcher = Batcher(runner, self.constants)
+
+    def tokens(self, snap: Snapshot) -> dict[str, str]:
+        """Token of every endpoint whose datasets are all loaded in `snap` (memoised)."""
+        tokens = self._tokens.get(snap.id)
+        if tokens is None:
+            tokens = endpoint_tokens(self.endpoints, self.fingerprints, snap)
+            if len(self._tokens) >= 8:
+                del self._tokens[min(self._tokens)]
+            self._tokens[snap.id] = tokens
+        return tokens
+
+    def pointer(self) -> tuple[bytes, str]:
+        """The encoded `/v1/version` document of the current Snapshot and its ETag."""
+        snap = self.store.current
+        if self._pointer is None or self._pointer[0] != snap.id:
+            tokens = self.tokens(snap)
+            body = dumps({
+                "datasets": {
+                    n: {"version": v.version_id, "export_id": v.export_id, "rows": v.rows}
+                    for n, v in sorted(snap.versions.items())
+                },
+                "endpoints": {
+                    n: {"path": e.path, "token": tokens.get(n)}
+                    for n, e in self.endpoints.items()
+                },
+            })
+            tag = '"' + hashlib.blake2b(body, digest_size=8).hexdigest() + '"'
+            self._pointer = (snap.id, body, tag)
+        return self._pointer[1], self._pointer[2]
+
+
+SERVING = web.AppKey("serving", Serving)
+REGISTRY = web.AppKey("registry", CollectorRegistry)
+LOOP_LAG = web.AppKey("loop_lag", LoopLag)
