@@ -27,7 +27,7 @@ T = TypeVar("T")
 
 
 def _child_init(nice: int, idle: bool, server: int) -> None:
-    _exit_with(server)
+    exit_with(server)
     # The value itself, not an increment: the forkserver may have been started from a niced
     # thread (a test's, say) and passed its nice value on.
     if nice > 0 and hasattr(os, "setpriority") and os.getpriority(os.PRIO_PROCESS, 0) < nice:
@@ -41,7 +41,7 @@ def _child_init(nice: int, idle: bool, server: int) -> None:
             log.warning("could not set SCHED_IDLE on the build process: %s", exc)
 
 
-def _exit_with(server: int) -> None:
+def exit_with(server: int) -> None:
     """End this process when the server process ends. A server killed with SIGKILL (the OOM
     killer, a `kill -9`) runs no cleanup, and the builder, a grandchild through the forkserver,
     would wait for work on its queue forever, holding its memory."""
@@ -65,7 +65,9 @@ def _exit_with(server: int) -> None:
     threading.Thread(target=watch, name="duckswap-server-watch", daemon=True).start()
 
 
-def _context(preload: list[str]) -> multiprocessing.context.BaseContext:
+def process_context(
+    preload: list[str],
+) -> multiprocessing.context.ForkServerContext | multiprocessing.context.SpawnContext:
     """forkserver: a clean single-threaded parent (never fork a process running DuckDB and an
     event loop) that has imported DuckDB once, so each builder starts in milliseconds."""
     if "forkserver" in multiprocessing.get_all_start_methods():
@@ -89,7 +91,7 @@ class Builder:
         with self._lock:
             if self._pool is None:
                 self._pool = ProcessPoolExecutor(
-                    1, mp_context=_context(self.preload), initializer=_child_init,
+                    1, mp_context=process_context(self.preload), initializer=_child_init,
                     initargs=(self.nice, self.idle, os.getpid()))
             return self._pool
 

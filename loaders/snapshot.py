@@ -14,7 +14,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -84,6 +84,9 @@ class Store:
         self._attached: dict[Path, str] = {}  # version file -> its database name
         self.kept: frozenset[Path] = frozenset()  # files kept after detaching (rollback)
         self.current: Snapshot = EMPTY
+        # Told (on the collecting thread) which Snapshots `collect` dropped: the query
+        # process drops them too.
+        self.on_collect: Callable[[list[Snapshot]], None] | None = None
 
     # -- request path -------------------------------------------------------------------
     def acquire(self) -> Snapshot:
@@ -200,7 +203,9 @@ class Store:
                     self._attached.pop(v.path, None)
                     if v.path not in self.kept:
                         remove_version_file(v.path)
-            return len(drained)
+        if drained and self.on_collect is not None:
+            self.on_collect(drained)
+        return len(drained)
 
     def held_versions(self) -> int:
         """Version databases attached now (leak checks)."""

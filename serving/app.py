@@ -27,6 +27,7 @@ from serving.handlers import (
 )
 from serving.metrics import CollectorRegistry, LoopLag, Metrics
 from serving.query import QueryRunner
+from serving.remote import QueryProcess
 from serving.settings import Settings
 from serving.state import (
     DATA,
@@ -43,6 +44,8 @@ from serving.state import (
 from serving.warm import Warmer
 
 log = logging.getLogger("duckswap.server")
+# What the forkserver imports once, for the build process and the query process alike.
+PRELOAD = ("loaders.build", "serving.spool", "serving.qworker")
 
 
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
@@ -50,6 +53,9 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     store = app[STORE]
     stop = asyncio.Event()
     app[WARMER].loop = asyncio.get_running_loop()
+    process = app[SERVING].process
+    if process is not None:
+        await process.start()
     task = asyncio.create_task(app[UPDATER].run(stop), name="duckswap-updater")
     probe = (asyncio.create_task(app[LOOP_LAG].run(), name="duckswap-loop-lag")
              if settings.metrics else None)
@@ -60,6 +66,8 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     # A load in flight is abandoned after 5 s: shutdown must not hang on it.
     with contextlib.suppress(asyncio.CancelledError, TimeoutError):
         await asyncio.wait_for(task, timeout=5)
+    if process is not None:
+        await process.close()
     app[RUNNER].close()
     app[UPDATER].close()
     store.close()
@@ -91,9 +99,12 @@ def create_app(settings: Settings) -> web.Application:
     store = Store(threads=1, data_dir=data.versions)
     runner = QueryRunner(store, settings.threads, settings.query_timeout)
     serving = Serving(settings, store, runner)
+    if settings.query_process:
+        serving.use(QueryProcess(runner, settings.endpoints, serving.constants.folded,
+                                 settings.threads, PRELOAD))
     # One lower-priority process builds versions and computes their warm answers.
     builder = Builder(nice=settings.build_nice, threads=settings.threads,
-                      preload=("loaders.build", "serving.spool"), idle=settings.build_idle)
+                      preload=PRELOAD, idle=settings.build_idle)
     warmer = Warmer(store, serving.cache, serving.popularity, settings.endpoints,
                     serving.fingerprints, serving.batch_sql, settings.warm_seconds,
                     settings.warm_keys, builder, settings.threads, settings.warm_tail_seconds,
@@ -112,7 +123,8 @@ def create_app(settings: Settings) -> web.Application:
         keep_versions=settings.keep_versions,
     )
     app[REGISTRY] = CollectorRegistry()
-    app[REGISTRY].register(Metrics(store, serving.cache, app[UPDATER], warmer))
+    app[REGISTRY].register(Metrics(store, serving.cache, app[UPDATER], warmer,
+                                   serving.process))
     app[LOOP_LAG] = LoopLag(app[REGISTRY])
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from loaders.snapshot import Snapshot
 from serving.endpoints import EndpointSpec
@@ -19,6 +19,9 @@ from serving.errors import QueryFailed
 from serving.fold import Constants
 from serving.plan import BatchPlan
 from serving.query import QueryRunner, Result
+
+if TYPE_CHECKING:
+    from serving.remote import QueryProcess
 
 MAX_BATCH = 2000
 BATCH_AFTER = 16
@@ -28,6 +31,8 @@ log = logging.getLogger("duckswap.server")
 class Batcher:
     def __init__(self, runner: QueryRunner, constants: Constants) -> None:
         self.runner = runner
+        # Single queries: the query process where there is one (`serving.remote`).
+        self.singles: QueryRunner | QueryProcess = runner
         self.constants = constants
         self._pending: dict[tuple[str, int], list[tuple[dict[str, Any], asyncio.Future[Any]]]] = {}
         self._running: set[tuple[str, int]] = set()
@@ -63,7 +68,7 @@ class Batcher:
 
     async def _single(self, spec: EndpointSpec, snap: Snapshot,
                       params: dict[str, Any]) -> Result:
-        return await self.runner.run_endpoint(spec, params, self.constants, snap)
+        return await self.singles.run_endpoint(spec, params, self.constants, snap)
 
     async def _drain(self, spec: EndpointSpec, sql: BatchPlan, snap: Snapshot,
                      k: tuple[str, int]) -> None:

@@ -27,7 +27,7 @@ from serving.responses import (
     if_none_match,
     versions_header,
 )
-from serving.state import REGISTRY, RUNNER, SERVING, SETTINGS, STORE, UPDATER, WARMER
+from serving.state import REGISTRY, SERVING, SETTINGS, STORE, UPDATER, WARMER
 
 log = logging.getLogger("duckswap.server")
 
@@ -137,7 +137,8 @@ async def _compute(app: web.Application, spec: EndpointSpec, snap: Snapshot, tok
         if sql is not None and spec.name not in serving.batcher.disabled:
             result = await serving.batcher.run(spec, sql, snap, params)
         else:
-            result = await app[RUNNER].run_endpoint(spec, params, serving.constants, snap)
+            result = await serving.batcher.singles.run_endpoint(spec, params, serving.constants,
+                                                                snap)
         versions = snap.version_ids(spec.datasets)
         entry = (
             encode_body(spec, tok, versions, result.columns, result.rows, result.truncated),

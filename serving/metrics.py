@@ -15,6 +15,7 @@ from loaders.updater import Updater
 
 if TYPE_CHECKING:
     from serving.cache import ResponseCache
+    from serving.remote import QueryProcess
     from serving.warm import Warmer
 
 __all__ = ["CONTENT_TYPE", "CollectorRegistry", "LoopLag", "Metrics", "render"]
@@ -53,11 +54,12 @@ class LoopLag:
 
 class Metrics(Collector):
     def __init__(self, store: Store, cache: ResponseCache, updater: Updater,
-                 warmer: Warmer) -> None:
+                 warmer: Warmer, process: QueryProcess | None = None) -> None:
         self.store = store
         self.cache = cache
         self.updater = updater
         self.warmer = warmer
+        self.process = process
 
     def collect(self) -> Iterator[Metric]:
         c = self.cache
@@ -119,3 +121,16 @@ class Metrics(Collector):
                                 f"beyond the hot keys: from {self.warmer.miss_rate:g} a publish "
                                 "waits for the declared keys",
                                 value=last.would_miss if last else 0.0)
+        p = self.process
+        if p is not None:
+            yield GaugeMetricFamily("duckswap_query_process_up", "1 while the query process "
+                                    "answers cache misses", value=1 if p.up else 0)
+            queries = CounterMetricFamily("duckswap_query_process_queries",
+                                          "Single cache-miss queries, by who answered",
+                                          labels=["by"])
+            queries.add_metric(["process"], p.answered)
+            queries.add_metric(["server"], p.fallbacks)
+            yield queries
+            yield CounterMetricFamily("duckswap_query_process_restarts",
+                                      "Restarts of the query process after it exited",
+                                      value=p.restarts)

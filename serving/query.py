@@ -93,7 +93,7 @@ class QueryRunner:
 
     async def _answer(self, datasets: tuple[str, ...], snapshot: Snapshot | None,
                       work: Callable[[duckdb.DuckDBPyConnection, Snapshot], Result]) -> Result:
-        snap = self._hold(datasets, snapshot)
+        snap = self.hold(datasets, snapshot)
         result = await self._submit(snap, lambda cur: work(cur, snap))
         result.versions = snap.version_ids(datasets)
         return result
@@ -105,7 +105,7 @@ class QueryRunner:
         """Many parameter sets of one endpoint in one query; see `execute_batch`. `plan` is
         of the folded SQL where the endpoint has constants; on a Snapshot where they fail,
         every key gets None (each is then answered by the SQL as written)."""
-        snap = self._hold(spec.datasets, snapshot)
+        snap = self.hold(spec.datasets, snapshot)
 
         def work(cur: duckdb.DuckDBPyConnection) -> list[Result | None]:
             b = constants.bind(cur, snap.id, spec)
@@ -115,7 +115,9 @@ class QueryRunner:
 
         return await self._submit(snap, work)
 
-    def _hold(self, datasets: tuple[str, ...], snapshot: Snapshot | None) -> Snapshot:
+    def hold(self, datasets: tuple[str, ...], snapshot: Snapshot | None) -> Snapshot:
+        """`snapshot` (default: the current one), held for one more reader: NotReady if it
+        lacks one of `datasets`."""
         store = self.store
         snap = store.acquire() if snapshot is None else store.hold(snapshot)
         missing = [d for d in datasets if d not in snap.versions]

@@ -29,6 +29,11 @@ SETTING_KEYS: dict[str, str] = {
     "server.port": "TCP port (default 8080).",
     "server.threads": "Queries run at once, each on one DuckDB thread (default 2).",
     "server.query_timeout": "Seconds before a query is interrupted and answered 504 (default 5).",
+    "server.query_process": "Answer cache misses in a query process of their own, reached over "
+    "a local socket, instead of on the server's threads: their queries then never wait for the "
+    "event loop's GIL, nor make it wait (default true). The server's threads still run batched "
+    "misses, and answer whenever that process is down (it is restarted after a crash, and the "
+    "queries it had in flight run again in the server).",
     "server.log_level": "Python log level (default INFO).",
     "server.access_log": "Log one line per request to the `aiohttp.access` logger at INFO "
     "(default false: at thousands of requests a second the log costs more CPU than the "
@@ -127,6 +132,7 @@ class Settings:
     port: int = 8080
     threads: int = 2
     query_timeout: float = 5.0
+    query_process: bool = True
     log_level: str = "INFO"
     access_log: bool = False
     event_loop: str = "auto"
@@ -225,6 +231,7 @@ def parse_settings(raw: Mapping[str, Any], file: str = "<config>") -> Settings:
         port=server.get("port", int, 8080),
         threads=server.get("threads", int, 2),
         query_timeout=float(server.get("query_timeout", (int, float), 5.0)),
+        query_process=server.get("query_process", bool, True),
         log_level=server.get("log_level", str, "INFO"),
         access_log=server.get("access_log", bool, False),
         event_loop=server.get("event_loop", str, "auto"),

@@ -17,6 +17,7 @@ from serving.fold import Constants, fold_endpoints
 from serving.metrics import CollectorRegistry, LoopLag
 from serving.plan import batch_sql
 from serving.query import QueryRunner
+from serving.remote import QueryProcess
 from serving.responses import dumps, endpoint_tokens, fingerprint
 from serving.settings import Settings
 from serving.warm import Warmer
@@ -51,6 +52,12 @@ class Serving:
             for n, e in settings.endpoints.items()
         }
         self.batcher = Batcher(runner, self.constants)
+        self.process: QueryProcess | None = None
+
+    def use(self, process: QueryProcess) -> None:
+        """Single misses go to the query process (batched ones stay on the server's threads)."""
+        self.process = process
+        self.batcher.singles = process
 
     def tokens(self, snap: Snapshot) -> dict[str, str]:
         """Token of every endpoint whose datasets are all loaded in `snap` (memoised)."""

@@ -1,0 +1,180 @@
+"""The query process's side: answers the server's cache misses on its own DuckDB database.
+
+In the server process a miss's query shares the GIL with the event loop: DuckDB's client lets
+go of it and takes it back ~8 times a query, and each retake can wait a switch interval (5 ms)
+while the loop runs. Here nothing else wants the GIL but this process's own query threads.
+
+The server sends length-prefixed pickled frames over one Unix socket (see `serving.remote`):
+    ("snap", snap_id, schema, {dataset: version file})  defines a Snapshot, before its queries
+    ("query", query_id, snap_id, endpoint, params)       one endpoint query
+    ("cancel", query_id)                                 past its deadline: interrupt it
+    ("drop", [snap_id, ...])                             drained: drop, detach unused files
+and reads back ("ok", query_id, columns, rows, truncated) or ("error", query_id, kind, message),
+kind "timeout" or "failed". This module imports neither aiohttp nor asyncio's server parts: the
+forkserver preloads it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import os
+import pickle
+import socket
+import struct
+import threading
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import duckdb
+
+from loaders.build import quote_ident, quote_literal
+from loaders.builder import exit_with
+from loaders.snapshot import QUERY_CONFIG
+from serving.fold import Constants, Folded, binding
+from serving.query import execute
+
+FRAME = struct.Struct("!I")
+log = logging.getLogger("duckswap.query")
+
+
+def dump(msg: tuple[Any, ...]) -> bytes:
+    body = pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL)
+    return FRAME.pack(len(body)) + body
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes | None:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            return None
+        buf += chunk
+    return bytes(buf)
+
+
+class _Job:
+    __slots__ = ("cancelled", "cursor")
+
+    def __init__(self) -> None:
+        self.cancelled = False
+        self.cursor: duckdb.DuckDBPyConnection | None = None
+
+
+class Worker:
+    """One DuckDB database, `threads` query threads (one cursor each, one DuckDB thread per
+    query), and the thread that reads the socket."""
+
+    def __init__(self, sock: socket.socket, endpoints: Mapping[str, tuple[str, int]],
+                 folded: Mapping[str, Folded], threads: int) -> None:
+        self.sock = sock
+        self.endpoints = dict(endpoints)  # name -> (SQL as written, row limit)
+        self.constants = Constants(folded)
+        self.db = duckdb.connect(":memory:", config={"threads": 1, **QUERY_CONFIG})
+        self.db.execute("SET enable_progress_bar = false")
+        self._admin = self.db.cursor()
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="duckswap-query")
+        self._local = threading.local()
+        self._send = threading.Lock()
+        self._jobs: dict[int, _Job] = {}
+        self._jobs_lock = threading.Lock()
+        self._names = itertools.count(1)
+        self._attached: dict[str, str] = {}  # version file -> its database name
+        self._snaps: dict[int, tuple[str, frozenset[str]]] = {}  # id -> schema, databases
+
+    def serve(self) -> None:
+        """Until the server closes its end (or exits)."""
+        while (head := _recv_exact(self.sock, FRAME.size)) is not None:
+            body = _recv_exact(self.sock, FRAME.unpack(head)[0])
+            if body is None:
+                break
+            msg = pickle.loads(body)
+            op = msg[0]
+            if op == "query":
+                job = _Job()
+                with self._jobs_lock:
+                    self._jobs[msg[1]] = job
+                self._pool.submit(self._run, job, *msg[1:])
+            elif op == "cancel":
+                with self._jobs_lock:
+                    running = self._jobs.get(msg[1])
+                if running is not None:
+                    running.cancelled = True
+                    if running.cursor is not None:
+                        running.cursor.interrupt()
+            elif op == "snap":
+                self._define(*msg[1:])
+            elif op == "drop":
+                self._drop(msg[1])
+
+    def _define(self, snap_id: int, schema: str, files: Mapping[str, str]) -> None:
+        names: dict[str, str] = {}
+        for dataset, path in files.items():
+            name = self._attached.get(path)
+            if name is None:
+                name = f"w_{next(self._names)}"
+                self._admin.execute(f"ATTACH {quote_literal(path)} AS {name} (READ_ONLY)")
+                self._attached[path] = name
+            names[dataset] = name
+        self._admin.execute(f"CREATE SCHEMA IF NOT EXISTS {schema}")
+        for dataset, name in names.items():
+            self._admin.execute(f"CREATE OR REPLACE VIEW {schema}.{quote_ident(dataset)} AS "
+                                f"SELECT * FROM {name}.main.data")
+        self._snaps[snap_id] = (schema, frozenset(names.values()))
+
+    def _drop(self, snap_ids: list[int]) -> None:
+        """The server sends this only once no query of these Snapshots is running."""
+        for snap_id in snap_ids:
+            got = self._snaps.pop(snap_id, None)
+            if got is not None:
+                self._admin.execute(f"DROP SCHEMA IF EXISTS {got[0]} CASCADE")
+        in_use = {n for _, names in self._snaps.values() for n in names}
+        for path, name in list(self._attached.items()):
+            if name not in in_use:
+                self._admin.execute(f"DETACH DATABASE IF EXISTS {name}")
+                del self._attached[path]
+
+    def _cursor(self, schema: str) -> duckdb.DuckDBPyConnection:
+        local = self._local
+        cur: duckdb.DuckDBPyConnection | None = getattr(local, "cursor", None)
+        if cur is None:
+            cur = local.cursor = self.db.cursor()
+            local.schema = None
+        if local.schema != schema:
+            cur.execute(f"SET search_path = '{schema}'")  # the server's generated name
+            local.schema = schema
+        return cur
+
+    def _run(self, job: _Job, query_id: int, snap_id: int, endpoint: str,
+             params: dict[str, Any]) -> None:
+        try:
+            if job.cancelled:
+                raise duckdb.InterruptException("cancelled before it ran")
+            sql, limit = self.endpoints[endpoint]
+            cur = self._cursor(self._snaps[snap_id][0])
+            job.cursor = cur
+            c = self.constants
+            b = binding(sql, c.folded.get(endpoint), c.values(cur, snap_id, endpoint))
+            r = execute(cur, b.sql, {**params, **b.fixed}, limit)
+            reply = dump(("ok", query_id, r.columns, r.rows, r.truncated))
+        except duckdb.InterruptException:
+            reply = dump(("error", query_id, "timeout", "interrupted at its deadline"))
+        except Exception as exc:  # named to the server; the process goes on serving
+            reply = dump(("error", query_id, "failed", type(exc).__name__))
+        finally:
+            job.cursor = None
+            with self._jobs_lock:
+                self._jobs.pop(query_id, None)
+        with self._send:
+            self.sock.sendall(reply)
+
+
+def main(sock: socket.socket, endpoints: Mapping[str, tuple[str, int]],
+         folded: Mapping[str, Folded], threads: int, server: int) -> None:
+    """The process's entry point (module level, for multiprocessing)."""
+    exit_with(server)
+    with contextlib.suppress(OSError, EOFError):  # the server went away mid-frame
+        Worker(sock, endpoints, folded, threads).serve()
+    os._exit(0)  # no interpreter teardown: the query threads may be mid-query

@@ -1,0 +1,152 @@
+"""The query process: cache misses answered outside the server process, and what happens when
+it dies, runs past a deadline, or outlives the versions it attached."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from pathlib import Path
+
+from conftest import Running, seq_config, wait_for, write_seq_export
+from serving.remote import QueryProcess
+from serving.responses import encode_body
+from serving.state import RUNNER, SERVING, STORE
+
+
+def _process(srv: Running) -> QueryProcess:
+    process = srv.app[SERVING].process
+    assert process is not None
+    return process
+
+
+async def _up(srv: Running) -> QueryProcess:
+    process = _process(srv)
+
+    async def up() -> bool:
+        return process.up
+
+    await wait_for(up, what="the query process")
+    return process
+
+
+def _version_files(pid: int) -> set[str]:
+    """The version files process `pid` has open (Linux)."""
+    out = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:  # closed while listed
+            continue
+        if ".duckdb" in target and not target.endswith(".wal"):
+            out.add(target.removesuffix(" (deleted)"))
+    return out
+
+
+async def test_a_miss_is_answered_by_the_query_process_as_the_server_would(
+        tmp_path: Path, serve) -> None:
+    write_seq_export(tmp_path, 1)
+    srv: Running = await serve(seq_config(tmp_path))
+    await srv.wait_ready()
+    process = await _up(srv)
+    before = (process.answered, process.fallbacks)
+    async with srv.session.get(srv.url("/v1/rows?min_k=17")) as resp:
+        assert resp.status == 200
+        body = await resp.read()
+        token = resp.headers["X-Duckswap-Token"]
+    assert (process.answered, process.fallbacks) == (before[0] + 1, before[1])
+    # The same answer computed on the server's own threads encodes to the same bytes.
+    app = srv.app
+    spec = app[SERVING].endpoints["rows"]
+    local = await app[RUNNER].run_endpoint(spec, {"min_k": 17}, app[SERVING].constants)
+    assert encode_body(spec, token, local.versions, local.columns, local.rows,
+                       local.truncated) == body
+    status, metrics = 0, ""
+    async with srv.session.get(srv.url("/metrics")) as resp:
+        status, metrics = resp.status, await resp.text()
+    assert status == 200
+    assert "duckswap_query_process_up 1.0" in metrics
+    assert f'duckswap_query_process_queries_total{{by="process"}} {process.answered}.0' in metrics
+
+
+async def test_a_killed_query_process_costs_no_request(tmp_path: Path, serve) -> None:
+    """Its queries in flight are answered by the server's threads; it is restarted."""
+    write_seq_export(tmp_path, 1)
+    srv: Running = await serve(seq_config(tmp_path, query_timeout=3))
+    await srv.wait_ready()
+    process = await _up(srv)
+    pid = process.pid
+    assert pid is not None
+    slow = asyncio.create_task(srv.get("/v1/slow?x=-1"))  # runs until its deadline
+
+    async def in_flight() -> bool:
+        return bool(process._pending)
+
+    await wait_for(in_flight, what="the slow query to reach the query process")
+    os.kill(pid, signal.SIGKILL)
+
+    async def restarted() -> bool:
+        return process.up and process.restarts == 1 and process.pid != pid
+
+    await wait_for(restarted, what="the query process to restart")
+    for k in range(5):  # misses meanwhile and after: all answered
+        status, body = await srv.get(f"/v1/rows?min_k={k + 3}")
+        assert status == 200 and body["data"][0]["k"] == k + 3
+    answered = process.answered
+    assert (await srv.get("/v1/rows?min_k=44"))[0] == 200
+    assert process.answered == answered + 1  # the new process answers
+    # The slow query was run again on the server's threads, and ended at its deadline there.
+    status, body = await slow
+    assert status == 504 and body["error"] == "query_timeout"
+    assert process.fallbacks >= 1
+
+
+async def test_a_query_past_its_deadline_is_interrupted_in_the_process(
+        tmp_path: Path, serve) -> None:
+    write_seq_export(tmp_path, 1)
+    srv: Running = await serve(seq_config(tmp_path, query_timeout=0.3, threads=1))
+    await srv.wait_ready()
+    process = await _up(srv)
+    pid = process.pid
+    store = srv.app[STORE]
+    status, body = await srv.get("/v1/slow?x=-1")
+    assert status == 504 and body["error"] == "query_timeout"
+
+    async def ended() -> bool:  # the Snapshot is held until the process says it stopped
+        return not process._pending and not store._readers
+
+    await wait_for(ended, what="the interrupted query to end in the process")
+    # Its one thread is free again: a new miss is answered there, by the same process.
+    status, body = await srv.get("/v1/rows?min_k=9")
+    assert status == 200 and body["data"][0]["k"] == 9
+    assert process.pid == pid and process.fallbacks == 0
+
+
+async def test_the_query_process_lets_go_of_replaced_versions(tmp_path: Path, serve) -> None:
+    write_seq_export(tmp_path, 1)
+    srv: Running = await serve(seq_config(tmp_path, keep_versions=1))
+    await srv.wait_ready()
+    process = await _up(srv)
+    assert process.pid is not None
+    for seq in (2, 3):
+        write_seq_export(tmp_path, seq)
+        await srv.wait_export("/v1/rows?min_k=1", seq)
+        assert (await srv.get(f"/v1/rows?min_k={seq + 5}"))[0] == 200  # a miss on it
+    current = {str(v.path) for v in srv.app[STORE].current.versions.values()}
+
+    async def only_current() -> bool:
+        return _version_files(process.pid or 0) == current
+
+    await wait_for(only_current, what="the query process to hold only the current version")
+
+
+async def test_misses_run_in_the_server_when_the_query_process_is_off(
+        tmp_path: Path, serve) -> None:
+    write_seq_export(tmp_path, 1)
+    srv: Running = await serve(seq_config(tmp_path, query_process=False))
+    await srv.wait_ready()
+    assert srv.app[SERVING].process is None
+    status, body = await srv.get("/v1/rows?min_k=21")
+    assert status == 200 and body["data"][0]["k"] == 21
+    async with srv.session.get(srv.url("/metrics")) as resp:
+        assert "duckswap_query_process" not in await resp.text()
