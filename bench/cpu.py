@@ -1,6 +1,7 @@
 """Where the box's CPU goes during a run, sampled from /proc (Linux): the server's event loop
-(its main thread), its other threads (queries, the loader), its child processes (the builder,
-which also runs the warm), the load generator with its children, everything else, idle and
+(its main thread), its other threads (batched queries, the loader), its query process (the
+cache misses), its other child processes (the builder, which also runs the warm), the load
+generator with its children, everything else, idle and
 steal (time the hypervisor gave to other guests). On a shared 2-core box a latency spike is
 then one of: the server's own work, the generator, a neighbour, or the hypervisor."""
 
@@ -12,7 +13,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-PARTS = ("loop", "threads", "builder", "generator", "other", "idle", "steal")
+PARTS = ("loop", "threads", "queries", "builder", "generator", "other", "idle", "steal")
+QUERY_PROCESS = "duckswap-query"  # its name (`serving.qworker.NAME`)
 TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
@@ -23,6 +25,13 @@ def _ticks(path: str) -> int:
     except (OSError, IndexError):
         return 0
     return int(fields[11]) + int(fields[12])
+
+
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
 
 
 def _children() -> dict[int, list[int]]:
@@ -74,7 +83,7 @@ class CpuSampler:
 
     def _read(self) -> tuple[dict[str, int], list[int]]:
         """Ticks each part used since the last read, and the box's /proc/stat counters."""
-        used = dict.fromkeys(PARTS[:4], 0)
+        used = dict.fromkeys(PARTS[:5], 0)
         kids = _children()
         if self.server is not None:
             tasks = Path(f"/proc/{self.server}/task")
@@ -83,7 +92,8 @@ class CpuSampler:
                 used[part] += self._delta(f"{self.server}/{tid}",
                                           _ticks(f"{tasks}/{tid}/stat"))
             for pid in _tree(self.server, kids):
-                used["builder"] += self._delta(str(pid), _ticks(f"/proc/{pid}/stat"))
+                part = "queries" if _comm(pid) == QUERY_PROCESS else "builder"
+                used[part] += self._delta(str(pid), _ticks(f"/proc/{pid}/stat"))
         if self.generator is not None:
             for pid in [self.generator, *_tree(self.generator, kids)]:
                 used["generator"] += self._delta(str(pid), _ticks(f"/proc/{pid}/stat"))

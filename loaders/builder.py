@@ -6,6 +6,7 @@ memory peak stay out of the serving process, and the OS scheduler lets requests 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import os
@@ -28,6 +29,8 @@ T = TypeVar("T")
 
 def _child_init(nice: int, idle: bool, server: int) -> None:
     exit_with(server)
+    with contextlib.suppress(OSError):  # Linux: the name `ps -o comm` and `top` show
+        Path("/proc/self/comm").write_text("duckswap-build")
     # The value itself, not an increment: the forkserver may have been started from a niced
     # thread (a test's, say) and passed its nice value on.
     if nice > 0 and hasattr(os, "setpriority") and os.getpriority(os.PRIO_PROCESS, 0) < nice:

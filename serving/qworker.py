@@ -26,6 +26,7 @@ import struct
 import threading
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import duckdb
@@ -37,6 +38,7 @@ from serving.fold import Constants, Folded, binding
 from serving.query import execute
 
 FRAME = struct.Struct("!I")
+NAME = "duckswap-query"  # what `ps` and `top` show
 log = logging.getLogger("duckswap.query")
 
 
@@ -175,6 +177,8 @@ def main(sock: socket.socket, endpoints: Mapping[str, tuple[str, int]],
          folded: Mapping[str, Folded], threads: int, server: int) -> None:
     """The process's entry point (module level, for multiprocessing)."""
     exit_with(server)
+    with contextlib.suppress(OSError):  # Linux: the name `ps -o comm`, `top` and the bench show
+        Path("/proc/self/comm").write_text(NAME)
     with contextlib.suppress(OSError, EOFError):  # the server went away mid-frame
         Worker(sock, endpoints, folded, threads).serve()
     os._exit(0)  # no interpreter teardown: the query threads may be mid-query

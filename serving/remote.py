@@ -33,6 +33,8 @@ from serving.query import QueryRunner, Result
 
 log = logging.getLogger("duckswap.server")
 RESTART_MAX = 30.0  # seconds between restarts of a process that keeps dying
+STUCK = 5.0  # seconds a query may run on past its deadline's interrupt before the process
+# is killed (and restarted): its Snapshot must not stay held forever
 
 
 class _Lost(Exception):
@@ -172,15 +174,25 @@ class QueryProcess:
 
     def _expire(self, qid: int) -> None:
         """Past its deadline: answer 504 now, interrupt it there; the Snapshot stays held
-        until the process says the query ended."""
+        until the process says the query ended, or is killed STUCK seconds later."""
         got = self._pending.get(qid)
         if got is None:
             return
-        if not got[0].done():
-            got[0].set_exception(QueryTimeout(f"query exceeded its {self.timeout:g}s deadline"))
+        fut, snap, _ = got
+        if not fut.done():
+            fut.set_exception(QueryTimeout(f"query exceeded its {self.timeout:g}s deadline"))
         if self.up:
             assert self._transport is not None
             self._transport.write(qworker.dump(("cancel", qid)))
+            stuck = asyncio.get_running_loop().call_later(STUCK, self._kill, qid)
+            self._pending[qid] = (fut, snap, stuck)
+
+    def _kill(self, qid: int) -> None:
+        proc = self._proc
+        if qid in self._pending and proc is not None and proc.is_alive():
+            log.error("a query went on %g s past its interrupt; killing the query process",
+                      STUCK)
+            proc.kill()  # the connection ends: `_lost` restarts it
 
     def _lost(self, conn: _Conn) -> None:
         if conn is not self._conn:

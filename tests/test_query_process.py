@@ -7,8 +7,12 @@ import asyncio
 import os
 import signal
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from conftest import Running, seq_config, wait_for, write_seq_export
+from serving import remote
 from serving.remote import QueryProcess
 from serving.responses import encode_body
 from serving.state import RUNNER, SERVING, STORE
@@ -44,7 +48,7 @@ def _version_files(pid: int) -> set[str]:
 
 
 async def test_a_miss_is_answered_by_the_query_process_as_the_server_would(
-        tmp_path: Path, serve) -> None:
+        tmp_path: Path, serve: Any) -> None:
     write_seq_export(tmp_path, 1)
     srv: Running = await serve(seq_config(tmp_path))
     await srv.wait_ready()
@@ -69,7 +73,7 @@ async def test_a_miss_is_answered_by_the_query_process_as_the_server_would(
     assert f'duckswap_query_process_queries_total{{by="process"}} {process.answered}.0' in metrics
 
 
-async def test_a_killed_query_process_costs_no_request(tmp_path: Path, serve) -> None:
+async def test_a_killed_query_process_costs_no_request(tmp_path: Path, serve: Any) -> None:
     """Its queries in flight are answered by the server's threads; it is restarted."""
     write_seq_export(tmp_path, 1)
     srv: Running = await serve(seq_config(tmp_path, query_timeout=3))
@@ -102,7 +106,7 @@ async def test_a_killed_query_process_costs_no_request(tmp_path: Path, serve) ->
 
 
 async def test_a_query_past_its_deadline_is_interrupted_in_the_process(
-        tmp_path: Path, serve) -> None:
+        tmp_path: Path, serve: Any) -> None:
     write_seq_export(tmp_path, 1)
     srv: Running = await serve(seq_config(tmp_path, query_timeout=0.3, threads=1))
     await srv.wait_ready()
@@ -122,7 +126,7 @@ async def test_a_query_past_its_deadline_is_interrupted_in_the_process(
     assert process.pid == pid and process.fallbacks == 0
 
 
-async def test_the_query_process_lets_go_of_replaced_versions(tmp_path: Path, serve) -> None:
+async def test_the_query_process_lets_go_of_replaced_versions(tmp_path: Path, serve: Any) -> None:
     write_seq_export(tmp_path, 1)
     srv: Running = await serve(seq_config(tmp_path, keep_versions=1))
     await srv.wait_ready()
@@ -141,7 +145,7 @@ async def test_the_query_process_lets_go_of_replaced_versions(tmp_path: Path, se
 
 
 async def test_misses_run_in_the_server_when_the_query_process_is_off(
-        tmp_path: Path, serve) -> None:
+        tmp_path: Path, serve: Any) -> None:
     write_seq_export(tmp_path, 1)
     srv: Running = await serve(seq_config(tmp_path, query_process=False))
     await srv.wait_ready()
@@ -150,3 +154,27 @@ async def test_misses_run_in_the_server_when_the_query_process_is_off(
     assert status == 200 and body["data"][0]["k"] == 21
     async with srv.session.get(srv.url("/metrics")) as resp:
         assert "duckswap_query_process" not in await resp.text()
+
+
+async def test_a_hung_query_process_is_killed_and_restarted(
+        tmp_path: Path, serve: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A process that answers nothing, even the interrupt at the deadline (stopped here with
+    SIGSTOP), would hold its Snapshot forever: it is killed STUCK seconds later."""
+    monkeypatch.setattr(remote, "STUCK", 0.5)
+    write_seq_export(tmp_path, 1)
+    srv: Running = await serve(seq_config(tmp_path, query_timeout=0.3))
+    await srv.wait_ready()
+    process = await _up(srv)
+    pid = process.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)
+    status, body = await srv.get("/v1/rows?min_k=30")
+    assert status == 504 and body["error"] == "query_timeout"
+
+    async def restarted() -> bool:
+        return process.up and process.restarts == 1 and not srv.app[STORE]._readers
+
+    await wait_for(restarted, what="the hung query process to be replaced")
+    status, body = await srv.get("/v1/rows?min_k=30")
+    assert status == 200 and body["data"][0]["k"] == 30
+    assert process.pid != pid
