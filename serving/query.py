@@ -46,21 +46,10 @@ class QueryRunner:
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="duckswap-query")
         self._local = threading.local()
 
-    def _cursor(self, schema: str) -> duckdb.DuckDBPyConnection:
-        local = self._local
-        cur: duckdb.DuckDBPyConnection | None = getattr(local, "cursor", None)
-        if cur is None:
-            cur = local.cursor = self.store.cursor()
-            local.schema = None
-        if local.schema != schema:
-            cur.execute(f"SET search_path = '{schema}'")  # our own generated name
-            local.schema = schema
-        return cur
-
     def _run(self, job: _Job[T]) -> T:
         if job.cancelled:
             raise QueryTimeout("query waited past its deadline")
-        cur = self._cursor(job.snapshot.schema)
+        cur = thread_cursor(self._local, self.store.cursor, job.snapshot.schema)
         job.cursor = cur
         try:
             return job.work(cur)
@@ -149,6 +138,20 @@ class QueryRunner:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def thread_cursor(local: threading.local, make: Callable[[], duckdb.DuckDBPyConnection],
+                  schema: str) -> duckdb.DuckDBPyConnection:
+    """This thread's cursor (`make` gives it on first use), its search_path set to Snapshot
+    schema `schema`."""
+    cur: duckdb.DuckDBPyConnection | None = getattr(local, "cursor", None)
+    if cur is None:
+        cur = local.cursor = make()
+        local.schema = None
+    if local.schema != schema:
+        cur.execute(f"SET search_path = '{schema}'")  # our own generated name
+        local.schema = schema
+    return cur
 
 
 def execute(

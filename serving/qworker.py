@@ -35,7 +35,7 @@ from loaders.build import quote_ident, quote_literal
 from loaders.builder import exit_with
 from loaders.snapshot import QUERY_CONFIG
 from serving.fold import Constants, Folded, binding
-from serving.query import execute
+from serving.query import execute, thread_cursor
 
 FRAME = struct.Struct("!I")
 NAME = "duckswap-query"  # what `ps` and `top` show
@@ -138,24 +138,13 @@ class Worker:
                 self._admin.execute(f"DETACH DATABASE IF EXISTS {name}")
                 del self._attached[path]
 
-    def _cursor(self, schema: str) -> duckdb.DuckDBPyConnection:
-        local = self._local
-        cur: duckdb.DuckDBPyConnection | None = getattr(local, "cursor", None)
-        if cur is None:
-            cur = local.cursor = self.db.cursor()
-            local.schema = None
-        if local.schema != schema:
-            cur.execute(f"SET search_path = '{schema}'")  # the server's generated name
-            local.schema = schema
-        return cur
-
     def _run(self, job: _Job, query_id: int, snap_id: int, endpoint: str,
              params: dict[str, Any]) -> None:
         try:
             if job.cancelled:
                 raise duckdb.InterruptException("cancelled before it ran")
             sql, limit = self.endpoints[endpoint]
-            cur = self._cursor(self._snaps[snap_id][0])
+            cur = thread_cursor(self._local, self.db.cursor, self._snaps[snap_id][0])
             job.cursor = cur
             c = self.constants
             b = binding(sql, c.folded.get(endpoint), c.values(cur, snap_id, endpoint))
