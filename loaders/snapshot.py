@@ -84,8 +84,9 @@ class Store:
         self._attached: dict[Path, str] = {}  # version file -> its database name
         self.kept: frozenset[Path] = frozenset()  # files kept after detaching (rollback)
         self.current: Snapshot = EMPTY
-        # Told (on the collecting thread) which Snapshots `collect` dropped: the query
-        # process drops them too.
+        # Told (on the staging or collecting thread) of each Snapshot staged, and of those
+        # `collect` dropped: the query process attaches and drops them too.
+        self.on_stage: Callable[[Snapshot], None] | None = None
         self.on_collect: Callable[[list[Snapshot]], None] | None = None
 
     # -- request path -------------------------------------------------------------------
@@ -161,7 +162,9 @@ class Store:
             snap = Snapshot(snap_id, schema, MappingProxyType(versions), base=old.id)
             with self._lock:
                 self._staged.append(snap)
-            return snap
+        if self.on_stage is not None:
+            self.on_stage(snap)
+        return snap
 
     def commit(self, snap: Snapshot) -> Snapshot:
         """Publish a staged Snapshot: the one assignment every request reads."""

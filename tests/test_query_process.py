@@ -178,3 +178,29 @@ async def test_a_hung_query_process_is_killed_and_restarted(
     status, body = await srv.get("/v1/rows?min_k=30")
     assert status == 200 and body["data"][0]["k"] == 30
     assert process.pid != pid
+
+
+async def test_a_staged_version_is_attached_there_before_its_publish(
+        tmp_path: Path, serve: Any) -> None:
+    """The first miss after a swap does not wait for the process to attach the new files."""
+    write_seq_export(tmp_path, 1)
+    srv: Running = await serve(seq_config(tmp_path))
+    await srv.wait_ready()
+    process = await _up(srv)
+    store = srv.app[STORE]
+    first = store.current
+    answered = process.answered
+    write_seq_export(tmp_path, 2)
+
+    async def swapped() -> bool:
+        return store.current is not first
+
+    await wait_for(swapped, what="export 2 to be published")
+    new = {str(v.path) for v in store.current.versions.values()}
+
+    async def attached() -> bool:
+        return new <= _version_files(process.pid or 0)
+
+    await wait_for(attached, what="the query process to attach the new version")
+    assert process.answered == answered  # no miss asked for it
+    assert store.current.id in process._defined
