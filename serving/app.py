@@ -100,8 +100,8 @@ def create_app(settings: Settings) -> web.Application:
     runner = QueryRunner(store, settings.threads, settings.query_timeout)
     serving = Serving(settings, store, runner)
     if settings.query_process:
-        serving.use(QueryProcess(runner, settings.endpoints, serving.constants.folded,
-                                 settings.threads, PRELOAD))
+        serving.use(QueryProcess(runner, settings.endpoints, serving.batch_sql,
+                                 serving.constants.folded, settings.threads, PRELOAD))
     # One lower-priority process builds versions and computes their warm answers.
     builder = Builder(nice=settings.build_nice, threads=settings.threads,
                       preload=PRELOAD, idle=settings.build_idle)

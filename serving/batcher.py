@@ -30,9 +30,8 @@ log = logging.getLogger("duckswap.server")
 
 class Batcher:
     def __init__(self, runner: QueryRunner, constants: Constants) -> None:
-        self.runner = runner
-        # Single queries: the query process where there is one (`serving.remote`).
-        self.singles: QueryRunner | QueryProcess = runner
+        # The query process where there is one (`serving.remote`), else the server's threads.
+        self.runner: QueryRunner | QueryProcess = runner
         self.constants = constants
         self._pending: dict[tuple[str, int], list[tuple[dict[str, Any], asyncio.Future[Any]]]] = {}
         self._running: set[tuple[str, int]] = set()
@@ -68,7 +67,7 @@ class Batcher:
 
     async def _single(self, spec: EndpointSpec, snap: Snapshot,
                       params: dict[str, Any]) -> Result:
-        return await self.singles.run_endpoint(spec, params, self.constants, snap)
+        return await self.runner.run_endpoint(spec, params, self.constants, snap)
 
     async def _drain(self, spec: EndpointSpec, sql: BatchPlan, snap: Snapshot,
                      k: tuple[str, int]) -> None:

@@ -137,7 +137,7 @@ async def _compute(app: web.Application, spec: EndpointSpec, snap: Snapshot, tok
         if sql is not None and spec.name not in serving.batcher.disabled:
             result = await serving.batcher.run(spec, sql, snap, params)
         else:
-            result = await serving.batcher.singles.run_endpoint(spec, params, serving.constants,
+            result = await serving.batcher.runner.run_endpoint(spec, params, serving.constants,
                                                                 snap)
         versions = snap.version_ids(spec.datasets)
         entry = (

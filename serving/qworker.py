@@ -7,10 +7,12 @@ while the loop runs. Here nothing else wants the GIL but this process's own quer
 The server sends length-prefixed pickled frames over one Unix socket (see `serving.remote`):
     ("snap", snap_id, schema, {dataset: version file})  defines a Snapshot, before its queries
     ("query", query_id, snap_id, endpoint, params)       one endpoint query
+    ("batch", query_id, snap_id, endpoint, [params, ...]) many keys in one query (a miss storm)
     ("cancel", query_id)                                 past its deadline: interrupt it
     ("drop", [snap_id, ...])                             drained: drop, detach unused files
-and reads back ("ok", query_id, columns, rows, truncated) or ("error", query_id, kind, message),
-kind "timeout" or "failed". This module imports neither aiohttp nor asyncio's server parts: the
+and reads back ("ok", query_id, answer) or ("error", query_id, kind, message), kind "timeout"
+or "failed". An answer is (columns, rows, truncated); a batch's is a list of those or None
+(see `execute_batch`). This module imports neither aiohttp nor asyncio's server parts: the
 forkserver preloads it.
 """
 
@@ -24,7 +26,7 @@ import pickle
 import socket
 import struct
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -34,8 +36,10 @@ import duckdb
 from loaders.build import quote_ident, quote_literal
 from loaders.builder import exit_with
 from loaders.snapshot import QUERY_CONFIG
+from serving.endpoints import EndpointSpec
 from serving.fold import Constants, Folded, binding
-from serving.query import execute, thread_cursor
+from serving.plan import BatchPlan
+from serving.query import execute, execute_batch, thread_cursor
 
 FRAME = struct.Struct("!I")
 NAME = "duckswap-query"  # what `ps` and `top` show
@@ -69,10 +73,12 @@ class Worker:
     """One DuckDB database, `threads` query threads (one cursor each, one DuckDB thread per
     query), and the thread that reads the socket."""
 
-    def __init__(self, sock: socket.socket, endpoints: Mapping[str, tuple[str, int]],
-                 folded: Mapping[str, Folded], threads: int) -> None:
+    def __init__(self, sock: socket.socket, endpoints: Mapping[str, EndpointSpec],
+                 plans: Mapping[str, BatchPlan | None], folded: Mapping[str, Folded],
+                 threads: int) -> None:
         self.sock = sock
-        self.endpoints = dict(endpoints)  # name -> (SQL as written, row limit)
+        self.endpoints = dict(endpoints)
+        self.plans = dict(plans)  # each endpoint's batched form (of its folded SQL)
         self.constants = Constants(folded)
         self.db = duckdb.connect(":memory:", config={"threads": 1, **QUERY_CONFIG})
         self.db.execute("SET enable_progress_bar = false")
@@ -94,11 +100,12 @@ class Worker:
                 break
             msg = pickle.loads(body)
             op = msg[0]
-            if op == "query":
+            if op in ("query", "batch"):
                 job = _Job()
                 with self._jobs_lock:
                     self._jobs[msg[1]] = job
-                self._pool.submit(self._run, job, *msg[1:])
+                work = self._query if op == "query" else self._batch
+                self._pool.submit(self._run, job, work, *msg[1:])
             elif op == "cancel":
                 with self._jobs_lock:
                     running = self._jobs.get(msg[1])
@@ -138,18 +145,30 @@ class Worker:
                 self._admin.execute(f"DETACH DATABASE IF EXISTS {name}")
                 del self._attached[path]
 
-    def _run(self, job: _Job, query_id: int, snap_id: int, endpoint: str,
-             params: dict[str, Any]) -> None:
+    def _query(self, cur: duckdb.DuckDBPyConnection, snap_id: int, endpoint: str,
+               params: dict[str, Any]) -> Any:
+        spec, c = self.endpoints[endpoint], self.constants
+        b = binding(spec.sql, c.folded.get(endpoint), c.values(cur, snap_id, endpoint))
+        r = execute(cur, b.sql, {**params, **b.fixed}, spec.row_limit)
+        return r.columns, r.rows, r.truncated
+
+    def _batch(self, cur: duckdb.DuckDBPyConnection, snap_id: int, endpoint: str,
+               keys: list[dict[str, Any]]) -> Any:
+        spec, plan, c = self.endpoints[endpoint], self.plans[endpoint], self.constants
+        b = binding(spec.sql, c.folded.get(endpoint), c.values(cur, snap_id, endpoint))
+        if plan is None or not b.batchable:
+            return [None] * len(keys)
+        return [None if r is None else (r.columns, r.rows, r.truncated)
+                for r in execute_batch(cur, spec, plan, keys, b.fixed)]
+
+    def _run(self, job: _Job, work: Callable[..., Any], query_id: int, snap_id: int,
+             endpoint: str, arg: Any) -> None:
         try:
             if job.cancelled:
                 raise duckdb.InterruptException("cancelled before it ran")
-            sql, limit = self.endpoints[endpoint]
             cur = thread_cursor(self._local, self.db.cursor, self._snaps[snap_id][0])
             job.cursor = cur
-            c = self.constants
-            b = binding(sql, c.folded.get(endpoint), c.values(cur, snap_id, endpoint))
-            r = execute(cur, b.sql, {**params, **b.fixed}, limit)
-            reply = dump(("ok", query_id, r.columns, r.rows, r.truncated))
+            reply = dump(("ok", query_id, work(cur, snap_id, endpoint, arg)))
         except duckdb.InterruptException:
             reply = dump(("error", query_id, "timeout", "interrupted at its deadline"))
         except Exception as exc:  # named to the server; the process goes on serving
@@ -162,12 +181,13 @@ class Worker:
             self.sock.sendall(reply)
 
 
-def main(sock: socket.socket, endpoints: Mapping[str, tuple[str, int]],
-         folded: Mapping[str, Folded], threads: int, server: int) -> None:
+def main(sock: socket.socket, endpoints: Mapping[str, EndpointSpec],
+         plans: Mapping[str, BatchPlan | None], folded: Mapping[str, Folded], threads: int,
+         server: int) -> None:
     """The process's entry point (module level, for multiprocessing)."""
     exit_with(server)
     with contextlib.suppress(OSError):  # Linux: the name `ps -o comm`, `top` and the bench show
         Path("/proc/self/comm").write_text(NAME)
     with contextlib.suppress(OSError, EOFError):  # the server went away mid-frame
-        Worker(sock, endpoints, folded, threads).serve()
+        Worker(sock, endpoints, plans, folded, threads).serve()
     os._exit(0)  # no interpreter teardown: the query threads may be mid-query

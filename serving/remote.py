@@ -1,4 +1,4 @@
-"""Cache misses' single queries run in a query process (`serving.qworker`), not on the server's
+"""Cache misses' queries run in a query process (`serving.qworker`), not on the server's
 threads, so they never wait for the GIL the event loop holds, nor make the loop wait for it.
 
 The event loop writes each query to the process's socket and reads the answer back as bytes
@@ -29,6 +29,7 @@ from serving import qworker
 from serving.endpoints import EndpointSpec
 from serving.errors import QueryFailed, QueryTimeout
 from serving.fold import Constants, Folded
+from serving.plan import BatchPlan
 from serving.query import QueryRunner, Result
 
 log = logging.getLogger("duckswap.server")
@@ -63,16 +64,19 @@ class _Conn(asyncio.Protocol):
 
 
 class QueryProcess:
-    """`run_endpoint` as `QueryRunner`'s, answered by the query process when it is up."""
+    """`run_endpoint` and `run_batch` as `QueryRunner`'s, answered by the query process when
+    it is up."""
 
     def __init__(self, local: QueryRunner, endpoints: Mapping[str, EndpointSpec],
-                 folded: Mapping[str, Folded], threads: int, preload: tuple[str, ...]) -> None:
+                 plans: Mapping[str, BatchPlan | None], folded: Mapping[str, Folded],
+                 threads: int, preload: tuple[str, ...]) -> None:
         self.local = local
         self.store = local.store
         self.timeout = local.timeout
         self.threads = threads
         self.preload = preload
-        self._endpoints = {n: (e.sql, e.row_limit) for n, e in endpoints.items()}
+        self._endpoints = dict(endpoints)
+        self._plans = dict(plans)
         self._folded = dict(folded)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._proc: BaseProcess | None = None
@@ -113,7 +117,8 @@ class QueryProcess:
         try:
             proc = process_context(list(self.preload)).Process(
                 target=qworker.main, name="duckswap-query", daemon=True,
-                args=(child, self._endpoints, self._folded, self.threads, os.getpid()))
+                args=(child, self._endpoints, self._plans, self._folded, self.threads,
+                      os.getpid()))
             await loop.run_in_executor(None, proc.start)
         except BaseException:
             parent.close()
@@ -130,28 +135,44 @@ class QueryProcess:
 
     async def run_endpoint(self, spec: EndpointSpec, params: dict[str, Any],
                            constants: Constants, snapshot: Snapshot | None = None) -> Result:
-        transport = self._transport
-        if transport is None or transport.is_closing():
+        try:
+            snap, (columns, rows, truncated) = await self._ask(
+                "query", spec, params, snapshot)
+        except _Lost:
             self.fallbacks += 1
             return await self.local.run_endpoint(spec, params, constants, snapshot)
+        return Result(columns, rows, truncated, snap.version_ids(spec.datasets))
+
+    async def run_batch(self, spec: EndpointSpec, plan: BatchPlan, keys: list[dict[str, Any]],
+                        snapshot: Snapshot, constants: Constants) -> list[Result | None]:
+        """`QueryRunner.run_batch` there (with its own copy of the endpoint's `plan`)."""
+        try:
+            _, answers = await self._ask("batch", spec, keys, snapshot)
+        except _Lost:
+            self.fallbacks += 1
+            return await self.local.run_batch(spec, plan, keys, snapshot, constants)
+        return [None if a is None else Result(*a) for a in answers]
+
+    async def _ask(self, op: str, spec: EndpointSpec, arg: Any,
+                   snapshot: Snapshot | None) -> tuple[Snapshot, Any]:
+        """Send one query to the process and wait for its answer; _Lost if the process is
+        down, or goes down first (the caller then runs it here)."""
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            raise _Lost
         snap = self.local.hold(spec.datasets, snapshot)
         if not self._define(snap):  # a version with no file (tests' tables): here
             self.store.release(snap)
-            self.fallbacks += 1
-            return await self.local.run_endpoint(spec, params, constants, snapshot)
+            raise _Lost
         qid = next(self._ids)
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Any] = loop.create_future()
         timer = loop.call_later(self.timeout, self._expire, qid)
         self._pending[qid] = (fut, snap, timer)
-        transport.write(qworker.dump(("query", qid, snap.id, spec.name, params)))
-        try:
-            columns, rows, truncated = await fut
-        except _Lost:
-            self.fallbacks += 1
-            return await self.local.run_endpoint(spec, params, constants, snap)
+        transport.write(qworker.dump((op, qid, snap.id, spec.name, arg)))
+        answer = await fut
         self.answered += 1
-        return Result(columns, rows, truncated, snap.version_ids(spec.datasets))
+        return snap, answer
 
     def _define(self, snap: Snapshot) -> bool:
         """Have the process attach `snap` (once per process; the process is up). False where
@@ -189,7 +210,7 @@ class QueryProcess:
         if fut.done():  # answered 504 already
             return
         if msg[0] == "ok":
-            fut.set_result(msg[2:])
+            fut.set_result(msg[2])
         elif msg[2] == "timeout":
             fut.set_exception(QueryTimeout(f"query exceeded its {self.timeout:g}s deadline"))
         else:

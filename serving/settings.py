@@ -31,9 +31,9 @@ SETTING_KEYS: dict[str, str] = {
     "server.query_timeout": "Seconds before a query is interrupted and answered 504 (default 5).",
     "server.query_process": "Answer cache misses in a query process of their own, reached over "
     "a local socket, instead of on the server's threads: their queries then never wait for the "
-    "event loop's GIL, nor make it wait (default true). The server's threads still run batched "
-    "misses, and answer whenever that process is down (it is restarted after a crash, and the "
-    "queries it had in flight run again in the server).",
+    "event loop's GIL, nor make it wait (default true). The server's threads answer whenever "
+    "that process is down (it is restarted after a crash, and the queries it had in flight run "
+    "again in the server).",
     "server.log_level": "Python log level (default INFO).",
     "server.access_log": "Log one line per request to the `aiohttp.access` logger at INFO "
     "(default false: at thousands of requests a second the log costs more CPU than the "

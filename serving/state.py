@@ -55,9 +55,9 @@ class Serving:
         self.process: QueryProcess | None = None
 
     def use(self, process: QueryProcess) -> None:
-        """Single misses go to the query process (batched ones stay on the server's threads)."""
+        """Misses, single and batched, go to the query process."""
         self.process = process
-        self.batcher.singles = process
+        self.batcher.runner = process
 
     def tokens(self, snap: Snapshot) -> dict[str, str]:
         """Token of every endpoint whose datasets are all loaded in `snap` (memoised)."""

@@ -204,3 +204,22 @@ async def test_a_staged_version_is_attached_there_before_its_publish(
     await wait_for(attached, what="the query process to attach the new version")
     assert process.answered == answered  # no miss asked for it
     assert store.current.id in process._defined
+
+
+async def test_a_miss_storm_is_batched_in_the_query_process(tmp_path: Path, serve: Any) -> None:
+    write_seq_export(tmp_path, 1, rows=200)
+    srv: Running = await serve(seq_config(tmp_path, cache_mb=0))  # every request a miss
+    await srv.wait_ready()
+    process = await _up(srv)
+    batcher = srv.app[SERVING].batcher
+    answered, batched, batches = process.answered, batcher.batched, batcher.batches
+    got = await asyncio.gather(*(srv.get(f"/v1/rows?min_k={k}") for k in range(120)))
+    for k, (status, body) in enumerate(got):
+        assert status == 200
+        assert [r["k"] for r in body["data"]] == list(range(k, 200))
+    in_batches = batcher.batched - batched
+    assert in_batches > 0
+    # Every query ran there: each single miss, and each batch once.
+    singles = 120 - in_batches
+    assert process.answered - answered == singles + batcher.batches - batches
+    assert process.fallbacks == 0
