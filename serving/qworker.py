@@ -10,10 +10,10 @@ The server sends length-prefixed pickled frames over one Unix socket (see `servi
     ("batch", query_id, snap_id, endpoint, [params, ...]) many keys in one query (a miss storm)
     ("cancel", query_id)                                 past its deadline: interrupt it
     ("drop", [snap_id, ...])                             drained: drop, detach unused files
-and reads back ("ok", query_id, answer) or ("error", query_id, kind, message), kind "timeout"
-or "failed". An answer is (columns, rows, truncated); a batch's is a list of those or None
-(see `execute_batch`). This module imports neither aiohttp nor asyncio's server parts: the
-forkserver preloads it.
+and reads back ("ok", query_id, answer) or ("error", query_id, kind, message), kind "timeout",
+"failed" or "absent" (the Snapshot could not be attached here: the server runs it). An answer
+is (columns, rows, truncated); a batch's is a list of those or None (see `execute_batch`). This
+module imports neither aiohttp nor asyncio's server parts: the forkserver preloads it.
 """
 
 from __future__ import annotations
@@ -119,18 +119,26 @@ class Worker:
                 self._drop(msg[1])
 
     def _define(self, snap_id: int, schema: str, files: Mapping[str, str]) -> None:
+        """Attach a Snapshot's files and make its schema. One that cannot be attached (a file
+        gone from disk) stays undefined: its queries are answered "absent", and the server
+        runs them itself."""
         names: dict[str, str] = {}
-        for dataset, path in files.items():
-            name = self._attached.get(path)
-            if name is None:
-                name = f"w_{next(self._names)}"
-                self._admin.execute(f"ATTACH {quote_literal(path)} AS {name} (READ_ONLY)")
-                self._attached[path] = name
-            names[dataset] = name
-        self._admin.execute(f"CREATE SCHEMA IF NOT EXISTS {schema}")
-        for dataset, name in names.items():
-            self._admin.execute(f"CREATE OR REPLACE VIEW {schema}.{quote_ident(dataset)} AS "
-                                f"SELECT * FROM {name}.main.data")
+        try:
+            for dataset, path in files.items():
+                name = self._attached.get(path)
+                if name is None:
+                    name = f"w_{next(self._names)}"
+                    self._admin.execute(f"ATTACH {quote_literal(path)} AS {name} (READ_ONLY)")
+                    self._attached[path] = name
+                names[dataset] = name
+            self._admin.execute(f"CREATE SCHEMA IF NOT EXISTS {schema}")
+            for dataset, name in names.items():
+                self._admin.execute(f"CREATE OR REPLACE VIEW {schema}.{quote_ident(dataset)} "
+                                    f"AS SELECT * FROM {name}.main.data")
+        except (duckdb.Error, OSError) as exc:
+            log.warning("could not attach snapshot %d here (%s); the server answers its "
+                        "queries", snap_id, type(exc).__name__)
+            return
         self._snaps[snap_id] = (schema, frozenset(names.values()))
 
     def _drop(self, snap_ids: list[int]) -> None:
@@ -164,11 +172,15 @@ class Worker:
     def _run(self, job: _Job, work: Callable[..., Any], query_id: int, snap_id: int,
              endpoint: str, arg: Any) -> None:
         try:
+            snap = self._snaps.get(snap_id)
             if job.cancelled:
                 raise duckdb.InterruptException("cancelled before it ran")
-            cur = thread_cursor(self._local, self.db.cursor, self._snaps[snap_id][0])
-            job.cursor = cur
-            reply = dump(("ok", query_id, work(cur, snap_id, endpoint, arg)))
+            if snap is None:
+                reply = dump(("error", query_id, "absent", "snapshot not attached here"))
+            else:
+                cur = thread_cursor(self._local, self.db.cursor, snap[0])
+                job.cursor = cur
+                reply = dump(("ok", query_id, work(cur, snap_id, endpoint, arg)))
         except duckdb.InterruptException:
             reply = dump(("error", query_id, "timeout", "interrupted at its deadline"))
         except Exception as exc:  # named to the server; the process goes on serving

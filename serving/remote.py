@@ -211,6 +211,9 @@ class QueryProcess:
             return
         if msg[0] == "ok":
             fut.set_result(msg[2])
+        elif msg[2] == "absent":  # it could not attach that Snapshot: run it here; the
+            self._defined.discard(snap.id)  # next query of it sends the definition again
+            fut.set_exception(_Lost())
         elif msg[2] == "timeout":
             fut.set_exception(QueryTimeout(f"query exceeded its {self.timeout:g}s deadline"))
         else:

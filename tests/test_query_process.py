@@ -223,3 +223,30 @@ async def test_a_miss_storm_is_batched_in_the_query_process(tmp_path: Path, serv
     singles = 120 - in_batches
     assert process.answered - answered == singles + batcher.batches - batches
     assert process.fallbacks == 0
+
+
+async def test_a_version_the_process_cannot_attach_is_answered_by_the_server(
+        tmp_path: Path, serve: Any) -> None:
+    """A version file gone from disk under a running server (the server keeps its open
+    handle; a new query process cannot attach it): answered by the server, not a crash."""
+    write_seq_export(tmp_path, 1)
+    srv: Running = await serve(seq_config(tmp_path))
+    await srv.wait_ready()
+    process = await _up(srv)
+    old = process.pid
+    assert old is not None
+    os.kill(old, signal.SIGKILL)
+
+    async def restarted() -> bool:
+        return process.up and process.pid != old
+
+    await wait_for(restarted, what="the query process to restart")
+    for v in srv.app[STORE].current.versions.values():
+        assert v.path is not None
+        v.path.unlink()
+    fallbacks = process.fallbacks
+    for k in (5, 6):
+        status, body = await srv.get(f"/v1/rows?min_k={k}")
+        assert status == 200 and body["data"][0]["k"] == k
+    assert process.fallbacks == fallbacks + 2
+    assert process.up and process.restarts == 1  # it went on running
