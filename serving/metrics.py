@@ -126,7 +126,8 @@ class Metrics(Collector):
             yield GaugeMetricFamily("duckswap_query_process_up", "1 while the query process "
                                     "answers cache misses", value=1 if p.up else 0)
             queries = CounterMetricFamily("duckswap_query_process_queries",
-                                          "Single cache-miss queries, by who answered",
+                                          "Cache-miss queries (a batch counts once), by who "
+                                          "answered",
                                           labels=["by"])
             queries.add_metric(["process"], p.answered)
             queries.add_metric(["server"], p.fallbacks)
