@@ -208,7 +208,9 @@ async def test_a_staged_version_is_attached_there_before_its_publish(
 
 async def test_a_miss_storm_is_batched_in_the_query_process(tmp_path: Path, serve: Any) -> None:
     write_seq_export(tmp_path, 1, rows=200)
-    srv: Running = await serve(seq_config(tmp_path, cache_mb=0))  # every request a miss
+    # Every request a miss; one query thread there, so the first misses are still running
+    # when the rest arrive.
+    srv: Running = await serve(seq_config(tmp_path, cache_mb=0, threads=1))
     await srv.wait_ready()
     process = await _up(srv)
     batcher = srv.app[SERVING].batcher
