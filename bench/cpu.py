@@ -1,9 +1,9 @@
 """Where the box's CPU goes during a run, sampled from /proc (Linux): the server's event loop
-(its main thread), its other threads (batched queries, the loader), its query process (the
-cache misses), its other child processes (the builder, which also runs the warm), the load
-generator with its children, everything else, idle and
-steal (time the hypervisor gave to other guests). On a shared 2-core box a latency spike is
-then one of: the server's own work, the generator, a neighbour, or the hypervisor."""
+(its main thread), its other threads (the loader; queries while the query process is down),
+its query process (the cache misses), its other child processes (the builder, which also runs
+the warm), the load generator with its children, everything else, idle and steal (time the
+hypervisor gave to other guests). On a shared 2-core box a latency spike is then one of: the
+server's own work, the generator, a neighbour, or the hypervisor."""
 
 from __future__ import annotations
 
