@@ -34,6 +34,28 @@ async def _up(srv: Running) -> QueryProcess:
     return process
 
 
+async def _start(serve: Any, tmp_path: Path, rows: int = 50,
+                 **server: Any) -> tuple[Running, QueryProcess]:
+    """A server on export 1 of `seqdata`, ready, its query process up."""
+    write_seq_export(tmp_path, 1, rows=rows)
+    srv: Running = await serve(seq_config(tmp_path, **server))
+    await srv.wait_ready()
+    return srv, await _up(srv)
+
+
+async def _kill(process: QueryProcess) -> int:
+    """SIGKILL the query process and wait for its replacement; returns the killed pid."""
+    pid = process.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+
+    async def restarted() -> bool:
+        return process.up and process.pid != pid
+
+    await wait_for(restarted, what="the query process to restart")
+    return pid
+
+
 def _version_files(pid: int) -> set[str]:
     """The version files process `pid` has open (Linux)."""
     out = set()
@@ -49,10 +71,7 @@ def _version_files(pid: int) -> set[str]:
 
 async def test_a_miss_is_answered_by_the_query_process_as_the_server_would(
         tmp_path: Path, serve: Any) -> None:
-    write_seq_export(tmp_path, 1)
-    srv: Running = await serve(seq_config(tmp_path))
-    await srv.wait_ready()
-    process = await _up(srv)
+    srv, process = await _start(serve, tmp_path)
     before = (process.answered, process.fallbacks)
     async with srv.session.get(srv.url("/v1/rows?min_k=17")) as resp:
         assert resp.status == 200
@@ -75,24 +94,15 @@ async def test_a_miss_is_answered_by_the_query_process_as_the_server_would(
 
 async def test_a_killed_query_process_costs_no_request(tmp_path: Path, serve: Any) -> None:
     """Its queries in flight are answered by the server's threads; it is restarted."""
-    write_seq_export(tmp_path, 1)
-    srv: Running = await serve(seq_config(tmp_path, query_timeout=3))
-    await srv.wait_ready()
-    process = await _up(srv)
-    pid = process.pid
-    assert pid is not None
+    srv, process = await _start(serve, tmp_path, query_timeout=3)
     slow = asyncio.create_task(srv.get("/v1/slow?x=-1"))  # runs until its deadline
 
     async def in_flight() -> bool:
         return bool(process._pending)
 
     await wait_for(in_flight, what="the slow query to reach the query process")
-    os.kill(pid, signal.SIGKILL)
-
-    async def restarted() -> bool:
-        return process.up and process.restarts == 1 and process.pid != pid
-
-    await wait_for(restarted, what="the query process to restart")
+    await _kill(process)
+    assert process.restarts == 1
     for k in range(5):  # misses meanwhile and after: all answered
         status, body = await srv.get(f"/v1/rows?min_k={k + 3}")
         assert status == 200 and body["data"][0]["k"] == k + 3
@@ -107,10 +117,7 @@ async def test_a_killed_query_process_costs_no_request(tmp_path: Path, serve: An
 
 async def test_a_query_past_its_deadline_is_interrupted_in_the_process(
         tmp_path: Path, serve: Any) -> None:
-    write_seq_export(tmp_path, 1)
-    srv: Running = await serve(seq_config(tmp_path, query_timeout=0.3, threads=1))
-    await srv.wait_ready()
-    process = await _up(srv)
+    srv, process = await _start(serve, tmp_path, query_timeout=0.3, threads=1)
     pid = process.pid
     store = srv.app[STORE]
     status, body = await srv.get("/v1/slow?x=-1")
@@ -127,10 +134,7 @@ async def test_a_query_past_its_deadline_is_interrupted_in_the_process(
 
 
 async def test_the_query_process_lets_go_of_replaced_versions(tmp_path: Path, serve: Any) -> None:
-    write_seq_export(tmp_path, 1)
-    srv: Running = await serve(seq_config(tmp_path, keep_versions=1))
-    await srv.wait_ready()
-    process = await _up(srv)
+    srv, process = await _start(serve, tmp_path, keep_versions=1)
     assert process.pid is not None
     for seq in (2, 3):
         write_seq_export(tmp_path, seq)
@@ -161,10 +165,7 @@ async def test_a_hung_query_process_is_killed_and_restarted(
     """A process that answers nothing, even the interrupt at the deadline (stopped here with
     SIGSTOP), would hold its Snapshot forever: it is killed STUCK seconds later."""
     monkeypatch.setattr(remote, "STUCK", 0.5)
-    write_seq_export(tmp_path, 1)
-    srv: Running = await serve(seq_config(tmp_path, query_timeout=0.3))
-    await srv.wait_ready()
-    process = await _up(srv)
+    srv, process = await _start(serve, tmp_path, query_timeout=0.3)
     pid = process.pid
     assert pid is not None
     os.kill(pid, signal.SIGSTOP)
@@ -183,10 +184,7 @@ async def test_a_hung_query_process_is_killed_and_restarted(
 async def test_a_staged_version_is_attached_there_before_its_publish(
         tmp_path: Path, serve: Any) -> None:
     """The first miss after a swap does not wait for the process to attach the new files."""
-    write_seq_export(tmp_path, 1)
-    srv: Running = await serve(seq_config(tmp_path))
-    await srv.wait_ready()
-    process = await _up(srv)
+    srv, process = await _start(serve, tmp_path)
     store = srv.app[STORE]
     first = store.current
     answered = process.answered
@@ -207,12 +205,9 @@ async def test_a_staged_version_is_attached_there_before_its_publish(
 
 
 async def test_a_miss_storm_is_batched_in_the_query_process(tmp_path: Path, serve: Any) -> None:
-    write_seq_export(tmp_path, 1, rows=200)
     # Every request a miss; one query thread there, so the first misses are still running
     # when the rest arrive.
-    srv: Running = await serve(seq_config(tmp_path, cache_mb=0, threads=1))
-    await srv.wait_ready()
-    process = await _up(srv)
+    srv, process = await _start(serve, tmp_path, rows=200, cache_mb=0, threads=1)
     batcher = srv.app[SERVING].batcher
     answered, batched, batches = process.answered, batcher.batched, batcher.batches
     got = await asyncio.gather(*(srv.get(f"/v1/rows?min_k={k}") for k in range(120)))
@@ -231,18 +226,8 @@ async def test_a_version_the_process_cannot_attach_is_answered_by_the_server(
         tmp_path: Path, serve: Any) -> None:
     """A version file gone from disk under a running server (the server keeps its open
     handle; a new query process cannot attach it): answered by the server, not a crash."""
-    write_seq_export(tmp_path, 1)
-    srv: Running = await serve(seq_config(tmp_path))
-    await srv.wait_ready()
-    process = await _up(srv)
-    old = process.pid
-    assert old is not None
-    os.kill(old, signal.SIGKILL)
-
-    async def restarted() -> bool:
-        return process.up and process.pid != old
-
-    await wait_for(restarted, what="the query process to restart")
+    srv, process = await _start(serve, tmp_path)
+    await _kill(process)
     for v in srv.app[STORE].current.versions.values():
         assert v.path is not None
         v.path.unlink()
