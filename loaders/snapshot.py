@@ -50,6 +50,18 @@ class Snapshot:
 EMPTY = Snapshot(0, "main")
 
 
+def attach_sql(path: str | Path, name: str) -> str:
+    """Attach a version file read-only as database `name` (the server's Store, the warm, the
+    query process)."""
+    return f"ATTACH {quote_literal(str(path))} AS {name} (READ_ONLY)"
+
+
+def view_sql(schema: str | None, dataset: str, db: str) -> str:
+    """The view an endpoint's SQL reads a dataset through: version database `db`'s table."""
+    view = quote_ident(dataset) if schema is None else f"{schema}.{quote_ident(dataset)}"
+    return f"CREATE OR REPLACE VIEW {view} AS SELECT * FROM {db}.main.data"
+
+
 # DuckDB settings for the databases endpoint queries run on (the server's, and the warm's).
 # Late materialization answers a small `ORDER BY ... LIMIT n` by scanning the table twice (the
 # top n rowids, then their columns): made for wide scans, it made the demo's builds lookup
@@ -125,7 +137,7 @@ class Store:
             name = self._attached.get(path)
             if name is None:
                 name = f"v_{next(self._dbs)}"
-                self._admin.execute(f"ATTACH {quote_literal(str(path))} AS {name} (READ_ONLY)")
+                self._admin.execute(attach_sql(path, name))
                 self._attached[path] = name
             return name
 
@@ -155,10 +167,7 @@ class Store:
             schema = f"s_{snap_id}"
             self._admin.execute(f"CREATE SCHEMA {schema}")
             for name, v in versions.items():
-                self._admin.execute(
-                    f"CREATE VIEW {schema}.{quote_ident(name)} AS "
-                    f"SELECT * FROM {v.db}.main.data"
-                )
+                self._admin.execute(view_sql(schema, name, v.db))
             snap = Snapshot(snap_id, schema, MappingProxyType(versions), base=old.id)
             with self._lock:
                 self._staged.append(snap)

@@ -33,9 +33,8 @@ from typing import Any
 
 import duckdb
 
-from loaders.build import quote_ident, quote_literal
 from loaders.builder import exit_with
-from loaders.snapshot import QUERY_CONFIG
+from loaders.snapshot import QUERY_CONFIG, attach_sql, view_sql
 from serving.endpoints import EndpointSpec
 from serving.fold import Constants, Folded, binding
 from serving.plan import BatchPlan
@@ -128,13 +127,12 @@ class Worker:
                 name = self._attached.get(path)
                 if name is None:
                     name = f"w_{next(self._names)}"
-                    self._admin.execute(f"ATTACH {quote_literal(path)} AS {name} (READ_ONLY)")
+                    self._admin.execute(attach_sql(path, name))
                     self._attached[path] = name
                 names[dataset] = name
-            self._admin.execute(f"CREATE SCHEMA IF NOT EXISTS {schema}")
+            self._admin.execute(f"CREATE SCHEMA IF NOT EXISTS {schema}")  # a retry's too
             for dataset, name in names.items():
-                self._admin.execute(f"CREATE OR REPLACE VIEW {schema}.{quote_ident(dataset)} "
-                                    f"AS SELECT * FROM {name}.main.data")
+                self._admin.execute(view_sql(schema, dataset, name))
         except (duckdb.Error, OSError) as exc:
             log.warning("could not attach snapshot %d here (%s); the server answers its "
                         "queries", snap_id, type(exc).__name__)

@@ -18,8 +18,7 @@ from typing import Any, BinaryIO
 
 import duckdb
 
-from loaders.build import quote_ident, quote_literal
-from loaders.snapshot import QUERY_CONFIG
+from loaders.snapshot import QUERY_CONFIG, attach_sql, view_sql
 from serving.endpoints import EndpointSpec
 from serving.fold import Folded, binding, evaluate
 from serving.keys import Want, hot_wants, warm_wants
@@ -127,8 +126,8 @@ def compute(files: dict[str, str], tasks: list[WarmTask], seconds: float, thread
     try:
         con.execute("SET enable_progress_bar = false")
         for i, (dataset, path) in enumerate(sorted(files.items())):
-            con.execute(f"ATTACH {quote_literal(path)} AS w_{i} (READ_ONLY)")
-            con.execute(f"CREATE VIEW {quote_ident(dataset)} AS SELECT * FROM w_{i}.main.data")
+            con.execute(attach_sql(path, f"w_{i}"))
+            con.execute(view_sql(None, dataset, f"w_{i}"))
         jobs = [_Job(i, t) for i, t in enumerate(tasks)]
         for job in jobs:
             job.bind(con)
