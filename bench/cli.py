@@ -47,8 +47,9 @@ def _metrics(url: str) -> list[Any] | None:
     return list(text_string_to_metric_families(text))
 
 
-def cache_lookups(families: list[Any] | None) -> dict[str, tuple[float, float]] | None:
-    """endpoint -> (hits, misses) of the server's response cache."""
+def cache_lookups(families: list[Any] | None) -> dict[str, dict[str, float]] | None:
+    """endpoint -> {"hit", "miss", "stale": count} of the server's response cache, and under
+    the endpoint "" the server's stale windows ({"count", "sum"} of their seconds)."""
     if families is None:
         return None
     counts: dict[str, dict[str, float]] = {}
@@ -56,9 +57,12 @@ def cache_lookups(families: list[Any] | None) -> dict[str, tuple[float, float]] 
         if family.name == "duckswap_cache_lookups":
             for sample in family.samples:
                 if sample.name.endswith("_total"):
-                    per = counts.setdefault(sample.labels["endpoint"], {"hit": 0.0, "miss": 0.0})
+                    per = counts.setdefault(sample.labels["endpoint"],
+                                            {"hit": 0.0, "miss": 0.0, "stale": 0.0})
                     per[sample.labels["result"]] = sample.value
-    return {e: (c["hit"], c["miss"]) for e, c in counts.items()}
+        elif family.name == "duckswap_stale_window_seconds":
+            counts[""] = {s.name.rsplit("_", 1)[1]: s.value for s in family.samples}
+    return counts
 
 
 def loop_lag(families: list[Any] | None) -> dict[float, float] | None:
@@ -225,14 +229,18 @@ def one_run(args: argparse.Namespace, rate: float, work: Path, server: Server | 
     if lag_before is not None and lag_after:
         summary["event_loop_lag"] = lag_summary(lag_before, lag_after)
     if before is not None and after:
-        delta = {e: (h - before.get(e, (0.0, 0.0))[0], m - before.get(e, (0.0, 0.0))[1])
-                 for e, (h, m) in after.items()}
-        hits, misses = sum(h for h, _ in delta.values()), sum(m for _, m in delta.values())
-        summary["cache"] = {"hits": int(hits), "misses": int(misses),
-                            "hit_ratio": round(hits / (hits + misses), 4) if hits + misses
-                            else None,
-                            "misses_by_endpoint": {e: int(m) for e, (_, m) in
-                                                   sorted(delta.items()) if m}}
+        delta = {e: {k: v - before.get(e, {}).get(k, 0.0) for k, v in c.items()}
+                 for e, c in after.items()}
+        windows = delta.pop("", {})
+        hits, misses, stale = (sum(c.get(k, 0.0) for c in delta.values())
+                               for k in ("hit", "miss", "stale"))
+        looked = hits + misses + stale
+        summary["cache"] = {"hits": int(hits), "misses": int(misses), "stale": int(stale),
+                            "hit_ratio": round((hits + stale) / looked, 4) if looked else None,
+                            "misses_by_endpoint": {e: int(c["miss"]) for e, c in
+                                                   sorted(delta.items()) if c.get("miss")}}
+        if windows.get("count"):
+            summary["cache"]["stale_window_s"] = round(windows["sum"] / windows["count"], 2)
     if cpu.samples:
         end = time.time()
         summary["cpu"] = cpu.summary([(s.marker_at, s.served_at or end) for s in swaps])

@@ -35,9 +35,12 @@ class ResponseCache:
         self._warm_bytes: dict[str, int] = {}
         self.warm_bytes = 0  # their sum (an int: read by the warmer's thread too)
         self.inflight: dict[Key, asyncio.Future[Entry]] = {}
+        # new token -> (the token it replaced, monotonic deadline): see `link`
+        self._stand_in: dict[str, tuple[str, float]] = {}
         self.hits = 0
         self.misses = 0
-        self.by_endpoint: dict[str, list[int]] = {}  # endpoint -> [hits, misses]
+        self.stale = 0
+        self.by_endpoint: dict[str, list[int]] = {}  # endpoint -> [hits, misses, stale]
         self.coalesced = 0
         self.warmed = 0
         self.pruned = 0
@@ -51,17 +54,51 @@ class ResponseCache:
         return self._lru.get(key)
 
     def get(self, key: Key, endpoint: str = "") -> Entry | None:
+        found = self.lookup(key, endpoint)
+        return None if found is None else found[1]
+
+    def lookup(self, key: Key, endpoint: str = "",
+               stale: bool = False) -> tuple[str, Entry] | None:
+        """(the token that answers, its entry), counted as a hit, a miss or a stale answer.
+        With `stale`, a key `key[0]` has no answer for yet, while its version warms after its
+        publish (see `link`), is answered by the version it replaced."""
         entry = self._find(key)
         counts = self.by_endpoint.get(endpoint)
         if counts is None:
-            counts = self.by_endpoint[endpoint] = [0, 0]
-        if entry is None:
-            self.misses += 1
-            counts[1] += 1
-        else:
+            counts = self.by_endpoint[endpoint] = [0, 0, 0]
+        if entry is not None:
             self.hits += 1
             counts[0] += 1
-        return entry
+            return key[0], entry
+        link = self._stand_in.get(key[0]) if stale else None
+        if link is not None:
+            old, until = link
+            if time.monotonic() < until:
+                warm = self._warm.get(old)
+                entry = warm.get(key[1]) if warm is not None else None
+                if entry is not None:
+                    self.stale += 1
+                    counts[2] += 1
+                    return old, entry
+            else:
+                del self._stand_in[key[0]]
+        self.misses += 1
+        counts[1] += 1
+        return None
+
+    def link(self, stand_ins: Mapping[str, str], seconds: float) -> None:
+        """Until `unlink` (at most `seconds`), let the warmed answers of each old token stand
+        in for the keys its new token has no answer for yet (`lookup(stale=True)`): the
+        answers the after-publish warm has still to compute. Stale-while-revalidate, on the
+        server: the first requests after a publish are not cache misses for the long tail of
+        keys, and the publish need not wait for it."""
+        until = time.monotonic() + seconds
+        for new, old in stand_ins.items():
+            self._stand_in[new] = (old, until)
+
+    def unlink(self, tokens: Iterable[str]) -> None:
+        for token in tokens:
+            self._stand_in.pop(token, None)
 
     def peek(self, key: Key) -> Entry | None:
         """Look up without counting (for `?v=` of versions that may not be current)."""
@@ -135,17 +172,18 @@ class ResponseCache:
         return len(self._lru) + sum(len(a) for a in self._warm.values())
 
     def stats(self) -> dict[str, Any]:
-        looked = self.hits + self.misses
+        looked = self.hits + self.misses + self.stale
         return {
             "entries": len(self),
             "bytes": self.bytes,
             "max_bytes": self.max_bytes,
             "hits": self.hits,
             "misses": self.misses,
+            "stale": self.stale,
             "coalesced": self.coalesced,
             "warmed": self.warmed,
             "pruned": self.pruned,
-            "hit_ratio": round(self.hits / looked, 4) if looked else None,
+            "hit_ratio": round((self.hits + self.stale) / looked, 4) if looked else None,
         }
 
 

@@ -109,9 +109,19 @@ def endpoint_handler(spec: EndpointSpec) -> Handler:
             if if_none_match(request.headers.get("If-None-Match"), tag):
                 return web.Response(status=304, headers={
                     "ETag": tag, "Cache-Control": cache_control, "X-Duckswap-Token": tok})
-            entry = cache.get((tok, key), name)
-            if entry is None:
+            # Without `v`, the version a publish replaced may answer for a key the new one
+            # has not warmed yet (`ResponseCache.link`): its own token, ETag and versions.
+            found = cache.lookup((tok, key), name, stale=wanted is None)
+            if found is None:
                 entry = await _compute(app, spec, snap, tok, key, params)
+            else:
+                answered, entry = found
+                if answered != tok and if_none_match(request.headers.get("If-None-Match"),
+                                                     entry[1]):
+                    return web.Response(status=304, headers={
+                        "ETag": entry[1], "Cache-Control": cache_control,
+                        "X-Duckswap-Token": answered})
+                tok = answered
             return _entry_response(entry, tok, cache_control)
         finally:
             store.release(snap)
