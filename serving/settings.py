@@ -64,7 +64,8 @@ SETTING_KEYS: dict[str, str] = {
     "replaced (its own token, ETag and versions), for at most this many seconds; the publish "
     "then waits only for the hot keys, not for the busy-machine extension of "
     "`warm_busy_seconds` (default 30, the `stale-while-revalidate` of unversioned URLs; 0: "
-    "never, every request gets the served version, and a busy machine publishes later).",
+    "never, every request gets the served version, and a busy machine publishes later; "
+    "so does `warm_tail_seconds = 0`).",
     "server.version_cache_control": "`Cache-Control` of `/v1/version` (default "
     "`public, max-age=1`).",
     "server.metrics": "Serve Prometheus metrics on `/metrics` (default true).",

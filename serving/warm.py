@@ -150,9 +150,11 @@ class Warmer:
         done: list[set[tuple[Any, ...]]] = [set() for _ in tasks]
         # Waiting on a busy machine trades freshness for fewer misses; an endpoint not served
         # yet has no misses to spare, only 503s: publish it as soon as possible. Nor is there
-        # a reason to wait where the replaced versions stand in for the keys left (`_link`).
+        # a reason to wait where the replaced versions stand in for the keys left (`_link`)
+        # until the after-publish pass has answered them.
         stand_ins = {t.token: was for t in tasks if (was := old_tokens.get(t.spec.name))}
-        wait = len(stand_ins) == len(tasks) and self.stale_seconds == 0
+        standing = self.stale_seconds > 0 and self.tail_seconds > 0
+        wait = len(stand_ins) == len(tasks) and not standing
         # Requests for warmed answers beyond the hot keys: a publish before their keys are
         # warmed meets them with misses, which on this box take the CPU the rest of the warm
         # needs. Many of them make the machine busy whatever the CPU the warm gets now.
@@ -165,7 +167,7 @@ class Warmer:
         report.would_miss = round(rate, 1)
         if (report.skipped or report.unlisted) and self.tail_seconds > 0:
             self._tail = (snap, tasks, done, share)
-            if self.stale_seconds > 0:
+            if standing:
                 self._link(snap, stand_ins)
         report.seconds = time.perf_counter() - start
         self.last = report
