@@ -198,8 +198,10 @@ class Warmer:
         if not stand_ins:
             return
         cache = self.cache
+        earlier = self._linked[1] if self._linked is not None else {}  # a publish that failed
 
         def link() -> int:
+            cache.unlink(earlier)
             cache.link(stand_ins, self.stale_seconds)
             return cache.stale
 
