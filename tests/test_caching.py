@@ -738,7 +738,7 @@ async def test_the_replaced_version_answers_for_stale_seconds_at_most(
     """A warm after the publish that outlasts `stale_seconds`: from then on the keys it has
     not answered are cache misses of the new version, not older answers."""
     write_export(tmp_path, 1, size="small")
-    demo = await _demo(serve, tmp_path, warm_keys=1, stale_seconds=0.5)
+    demo = await _demo(serve, tmp_path, warm_keys=1, stale_seconds=2)
     warmer, store, serving = demo.app[WARMER], demo.app[STORE], demo.app[SERVING]
     cold = f"/v1/champions/2/stats?role={ROLES[1]}&rank={RANKS[1]}&region={REGIONS[1]}"
 
