@@ -419,6 +419,31 @@ async def test_warmed_answers_and_computed_ones_share_one_byte_budget() -> None:
     assert "t1" not in cache.tokens() and cache.pruned == 5
 
 
+def test_a_linked_token_borrows_only_the_replaced_tokens_warmed_answers() -> None:
+    """`lookup(stale=True)`: a miss of the new token is answered by the old token's warmed
+    answer (with the old token), never by its computed ones, only until `unlink` or the time
+    limit; without `stale` (a `?v=` request) it stays a miss. Counted apart from hits."""
+    cache = ResponseCache(1_000_000)
+    old = (b"old", '"t0-a"', "d=1")
+    cache.adopt("t0", {("a",): old, ("c",): old}, 2 * entry_size(old), 2)
+    cache.put(("t0", ("b",)), (b"computed", '"t0-b"', "d=1"))
+    cache.link({"t1": "t0"}, seconds=60)
+    assert cache.lookup(("t1", ("a",)), "e", stale=True) == ("t0", old)
+    assert cache.lookup(("t1", ("a",)), "e") is None  # `?v=` of the new token
+    assert cache.lookup(("t1", ("b",)), "e", stale=True) is None  # computed, not warmed
+    new = (b"new", '"t1-a"', "d=2")
+    cache.put(("t1", ("a",)), new)
+    assert cache.lookup(("t1", ("a",)), "e", stale=True) == ("t1", new)  # its own first
+    assert (cache.hits, cache.misses, cache.stale) == (1, 2, 1)
+    assert cache.by_endpoint["e"] == [1, 2, 1]
+    assert cache.stats()["hit_ratio"] == 0.5 and cache.stats()["stale"] == 1
+    assert cache.lookup(("t1", ("c",)), "e", stale=True) == ("t0", old)
+    cache.unlink(["t1"])
+    assert cache.lookup(("t1", ("c",)), "e", stale=True) is None
+    cache.link({"t2": "t0"}, seconds=0)  # the time limit already passed
+    assert cache.lookup(("t2", ("c",)), "e", stale=True) is None
+
+
 def test_body_encoder_writes_the_documented_json(tmp_path: Path) -> None:
     """The encoder writes its `meta` once per version; its bytes must stay those of the whole
     document encoded at once (what clients parse, and what every path serves)."""
