@@ -48,8 +48,7 @@ def _metrics(url: str) -> list[Any] | None:
 
 
 def cache_lookups(families: list[Any] | None) -> dict[str, dict[str, float]] | None:
-    """endpoint -> {"hit", "miss", "stale": count} of the server's response cache, and under
-    the endpoint "" the server's stale windows ({"count", "sum"} of their seconds)."""
+    """endpoint -> {"hit", "miss", "stale": count} of the server's response cache."""
     if families is None:
         return None
     counts: dict[str, dict[str, float]] = {}
@@ -60,9 +59,16 @@ def cache_lookups(families: list[Any] | None) -> dict[str, dict[str, float]] | N
                     per = counts.setdefault(sample.labels["endpoint"],
                                             {"hit": 0.0, "miss": 0.0, "stale": 0.0})
                     per[sample.labels["result"]] = sample.value
-        elif family.name == "duckswap_stale_window_seconds":
-            counts[""] = {s.name.rsplit("_", 1)[1]: s.value for s in family.samples}
     return counts
+
+
+def stale_windows(families: list[Any] | None) -> dict[str, float]:
+    """{"count", "sum"} of the server's stale windows (seconds the replaced version stood in
+    after a publish)."""
+    for family in families or []:
+        if family.name == "duckswap_stale_window_seconds":
+            return {s.name.rsplit("_", 1)[1]: s.value for s in family.samples}
+    return {}
 
 
 def loop_lag(families: list[Any] | None) -> dict[float, float] | None:
@@ -210,6 +216,7 @@ def one_run(args: argparse.Namespace, rate: float, work: Path, server: Server | 
             source, staging, url, args.swap_every, stop, swaps, first), daemon=True)
     scraped = _metrics(url)
     before, lag_before = cache_lookups(scraped), loop_lag(scraped)
+    windows_before = stale_windows(scraped)
     gen = run_loadgen(url, rate, args.duration, out, args)
     cpu = CpuSampler(server.proc.pid if server else None, gen.pid).start()
     if thread:
@@ -231,7 +238,7 @@ def one_run(args: argparse.Namespace, rate: float, work: Path, server: Server | 
     if before is not None and after:
         delta = {e: {k: v - before.get(e, {}).get(k, 0.0) for k, v in c.items()}
                  for e, c in after.items()}
-        windows = delta.pop("", {})
+        windows = {k: v - windows_before.get(k, 0.0) for k, v in stale_windows(scraped).items()}
         hits, misses, stale = (sum(c.get(k, 0.0) for c in delta.values())
                                for k in ("hit", "miss", "stale"))
         looked = hits + misses + stale
