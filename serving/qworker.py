@@ -36,7 +36,7 @@ import duckdb
 from loaders.builder import exit_with
 from loaders.snapshot import QUERY_CONFIG, attach_sql, view_sql
 from serving.endpoints import EndpointSpec
-from serving.fold import Constants, Folded, binding
+from serving.fold import Binding, Constants, Folded, binding
 from serving.plan import BatchPlan
 from serving.query import execute, execute_batch, thread_cursor
 
@@ -151,17 +151,22 @@ class Worker:
                 self._admin.execute(f"DETACH DATABASE IF EXISTS {name}")
                 del self._attached[path]
 
+    def _bind(self, cur: duckdb.DuckDBPyConnection, snap_id: int, endpoint: str) -> Binding:
+        """The endpoint's SQL with its constants on this Snapshot (`serving.fold`)."""
+        c = self.constants
+        return binding(self.endpoints[endpoint].sql, c.folded.get(endpoint),
+                       c.values(cur, snap_id, endpoint))
+
     def _query(self, cur: duckdb.DuckDBPyConnection, snap_id: int, endpoint: str,
                params: dict[str, Any]) -> Any:
-        spec, c = self.endpoints[endpoint], self.constants
-        b = binding(spec.sql, c.folded.get(endpoint), c.values(cur, snap_id, endpoint))
-        r = execute(cur, b.sql, {**params, **b.fixed}, spec.row_limit)
+        b = self._bind(cur, snap_id, endpoint)
+        r = execute(cur, b.sql, {**params, **b.fixed}, self.endpoints[endpoint].row_limit)
         return r.columns, r.rows, r.truncated
 
     def _batch(self, cur: duckdb.DuckDBPyConnection, snap_id: int, endpoint: str,
                keys: list[dict[str, Any]]) -> Any:
-        spec, plan, c = self.endpoints[endpoint], self.plans[endpoint], self.constants
-        b = binding(spec.sql, c.folded.get(endpoint), c.values(cur, snap_id, endpoint))
+        spec, plan = self.endpoints[endpoint], self.plans[endpoint]
+        b = self._bind(cur, snap_id, endpoint)
         if plan is None or not b.batchable:
             return [None] * len(keys)
         return [None if r is None else (r.columns, r.rows, r.truncated)

@@ -116,7 +116,7 @@ class QueryProcess:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             proc = process_context(list(self.preload)).Process(
-                target=qworker.main, name="duckswap-query", daemon=True,
+                target=qworker.main, name=qworker.NAME, daemon=True,
                 args=(child, self._endpoints, self._plans, self._folded, self.threads,
                       os.getpid()))
             await loop.run_in_executor(None, proc.start)
