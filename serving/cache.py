@@ -5,7 +5,9 @@ Entries are keyed by the endpoint's version token, so a swap of a dataset an end
 read leaves its entries valid. Two stores, within one byte budget: the answers warmed for a
 token, one dict per token that the warmer builds off the loop and the loop adopts in one step
 (never changed after, so other threads may read it), and an LRU of the answers computed for
-cache misses, which gets what the warmed answers leave of the budget.
+cache misses, which gets what the warmed answers leave of the budget. Right after a publish,
+the token it replaced may stand in for a new token's keys not warmed yet (`link`,
+`lookup(stale=True)`).
 """
 
 from __future__ import annotations

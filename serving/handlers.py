@@ -77,6 +77,11 @@ def _entry_response(entry: Entry, version_token: str, cache_control: str) -> web
     })
 
 
+def _not_modified(tag: str, cache_control: str, version_token: str) -> web.Response:
+    return web.Response(status=304, headers={
+        "ETag": tag, "Cache-Control": cache_control, "X-Duckswap-Token": version_token})
+
+
 def endpoint_handler(spec: EndpointSpec) -> Handler:
     name = spec.name
 
@@ -107,8 +112,7 @@ def endpoint_handler(spec: EndpointSpec) -> Handler:
             cache_control = spec.cache_control if wanted is None else IMMUTABLE
             tag = etag(tok, key)
             if if_none_match(request.headers.get("If-None-Match"), tag):
-                return web.Response(status=304, headers={
-                    "ETag": tag, "Cache-Control": cache_control, "X-Duckswap-Token": tok})
+                return _not_modified(tag, cache_control, tok)
             # Without `v`, the version a publish replaced may answer for a key the new one
             # has not warmed yet (`ResponseCache.link`): its own token, ETag and versions.
             found = cache.lookup((tok, key), name, stale=wanted is None)
@@ -118,9 +122,7 @@ def endpoint_handler(spec: EndpointSpec) -> Handler:
                 answered, entry = found
                 if answered != tok and if_none_match(request.headers.get("If-None-Match"),
                                                      entry[1]):
-                    return web.Response(status=304, headers={
-                        "ETag": entry[1], "Cache-Control": cache_control,
-                        "X-Duckswap-Token": answered})
+                    return _not_modified(entry[1], cache_control, answered)
                 tok = answered
             return _entry_response(entry, tok, cache_control)
         finally:
