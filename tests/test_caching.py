@@ -10,6 +10,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -333,12 +334,16 @@ async def test_cached_and_warmed_bytes_equal_uncached(tmp_path: Path, serve: Any
     paths = [STATS, "/v1/champions/12/stats?role=bot&rank=iron&region=euw&patch=25.01",
              "/v1/tierlist/mid?min_games=10&limit=5", "/v1/champions/2/trend?role=jungle",
              "/v1/champions/4/builds?role=bot&limit=3", "/v1/matchups/1/2?role=support",
-             "/v1/champions?prefix=a", "/v1/champions/99/stats?role=mid"]
+             "/v1/champions?prefix=a", "/v1/champions/99/stats?role=mid",
+             # list parameters the demo joins as rows (several values, one given twice)
+             "/v1/tierlist/top?ranks=gold&ranks=silver&ranks=gold&region=euw&min_games=0",
+             "/v1/champions/3/trend?role=mid&ranks=iron&ranks=silver&patches=2"]
     for path in paths:
         first = await _raw(cached, path)
         second = await _raw(cached, path)
         plain = await _raw(uncached, path)
         assert first[0] == 200
+        assert "/99/" in path or orjson.loads(first[2])["data"], path  # 99: no such champion
         assert first[2] == second[2] == plain[2], path
         assert first[1]["ETag"] == plain[1]["ETag"]
     warmed_before = cached.app[SERVING].cache.warmed
