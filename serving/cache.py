@@ -55,10 +55,6 @@ class ResponseCache:
                 return entry
         return self._lru.get(key)
 
-    def get(self, key: Key, endpoint: str = "") -> Entry | None:
-        found = self.lookup(key, endpoint)
-        return None if found is None else found[1]
-
     def lookup(self, key: Key, endpoint: str = "",
                stale: bool = False) -> tuple[str, Entry] | None:
         """(the token that answers, its entry), counted as a hit, a miss or a stale answer.

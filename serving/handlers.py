@@ -111,7 +111,8 @@ def endpoint_handler(spec: EndpointSpec) -> Handler:
                 return _moved(request, tok)
             cache_control = spec.cache_control if wanted is None else IMMUTABLE
             tag = etag(tok, key)
-            if if_none_match(request.headers.get("If-None-Match"), tag):
+            validator = request.headers.get("If-None-Match")
+            if if_none_match(validator, tag):
                 return _not_modified(tag, cache_control, tok)
             # Without `v`, the version a publish replaced may answer for a key the new one
             # has not warmed yet (`ResponseCache.link`): its own token, ETag and versions.
@@ -120,8 +121,7 @@ def endpoint_handler(spec: EndpointSpec) -> Handler:
                 entry = await _compute(app, spec, snap, tok, key, params)
             else:
                 answered, entry = found
-                if answered != tok and if_none_match(request.headers.get("If-None-Match"),
-                                                     entry[1]):
+                if answered != tok and if_none_match(validator, entry[1]):
                     return _not_modified(entry[1], cache_control, answered)
                 tok = answered
             return _entry_response(entry, tok, cache_control)

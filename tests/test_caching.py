@@ -412,7 +412,7 @@ async def test_warmed_answers_and_computed_ones_share_one_byte_budget() -> None:
     size = sum(map(entry_size, warmed.values()))
     cache.adopt("t1", warmed, size, 4)
     assert cache.warm_bytes == size and cache.bytes <= 10_000  # the LRU made room
-    assert cache.get(("t1", (2,)), "e") == entry(1000) and cache.hits == 1
+    assert cache.lookup(("t1", (2,)), "e") == ("t1", entry(1000)) and cache.hits == 1
     assert cache.warmed_answers("t1") is warmed and len(cache) == 4 + len(cache._lru)
     cache.adopt("t1", {**warmed, (9,): entry(10)}, size + entry_size(entry(10)), 1)
     assert cache.warm_bytes == size + entry_size(entry(10)) and cache.warmed == 5
@@ -420,7 +420,7 @@ async def test_warmed_answers_and_computed_ones_share_one_byte_budget() -> None:
     assert ("t0", (99,)) not in cache
     dropped = await cache.retain(frozenset({"t0"}), pause=0)
     assert [set(d) for d in dropped] == [{(0,), (1,), (2,), (3,), (9,)}]
-    assert cache.warm_bytes == 0 and cache.get(("t1", (2,)), "e") is None
+    assert cache.warm_bytes == 0 and cache.lookup(("t1", (2,)), "e") is None
     assert "t1" not in cache.tokens() and cache.pruned == 5
 
 
