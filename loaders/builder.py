@@ -82,8 +82,10 @@ def process_context(
 
 class Builder:
     def __init__(self, nice: int = 10, threads: int = 2,
-                 preload: tuple[str, ...] = ("loaders.build",), idle: bool = False) -> None:
+                 preload: tuple[str, ...] = ("loaders.build",), idle: bool = False,
+                 processes: int = 2) -> None:
         self.nice = nice
+        self.processes = processes
         self.idle = idle
         self.threads = threads
         self.preload = list(preload)
@@ -94,8 +96,8 @@ class Builder:
         with self._lock:
             if self._pool is None:
                 self._pool = ProcessPoolExecutor(
-                    1, mp_context=process_context(self.preload), initializer=_child_init,
-                    initargs=(self.nice, self.idle, os.getpid()))
+                    self.processes, mp_context=process_context(self.preload),
+                    initializer=_child_init, initargs=(self.nice, self.idle, os.getpid()))
             return self._pool
 
     def run(self, fn: Callable[..., T], *args: Any,

@@ -47,6 +47,26 @@ class LoadEvent:
         return "loaded" if self.ok else "unavailable" if self.retry else "refused"
 
 
+@dataclass(frozen=True)
+class _Loaded:
+    """An export downloaded, checked and built to its version file, not attached yet."""
+
+    export_id: str
+    version_id: str
+    path: Path
+    rows: int
+    timings: dict[str, float]
+    start: float  # perf_counter when its load began
+
+
+@dataclass(frozen=True)
+class _Failed:
+    """An export that could not be loaded, and the seconds spent finding out."""
+
+    error: Exception
+    seconds: float
+
+
 class NotKept(LookupError):
     """An admin action named a version this server does not keep."""
 
@@ -105,6 +125,7 @@ class Updater:
         events = []
         built: list[tuple[Version, dict[str, float]]] = []
         self.listings += 1
+        found: list[tuple[Any, float]] = []
         for name in sorted(self.schemas if datasets is None else set(datasets)):
             if name not in self.schemas or self.state[name].pinned is not None:
                 continue
@@ -121,13 +142,27 @@ class Updater:
             refusal = self.state[name].quarantine.get(newest.export_id)
             if refusal is not None and refusal.fingerprint == newest.fingerprint:
                 continue  # refused, and unchanged since
-            event, version = self._build(newest, listed)
+            found.append((newest, listed))
+        for (candidate, listed), loaded in zip(found, self._load_all(found), strict=True):
+            event, version = self._finish(candidate, listed, loaded)
             events.append(event)
             if version is not None:
                 built.append((version, dict(event.timings)))
         if built:
             self._publish([v for v, _ in built], {v.dataset: t for v, t in built})
         return events
+
+    def _load_all(self, found: list[tuple[Any, float]]) -> list[_Loaded | _Failed]:
+        """Download, check and build each export, up to `builder.processes` at a time, the
+        largest first: a build leaves cores idle in its serial steps (hashing, the order
+        check, writing the file), which the next dataset's build can use."""
+        if len(found) < 2 or self.builder.processes < 2:
+            return [self._load(c) for c, _ in found]
+        order = sorted(range(len(found)), key=lambda i: -sum(found[i][0].sizes.values()))
+        with ThreadPoolExecutor(self.builder.processes,
+                                thread_name_prefix="duckswap-load") as pool:
+            futures = {i: pool.submit(self._load, found[i][0]) for i in order}
+            return [futures[i].result() for i in range(len(found))]
 
     def _publish(self, built: list[Version],
                  timings: Mapping[str, dict[str, float]] | None = None) -> None:
@@ -200,10 +235,12 @@ class Updater:
             raise LoadError(f"export is {total} bytes, over max_export_mb "
                             f"({schema.max_export_bytes / 2**20:g} MiB)")
 
-    def _build(self, candidate: Any, listed: float = 0.0) -> tuple[LoadEvent, Version | None]:
+    def _load(self, candidate: Any) -> _Loaded | _Failed:
+        """Download, check and build one export (on a loader thread of `_load_all`: it touches
+        no state); what it raised is returned, for `_finish` to record."""
         schema = self.schemas[candidate.dataset]
         start = time.perf_counter()
-        timings = {"list": listed}
+        timings: dict[str, float] = {}
         local: Export | None = None
         try:
             self._check_size(candidate, schema)  # before any byte is downloaded
@@ -216,24 +253,33 @@ class Updater:
             rows, steps = self.builder.build(local, schema, path)
             timings["validate"] += steps["validate"]
             timings["build"] = steps["build"]
+            return _Loaded(local.export_id, version_id, path, rows, timings, start)
+        except (Unavailable, LoadError, OSError) as exc:
+            return _Failed(exc, time.perf_counter() - start)
+        finally:
+            if local is not None:
+                self.source.discard(local)
+
+    def _finish(self, candidate: Any, listed: float,
+                loaded: _Loaded | _Failed) -> tuple[LoadEvent, Version | None]:
+        """Attach a built version, or record why the export was not loaded."""
+        if isinstance(loaded, _Loaded):
             try:
-                db = self.store.attach(path)
+                db = self.store.attach(loaded.path)
             except duckdb.Error as exc:
-                remove_version_file(path)
-                raise LoadError(f"attaching the built version failed: {exc}") from None
-            version = Version(
-                local.dataset, version_id, local.export_id, db, rows,
-                time.perf_counter() - start, path,
-            )
-        except Unavailable as exc:  # not the export's fault: tried again at the next poll
+                remove_version_file(loaded.path)
+                loaded = _Failed(LoadError(f"attaching the built version failed: {exc}"),
+                                 time.perf_counter() - loaded.start)
+        if isinstance(loaded, _Failed) and isinstance(loaded.error, Unavailable):
+            # not the export's fault: tried again at the next poll
             log.warning("could not fetch export %s/%s: %s (retrying later)",
-                        candidate.dataset, candidate.export_id, exc)
-            event = LoadEvent(candidate.dataset, candidate.export_id, False, str(exc),
-                              time.perf_counter() - start, retry=True, listing=self.listings)
+                        candidate.dataset, candidate.export_id, loaded.error)
+            event = LoadEvent(candidate.dataset, candidate.export_id, False, str(loaded.error),
+                              loaded.seconds, retry=True, listing=self.listings)
             self._record(event)
             return event, None
-        except (LoadError, OSError) as exc:
-            reason = str(exc)
+        if isinstance(loaded, _Failed):
+            reason = str(loaded.error)
             # Logged first: whoever sees the refusal in the state can find it in the log.
             log.error(
                 "refused export %s/%s: %s (previous version keeps serving)",
@@ -245,21 +291,20 @@ class Updater:
                 time.time())
             for old in sorted(quarantine, key=lambda e: quarantine[e].at)[:-QUARANTINE_KEPT]:
                 del quarantine[old]
-            event = LoadEvent(
-                candidate.dataset, candidate.export_id, False, reason,
-                time.perf_counter() - start, listing=self.listings,
-            )
+            event = LoadEvent(candidate.dataset, candidate.export_id, False, reason,
+                              loaded.seconds, listing=self.listings)
             self._record(event)
             self._save()
             return event, None
-        finally:
-            if local is not None:
-                self.source.discard(local)
-        event = LoadEvent(local.dataset, local.export_id, True, "", version.load_seconds,
-                          version_id, timings, listing=self.listings)
+        seconds = time.perf_counter() - loaded.start
+        timings = {"list": listed, **loaded.timings}
+        version = Version(candidate.dataset, loaded.version_id, loaded.export_id, db,
+                          loaded.rows, seconds, loaded.path)
+        event = LoadEvent(candidate.dataset, loaded.export_id, True, "", seconds,
+                          loaded.version_id, timings, listing=self.listings)
         log.info(
             "built %s/%s as version %s: %d rows in %.3fs (%s)",
-            local.dataset, local.export_id, version_id, rows, version.load_seconds,
+            candidate.dataset, loaded.export_id, loaded.version_id, loaded.rows, seconds,
             ", ".join(f"{k} {v:.3f}s" for k, v in timings.items()),
         )
         self._record(event)

@@ -102,9 +102,10 @@ def create_app(settings: Settings) -> web.Application:
     if settings.query_process:
         serving.use(QueryProcess(runner, settings.endpoints, serving.batch_sql,
                                  serving.constants.folded, settings.threads, PRELOAD))
-    # One lower-priority process builds versions and computes their warm answers.
+    # Lower-priority processes build versions and compute their warm answers.
     builder = Builder(nice=settings.build_nice, threads=settings.threads,
-                      preload=PRELOAD, idle=settings.build_idle)
+                      preload=PRELOAD, idle=settings.build_idle,
+                      processes=settings.build_processes)
     warmer = Warmer(store, serving.cache, serving.popularity, settings.endpoints,
                     serving.fingerprints, serving.batch_sql, settings.warm_seconds,
                     settings.warm_keys, builder, settings.threads, settings.warm_tail_seconds,

@@ -74,6 +74,10 @@ SETTING_KEYS: dict[str, str] = {
     "server.build_idle": "Run the build process under Linux `SCHED_IDLE`: it gets a core only "
     "when requests leave one idle, so builds stretch under load instead of adding latency; "
     "false leaves it at `build_nice` alone (default true).",
+    "server.build_processes": "Build processes. The datasets of one export are downloaded, "
+    "checked and built this many at a time, the largest first, so one build's serial steps "
+    "(digests, the order check, writing its file) leave no core idle; each has its own memory "
+    "peak. The warm runs in one of them. 1: one build after another (default 2).",
     "server.data_dir": "Folder of verified versions and their state, served again after a restart "
     "before the source answers (default: `$XDG_CACHE_HOME/duckswap/<hash of source.url>`).",
     "server.keep_versions": "Versions kept per dataset for rollback, the served one included "
@@ -165,6 +169,7 @@ class Settings:
     metrics: bool = True
     build_nice: int = 10
     build_idle: bool = True
+    build_processes: int = 2
     file: str = field(default="<config>", compare=False)
 
     @property
@@ -265,6 +270,7 @@ def parse_settings(raw: Mapping[str, Any], file: str = "<config>") -> Settings:
         metrics=server.get("metrics", bool, True),
         build_nice=server.get("build_nice", int, 10),
         build_idle=server.get("build_idle", bool, True),
+        build_processes=server.get("build_processes", int, 2),
         file=file,
     )
     if settings.quiet_seconds < 0:
@@ -286,6 +292,7 @@ def parse_settings(raw: Mapping[str, Any], file: str = "<config>") -> Settings:
         raise server.fail("admin_token", "must be at least 16 characters")  # never echoed
     positive(source, "concurrency", settings.concurrency)
     positive(server, "threads", settings.threads)
+    positive(server, "build_processes", settings.build_processes)
     positive(server, "query_timeout", settings.query_timeout)
     if not 0 <= settings.port <= 65535:
         raise server.fail("port", f"must be 0-65535, got {settings.port}")

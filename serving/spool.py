@@ -12,7 +12,8 @@ import gc
 import logging
 import pickle
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
@@ -131,7 +132,8 @@ def compute(files: dict[str, str], tasks: list[WarmTask], seconds: float, thread
         jobs = [_Job(i, t) for i, t in enumerate(tasks)]
         for job in jobs:
             job.bind(con)
-        with open(spool, "wb") as out:
+        ahead = _Ahead(con.cursor(), jobs)
+        with ahead, open(spool, "wb") as out:
             spooler = _Spooler(out, max_bytes, report)
             # The most requested keys first, hottest first, before anything is enumerated, and
             # all of them whatever the deadline: they are what the first requests after the
@@ -143,7 +145,7 @@ def compute(files: dict[str, str], tasks: list[WarmTask], seconds: float, thread
                 hot.extend((-w[2], pos, job.index, w)
                            for pos, w in enumerate(hot_keys[job.index]) if w[1] not in done)
             hot.sort(key=lambda w: (w[0], w[1]))
-            _rounds(con, jobs, hot, None, spooler)
+            _rounds(con, jobs, hot, None, spooler, ahead)
             # Then the rest (`warm_sql` rows and small parameter spaces), round-robin across
             # endpoints so a small endpoint is not left behind a large one's long tail.
             rest: list[tuple[int, int, int, Want]] = []
@@ -155,7 +157,7 @@ def compute(files: dict[str, str], tasks: list[WarmTask], seconds: float, thread
                             if w[1] not in done and w[1] not in seen)
                     rest.extend((0, pos, job.index, w) for pos, w in enumerate(left))
                 rest.sort(key=lambda w: w[1])
-                _rounds(con, jobs, rest, budget, spooler)
+                _rounds(con, jobs, rest, budget, spooler, ahead)
             else:
                 report.unlisted = True  # left to the after-publish pass, uncounted
             for job in jobs:
@@ -170,7 +172,7 @@ def compute(files: dict[str, str], tasks: list[WarmTask], seconds: float, thread
 
 def _rounds(con: duckdb.DuckDBPyConnection, jobs: list[_Job],
             wants: list[tuple[int, int, int, Want]], budget: Budget | None,
-            spooler: _Spooler) -> None:
+            spooler: _Spooler, ahead: _Ahead) -> None:
     """Answer `wants` in growing rounds (a batched query scans its tables once whatever the
     key count) until the budget or the byte budget, checked between rounds. Without a budget
     (None: the hot keys, answered whatever the time) in one round: each endpoint's tables
@@ -189,9 +191,10 @@ def _rounds(con: duckdb.DuckDBPyConnection, jobs: list[_Job],
         round_, start, size = wants[start:start + size], start + size, size * 2
         for _, _, i, w in round_:
             per_job.setdefault(i, []).append(w)
-        for i, keys in per_job.items():
+        items = list(per_job.items())
+        for (i, keys), outcome in zip(items, ahead.answers(items), strict=True):
             job = jobs[i]
-            for k, ck, _ in _batched(con, job, keys, spooler):
+            for k, ck, _ in _batched(job, keys, outcome, spooler):
                 if job.failed or expired() or spooler.full:
                     report.skipped += 1
                     continue
@@ -209,21 +212,59 @@ def _rounds(con: duckdb.DuckDBPyConnection, jobs: list[_Job],
                 report.single += 1
 
 
-def _batched(con: duckdb.DuckDBPyConnection, job: _Job, keys: list[Want],
-             spooler: _Spooler) -> list[Want]:
-    """Answer what one batched query can; return the keys left for single queries."""
-    plan = None if job.unbatched else job.task.plan
-    if plan is None:
+Batch = list[Result | None] | duckdb.Error | None  # a batched query's answers, or why none
+
+
+class _Ahead:
+    """Runs the endpoints' batched queries one ahead, on their own cursor and thread: DuckDB
+    answers the next endpoint's keys (without the GIL) while the warm's thread encodes the
+    answers of the last one (with it). One after the other, a warm left a core idle while it
+    encoded, ~0.2-0.4 s of a demo publish's hot keys."""
+
+    def __init__(self, cur: duckdb.DuckDBPyConnection, jobs: list[_Job]) -> None:
+        cur.execute("SET enable_progress_bar = false")
+        self.cur = cur
+        self.jobs = jobs
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="duckswap-warm-query")
+
+    def __enter__(self) -> _Ahead:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        self.cur.close()
+
+    def _query(self, i: int, keys: list[Want]) -> Batch:
+        job = self.jobs[i]
+        plan = None if job.unbatched else job.task.plan
+        if plan is None:
+            return None
+        try:
+            return execute_batch(self.cur, job.task.spec, plan, [w[0] for w in keys], job.fixed)
+        except duckdb.Error as exc:
+            return exc
+
+    def answers(self, items: list[tuple[int, list[Want]]]) -> Iterator[Batch]:
+        """Each item's batched answers, in order; the next item's query runs meanwhile."""
+        nxt = self.pool.submit(self._query, *items[0]) if items else None
+        for n in range(len(items)):
+            assert nxt is not None
+            current = nxt
+            nxt = self.pool.submit(self._query, *items[n + 1]) if n + 1 < len(items) else None
+            yield current.result()
+
+
+def _batched(job: _Job, keys: list[Want], outcome: Batch, spooler: _Spooler) -> list[Want]:
+    """Spool what the batched query answered; return the keys left for single queries."""
+    if outcome is None:
         return keys
-    try:
-        results = execute_batch(con, job.task.spec, plan, [w[0] for w in keys], job.fixed)
-    except duckdb.Error as exc:
+    if isinstance(outcome, duckdb.Error):
         log.warning("batched warm of %s failed (%s); warming key by key",
-                    job.task.spec.name, type(exc).__name__)
+                    job.task.spec.name, type(outcome).__name__)
         job.unbatched = True
         return keys
     rest = []
-    for want, result in zip(keys, results, strict=True):
+    for want, result in zip(keys, outcome, strict=True):
         if result is None:
             rest.append(want)
         elif not spooler.full:

@@ -98,6 +98,7 @@ def _write(tmp_path: Path, raw: dict[str, Any]) -> Path:
          "endpoints.one.warm_sql", "takes no parameters"),
         ("server.build_nice", 25, "server.build_nice", "0-19"),
         ("server.build_idle", "yes", "server.build_idle", "expected"),
+        ("server.build_processes", 0, "server.build_processes", "must be positive"),
         ("server.cache_mb", -1, "server.cache_mb", "must not be negative"),
         ("server.event_loop", "trio", "server.event_loop", "expected one of auto, uvloop"),
     ],

@@ -6,12 +6,14 @@ import asyncio
 import logging
 import os
 import shutil
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from conftest import Running, seq_config, wait_for, write_seq_export
+from conftest import Running, demo_settings, seq_config, wait_for, write_seq_export
 from loaders.snapshot import Store
 from loaders.source import LocalSource
 from loaders.updater import Updater
@@ -187,3 +189,38 @@ async def test_the_loader_thread_keeps_the_request_threads_priority(
     loader = await updater.act(os.getpriority, os.PRIO_PROCESS, 0)  # the calling thread's
     assert loader == os.getpriority(os.PRIO_PROCESS, 0)
     assert updater.builder.run(os.getpriority, os.PRIO_PROCESS, 0) >= 10  # build_nice
+
+
+def test_the_datasets_of_one_export_are_built_side_by_side(tmp_path: Path) -> None:
+    """One export's datasets are loaded `build_processes` at a time, the largest first (one
+    build's serial steps leave a core to the next), and published together."""
+    from data.generate import DATASETS, write_export
+    from loaders.builder import Builder
+
+    folders = write_export(tmp_path, 1, "small")
+    settings = demo_settings(tmp_path)
+    store = Store(threads=1)
+    builder = Builder(threads=1, processes=2)
+    updater = Updater(LocalSource(tmp_path), store, settings.datasets, builder=builder)
+    both = threading.Barrier(2, timeout=30)
+    started: list[str] = []
+    build = builder.build
+
+    def build_two_at_once(export: Any, schema: Any, path: Path) -> Any:
+        started.append(export.dataset)
+        if len(started) <= 2:
+            both.wait()  # broken (the test fails) unless the other load runs meanwhile
+        return build(export, schema, path)
+
+    builder.build = build_two_at_once  # type: ignore[method-assign]
+    try:
+        events = updater.refresh()
+        assert [e.dataset for e in events] == sorted(DATASETS)  # recorded in listing order
+        assert all(e.ok for e in events), [e.reason for e in events]
+        assert set(store.current.versions) == set(DATASETS)  # one Snapshot
+        assert len(store.current.versions) == len(events)
+    finally:
+        builder.close()
+        store.close()
+    size = {d: sum(p.stat().st_size for p in f.glob("*.parquet")) for d, f in folders.items()}
+    assert started[0] == max(size, key=lambda d: size[d])
