@@ -77,7 +77,8 @@ SETTING_KEYS: dict[str, str] = {
     "server.build_processes": "Build processes. The datasets of one export are downloaded, "
     "checked and built this many at a time, the largest first, so one build's serial steps "
     "(digests, the order check, writing its file) leave no core idle; each has its own memory "
-    "peak. The warm runs in one of them. 1: one build after another (default 2).",
+    "peak (~150 MB building the demo export). The warm runs in one of them. 1: one build "
+    "after another (default 2).",
     "server.data_dir": "Folder of verified versions and their state, served again after a restart "
     "before the source answers (default: `$XDG_CACHE_HOME/duckswap/<hash of source.url>`).",
     "server.keep_versions": "Versions kept per dataset for rollback, the served one included "
