@@ -27,6 +27,10 @@ log = logging.getLogger("duckswap.loader")
 T = TypeVar("T")
 
 
+class BuildDied(LoadError):
+    """A build process died (the OOM killer, a crash): every task it was running fails."""
+
+
 def _child_init(nice: int, idle: bool, server: int) -> None:
     exit_with(server)
     with contextlib.suppress(OSError):  # Linux: the name `ps -o comm` and `top` show
@@ -104,15 +108,17 @@ class Builder:
             meanwhile: Callable[[], None] | None = None) -> T:
         """Call a module-level `fn(*args)` in the builder process and wait for its result;
         `meanwhile`, if given, runs on this thread while the builder works."""
+        pool = self._executor()
         try:
-            future = self._executor().submit(fn, *args)
+            future = pool.submit(fn, *args)
             if meanwhile is not None:
                 meanwhile()
             return future.result()
         except BrokenProcessPool:
             with self._lock:
-                self._pool = None  # a fresh process next time
-            raise LoadError("the build process died") from None
+                if self._pool is pool:  # not one another thread has started since
+                    self._pool = None  # fresh processes next time
+            raise BuildDied("the build process died") from None
 
     def build(self, export: Export, schema: DatasetSchema,
               path: Path) -> tuple[int, dict[str, float]]:

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import duckdb
 
 from loaders.build import check_export, remove_version_file
-from loaders.builder import Builder
+from loaders.builder import BuildDied, Builder
 from loaders.schema import DatasetSchema, LoadError, Unavailable
 from loaders.snapshot import Snapshot, Store, Version
 from loaders.source import Export, Source
@@ -162,7 +162,13 @@ class Updater:
         with ThreadPoolExecutor(self.builder.processes,
                                 thread_name_prefix="duckswap-load") as pool:
             futures = {i: pool.submit(self._load, found[i][0]) for i in order}
-            return [futures[i].result() for i in range(len(found))]
+            loaded = [futures[i].result() for i in range(len(found))]
+        # A build process that dies fails every task of the pool: which export killed it is
+        # not known, so those are loaded again one at a time, and only the culprit is refused.
+        for i, outcome in enumerate(loaded):
+            if isinstance(outcome, _Failed) and isinstance(outcome.error, BuildDied):
+                loaded[i] = self._load(found[i][0])
+        return loaded
 
     def _publish(self, built: list[Version],
                  timings: Mapping[str, dict[str, float]] | None = None) -> None:
