@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -46,6 +47,11 @@ from serving.warm import Warmer
 log = logging.getLogger("duckswap.server")
 # What the forkserver imports once, for the build process and the query process alike.
 PRELOAD = ("loaders.build", "serving.spool", "serving.qworker")
+# The longest the event loop waits for the GIL while another thread of this process runs
+# Python (picking hot keys, reading warm answers back, freeing a replaced version's answers).
+# At CPython's default 5 ms, the loop stalled 3-6 ms at a time while a warm picked its keys
+# (2000 req/s); the threads that want it otherwise are paced or waiting on I/O.
+SWITCH_INTERVAL = 0.0005
 
 
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
@@ -53,6 +59,8 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     store = app[STORE]
     stop = asyncio.Event()
     app[WARMER].loop = asyncio.get_running_loop()
+    switch_interval = sys.getswitchinterval()
+    sys.setswitchinterval(SWITCH_INTERVAL)
     process = app[SERVING].process
     if process is not None:
         await process.start()
@@ -73,6 +81,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     store.close()
     app[DATA].close()
     gc.unfreeze()  # publishes froze the cache's objects; let the collector have them back
+    sys.setswitchinterval(switch_interval)
     log.info("stopped serving %s", settings.file)
 
 

@@ -33,7 +33,7 @@ from serving.endpoints import EndpointSpec
 from serving.fold import Folded
 from serving.plan import BatchPlan
 from serving.responses import endpoint_tokens, entry_size
-from serving.spool import BUSY_SHARE, WarmReport, WarmTask, compute
+from serving.spool import BUSY_SHARE, WarmReport, WarmTask, compute, write_inputs
 
 log = logging.getLogger("duckswap.warm")
 
@@ -267,10 +267,15 @@ class Warmer:
     def _answer(self, snap: Snapshot, tasks: list[WarmTask], seconds: float,
                 done: list[set[tuple[Any, ...]]], busy_seconds: float, busy_share: float,
                 files: dict[str, str], spool: Path, dropped: Sequence[Answers]) -> WarmReport:
-        report: WarmReport = self.builder.run(
-            compute, files, tasks, seconds, self.threads,
-            max(0, self.cache.max_bytes - self.cache.warm_bytes), str(spool),
-            done, busy_seconds, busy_share, meanwhile=lambda: _free(dropped))
+        inputs = spool.with_suffix(".in")
+        try:
+            light = write_inputs(str(inputs), tasks, done, _GilPacer().pause)
+            report: WarmReport = self.builder.run(
+                compute, files, light, seconds, self.threads,
+                max(0, self.cache.max_bytes - self.cache.warm_bytes), str(spool),
+                None, busy_seconds, busy_share, str(inputs), meanwhile=lambda: _free(dropped))
+        finally:
+            inputs.unlink(missing_ok=True)
         report.snapshot = snap.id
         read_start, read_cpu = time.perf_counter(), time.thread_time()
         # Each task's answers go into a dict of their own here, off the loop, which then

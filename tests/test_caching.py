@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import pickle
 import threading
 import time
 from dataclasses import replace
@@ -32,7 +33,8 @@ from serving.responses import (
     token,
 )
 from serving.settings import Settings, load_settings, parse_settings
-from serving.spool import Budget, WarmTask, compute
+import serving.spool
+from serving.spool import Budget, WarmTask, compute, write_inputs
 from serving.state import SERVING, STORE, WARMER
 from serving.warm import would_miss
 
@@ -597,6 +599,49 @@ async def test_busy_machine_warms_every_declared_key_before_the_publish(demo: Ru
     assert busy.cpu_share > 0
     idle = compute(files, tasks, 1e-9, 1, 2**30, spool, busy_seconds=60, busy_share=0)
     assert not idle.extended and idle.entries == 0 and idle.unlisted
+
+
+async def test_warm_inputs_handed_over_a_slice_at_a_time(demo: Running, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The hot keys and the keys to skip reach the builder process through a file written a
+    slice at a time (the loader thread pauses between slices): the same answers as when they
+    are passed as arguments, hot keys first whatever the time, skipped keys left out."""
+    snap = demo.app[STORE].current
+    files = {d: str(v.path) for d, v in snap.versions.items()}
+    spec = demo.app[WARMER].endpoints["champion_stats"]
+    versions = snap.version_ids(spec.datasets)
+    bare = WarmTask(spec, token(fingerprint(spec), versions), versions, batch_sql(spec), [])
+    spool = tmp_path / "spool"
+    compute(files, [bare], 1e-9, 1, 2**30, str(spool), busy_seconds=60, busy_share=1e9)
+    declared = sorted(_spooled(spool))
+    hot = [(k, 10 - n) for n, k in enumerate(declared[:7])]
+    skip = [{k for k, _ in hot[1:3]}]
+    task = replace(bare, hot=hot)
+    direct = compute(files, [task], 1e-9, 1, 2**30, str(spool), [set(skip[0])],
+                     busy_seconds=0)  # an idle machine: the hot keys only
+    by_args = _spooled(spool)
+    monkeypatch.setattr(serving.spool, "INPUT_SLICE", 2)
+    pauses = []
+    inputs = tmp_path / "inputs"
+    light = write_inputs(str(inputs), [task], skip, lambda: pauses.append(1))
+    assert light[0].hot == [] and len(pauses) == 4 + 1  # 7 hot keys, 2 skipped, 2 a slice
+    via_file = compute(files, light, 1e-9, 1, 2**30, str(spool), None, busy_seconds=0,
+                       inputs=str(inputs))
+    assert _spooled(spool) == by_args
+    assert set(by_args) == {k for k, _ in hot} - skip[0]
+    assert via_file.entries == direct.entries == 5 and via_file.unlisted
+
+
+def _spooled(spool: Path) -> dict[tuple[Any, ...], Any]:
+    """The answers in a warm's spool file, by cache key."""
+    out: dict[tuple[Any, ...], Any] = {}
+    with spool.open("rb") as f:
+        while True:
+            try:
+                _, chunk, _ = pickle.load(f)
+            except EOFError:
+                return out
+            out.update(chunk)
 
 
 def test_request_window_counts_what_a_publish_would_leave_to_misses() -> None:
