@@ -86,8 +86,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 # Connections the kernel queues before the loop accepts them (capped by net.core.somaxconn), as
-# uvicorn and gunicorn do; aiohttp's 128 overflowed at 5000 req/s on this box after a stall of
-# the loop (connections grow while requests wait), and each dropped SYN waits 1 s to be retried.
+# uvicorn and gunicorn do; aiohttp's 128 overflowed in runs up to 5000 req/s on this box
+# (connections grow while requests wait out a stall), and a dropped SYN is retried after 1 s.
 BACKLOG = 2048
 
 
