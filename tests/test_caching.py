@@ -15,6 +15,7 @@ import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+import serving.spool
 from bench.cli import loop_lag
 from conftest import DEMO_CONFIG, Running, demo_settings, wait_for, write_seq_export
 from data.generate import RANKS, REGIONS, ROLES, export_id, write_export
@@ -33,7 +34,6 @@ from serving.responses import (
     token,
 )
 from serving.settings import Settings, load_settings, parse_settings
-import serving.spool
 from serving.spool import Budget, WarmTask, compute, write_inputs
 from serving.state import SERVING, STORE, WARMER
 from serving.warm import would_miss

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import shutil
+import sys
 import threading
 import time
 from pathlib import Path
@@ -17,6 +18,7 @@ from conftest import Running, demo_settings, seq_config, wait_for, write_seq_exp
 from loaders.snapshot import Store
 from loaders.source import LocalSource
 from loaders.updater import Updater
+from serving.app import SWITCH_INTERVAL
 from serving.state import STORE, UPDATER
 
 
@@ -189,6 +191,18 @@ async def test_the_loader_thread_keeps_the_request_threads_priority(
     loader = await updater.act(os.getpriority, os.PRIO_PROCESS, 0)  # the calling thread's
     assert loader == os.getpriority(os.PRIO_PROCESS, 0)
     assert updater.builder.run(os.getpriority, os.PRIO_PROCESS, 0) >= 10  # build_nice
+
+
+async def test_the_server_keeps_the_event_loops_gil_waits_short(tmp_path: Path, serve) -> None:
+    """While it serves, a thread running Python holds the GIL the loop wants for at most
+    `SWITCH_INTERVAL` (CPython's default is 5 ms); the interpreter's own is back after."""
+    before = sys.getswitchinterval()
+    write_seq_export(tmp_path, 1)
+    srv: Running = await serve(seq_config(tmp_path))
+    await srv.wait_ready()
+    assert sys.getswitchinterval() == pytest.approx(SWITCH_INTERVAL) != before
+    await srv.stop()
+    assert sys.getswitchinterval() == before
 
 
 def test_the_datasets_of_one_export_are_built_side_by_side(tmp_path: Path) -> None:
