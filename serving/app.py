@@ -54,13 +54,26 @@ PRELOAD = ("loaders.build", "serving.spool", "serving.qworker")
 SWITCH_INTERVAL = 0.0005
 
 
+_switch = {"apps": 0, "before": 0.0}  # apps serving in this process; the interval before
+
+
+def _short_switch(step: int) -> None:
+    """The first app to start sets `SWITCH_INTERVAL`; the last to stop restores the one before
+    (several serve in one process in tests)."""
+    if step > 0 and _switch["apps"] == 0:
+        _switch["before"] = sys.getswitchinterval()
+        sys.setswitchinterval(SWITCH_INTERVAL)
+    _switch["apps"] += step
+    if _switch["apps"] == 0:
+        sys.setswitchinterval(_switch["before"])
+
+
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     store = app[STORE]
     stop = asyncio.Event()
     app[WARMER].loop = asyncio.get_running_loop()
-    switch_interval = sys.getswitchinterval()
-    sys.setswitchinterval(SWITCH_INTERVAL)
+    _short_switch(+1)
     process = app[SERVING].process
     if process is not None:
         await process.start()
@@ -81,7 +94,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     store.close()
     app[DATA].close()
     gc.unfreeze()  # publishes froze the cache's objects; let the collector have them back
-    sys.setswitchinterval(switch_interval)
+    _short_switch(-1)
     log.info("stopped serving %s", settings.file)
 
 

@@ -195,14 +195,24 @@ async def test_the_loader_thread_keeps_the_request_threads_priority(
 
 async def test_the_server_keeps_the_event_loops_gil_waits_short(tmp_path: Path, serve) -> None:
     """While it serves, a thread running Python holds the GIL the loop wants for at most
-    `SWITCH_INTERVAL` (CPython's default is 5 ms); the interpreter's own is back after."""
+    `SWITCH_INTERVAL` (CPython's default is 5 ms); the interval before is back once the last
+    server in the process stops."""
     before = sys.getswitchinterval()
-    write_seq_export(tmp_path, 1)
-    srv: Running = await serve(seq_config(tmp_path))
-    await srv.wait_ready()
-    assert sys.getswitchinterval() == pytest.approx(SWITCH_INTERVAL) != before
-    await srv.stop()
-    assert sys.getswitchinterval() == before
+    sys.setswitchinterval(0.004)
+    try:
+        write_seq_export(tmp_path / "a", 1)
+        write_seq_export(tmp_path / "b", 1)
+        first: Running = await serve(seq_config(tmp_path / "a"))
+        second: Running = await serve(seq_config(tmp_path / "b"))
+        await first.wait_ready()
+        await second.wait_ready()
+        assert sys.getswitchinterval() == pytest.approx(SWITCH_INTERVAL)
+        await first.stop()
+        assert sys.getswitchinterval() == pytest.approx(SWITCH_INTERVAL)  # one still serves
+        await second.stop()
+        assert sys.getswitchinterval() == pytest.approx(0.004)
+    finally:
+        sys.setswitchinterval(before)
 
 
 def test_the_datasets_of_one_export_are_built_side_by_side(tmp_path: Path) -> None:
