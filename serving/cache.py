@@ -242,9 +242,9 @@ def hottest(counts: Mapping[tuple[Any, ...], int],
             n: int) -> list[tuple[tuple[Any, ...], int]]:
     """The `n` most requested keys in `counts` with their counts, most first (ties in the
     order counted). heapq.nlargest ran ~30 ms of Python bytecode for the top 10,000 of 20,000
-    keys on the warmer's thread, holding the GIL the event loop needs; `sorted` holds it 4-8
+    keys on the warmer's thread, holding the GIL the event loop needs; `sorted` holds it 4-12
     ms in one C call, a stall of the loop that long. Arrow's stable sort lets go of it, and
-    the steps around it hold it about a millisecond each."""
+    the steps around it hold it ~1-4 ms at a time."""
     if n <= 0 or not counts:
         return []
     if len(counts) <= SORT_HERE:
