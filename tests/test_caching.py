@@ -667,7 +667,7 @@ def test_request_window_counts_what_a_publish_would_leave_to_misses() -> None:
     # most first; equal counts in the order first counted; no more than asked for
     assert hottest({(7,): 2, (1,): 5, (4,): 2, (2,): 3}, 3) == [((1,), 5), ((2,), 3), ((7,), 2)]
     assert hottest({(1,): 1}, 5) == [((1,), 1)] and hottest({}, 5) == []
-    # Past SORT_HERE counts, Arrow sorts: the same order, ties still in the order counted.
+    # Past SORT_HERE counts, grouped by count: the same order, ties still in the order counted.
     many = {(i, "mid"): (i * 7919) % 50 for i in range(3 * SORT_HERE)}
     assert hottest(many, 1000) == sorted(many.items(), key=lambda kv: -kv[1])[:1000]
     assert len(hottest(many, 10**6)) == len(many) and hottest(many, 0) == []
