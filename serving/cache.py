@@ -16,7 +16,6 @@ import asyncio
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
-from operator import itemgetter
 from typing import Any
 
 from cachetools import LRUCache
@@ -245,10 +244,6 @@ def hottest(counts: Mapping[tuple[Any, ...], int],
     the loop can take the GIL back from each switch interval: ~1-2 ms at a time, in the
     same ~3-4 ms in all (and Arrow's sort, which lets go of it too, cost the server ~50 MB of
     RSS to import)."""
-    if n <= 0 or not counts:
-        return []
-    if len(counts) <= SORT_HERE:
-        return sorted(counts.items(), key=itemgetter(1), reverse=True)[:n]
     by_count: dict[int, list[tuple[Any, ...]]] = {}
     for key, count in counts.items():
         by_count.setdefault(count, []).append(key)
@@ -258,9 +253,6 @@ def hottest(counts: Mapping[tuple[Any, ...], int],
         if len(out) >= n:
             break
     return out
-
-
-SORT_HERE = 2000  # counts `hottest` sorts in one C call (well under a millisecond)
 
 
 WINDOW_KEYS = 4  # a window counts at most this many times `limit` distinct keys per endpoint

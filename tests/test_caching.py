@@ -19,7 +19,7 @@ import serving.spool
 from bench.cli import loop_lag
 from conftest import DEMO_CONFIG, Running, demo_settings, wait_for, write_seq_export
 from data.generate import RANKS, REGIONS, ROLES, export_id, write_export
-from serving.cache import SORT_HERE, WINDOW_KEYS, Popularity, ResponseCache, hottest
+from serving.cache import WINDOW_KEYS, Popularity, ResponseCache, hottest
 from serving.endpoints import DEFAULT_CACHE_CONTROL
 from serving.keys import enumerate_keys
 from serving.plan import batch_sql
@@ -667,8 +667,8 @@ def test_request_window_counts_what_a_publish_would_leave_to_misses() -> None:
     # most first; equal counts in the order first counted; no more than asked for
     assert hottest({(7,): 2, (1,): 5, (4,): 2, (2,): 3}, 3) == [((1,), 5), ((2,), 3), ((7,), 2)]
     assert hottest({(1,): 1}, 5) == [((1,), 1)] and hottest({}, 5) == []
-    # Past SORT_HERE counts, grouped by count: the same order, ties still in the order counted.
-    many = {(i, "mid"): (i * 7919) % 50 for i in range(3 * SORT_HERE)}
+    # Many counts, grouped by count: the same order as a sort, ties in the order counted.
+    many = {(i, "mid"): (i * 7919) % 50 for i in range(6000)}
     assert hottest(many, 1000) == sorted(many.items(), key=lambda kv: -kv[1])[:1000]
     assert len(hottest(many, 10**6)) == len(many) and hottest(many, 0) == []
     pop.seen("stats", (2,))
