@@ -48,7 +48,7 @@ def _metrics(url: str) -> list[Any] | None:
 
 
 def cache_lookups(families: list[Any] | None) -> dict[str, dict[str, float]] | None:
-    """endpoint -> {"hit", "miss", "stale": count} of the server's response cache."""
+    """endpoint -> {"hit", "miss": count} of the server's response cache."""
     if families is None:
         return None
     counts: dict[str, dict[str, float]] = {}
@@ -57,18 +57,9 @@ def cache_lookups(families: list[Any] | None) -> dict[str, dict[str, float]] | N
             for sample in family.samples:
                 if sample.name.endswith("_total"):
                     per = counts.setdefault(sample.labels["endpoint"],
-                                            {"hit": 0.0, "miss": 0.0, "stale": 0.0})
+                                            {"hit": 0.0, "miss": 0.0})
                     per[sample.labels["result"]] = sample.value
     return counts
-
-
-def stale_windows(families: list[Any] | None) -> dict[str, float]:
-    """{"count", "sum"} of the server's stale windows (seconds the replaced version stood in
-    after a publish)."""
-    for family in families or []:
-        if family.name == "duckswap_stale_window_seconds":
-            return {s.name.rsplit("_", 1)[1]: s.value for s in family.samples}
-    return {}
 
 
 def loop_lag(families: list[Any] | None) -> dict[float, float] | None:
@@ -216,7 +207,6 @@ def one_run(args: argparse.Namespace, rate: float, work: Path, server: Server | 
             source, staging, url, args.swap_every, stop, swaps, first), daemon=True)
     scraped = _metrics(url)
     before, lag_before = cache_lookups(scraped), loop_lag(scraped)
-    windows_before = stale_windows(scraped)
     gen = run_loadgen(url, rate, args.duration, out, args)
     cpu = CpuSampler(server.proc.pid if server else None, gen.pid).start()
     if thread:
@@ -238,16 +228,12 @@ def one_run(args: argparse.Namespace, rate: float, work: Path, server: Server | 
     if before is not None and after:
         delta = {e: {k: v - before.get(e, {}).get(k, 0.0) for k, v in c.items()}
                  for e, c in after.items()}
-        windows = {k: v - windows_before.get(k, 0.0) for k, v in stale_windows(scraped).items()}
-        hits, misses, stale = (sum(c.get(k, 0.0) for c in delta.values())
-                               for k in ("hit", "miss", "stale"))
-        looked = hits + misses + stale
-        summary["cache"] = {"hits": int(hits), "misses": int(misses), "stale": int(stale),
-                            "hit_ratio": round((hits + stale) / looked, 4) if looked else None,
+        hits, misses = (sum(c.get(k, 0.0) for c in delta.values()) for k in ("hit", "miss"))
+        looked = hits + misses
+        summary["cache"] = {"hits": int(hits), "misses": int(misses),
+                            "hit_ratio": round(hits / looked, 4) if looked else None,
                             "misses_by_endpoint": {e: int(c["miss"]) for e, c in
                                                    sorted(delta.items()) if c.get("miss")}}
-        if windows.get("count"):
-            summary["cache"]["stale_window_s"] = round(windows["sum"] / windows["count"], 2)
     if cpu.samples:
         end = time.time()
         summary["cpu"] = cpu.summary([(s.marker_at, s.served_at or end) for s in swaps])

@@ -138,9 +138,6 @@ def table(s: dict[str, Any]) -> str:
         c = s["cache"]
         lines.append(f"response cache   hit ratio {c['hit_ratio']}   hits {c['hits']}   "
                      f"misses {c['misses']}"
-                     + (f"   stale {c['stale']} (the replaced version, over "
-                        f"{c['stale_window_s']} s after a publish on average)"
-                        if c.get("stale_window_s") else "")
                      + ("   misses by endpoint " + ", ".join(
                          f"{e} {n}" for e, n in c["misses_by_endpoint"].items())
                         if c.get("misses_by_endpoint") else ""))

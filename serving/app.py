@@ -131,8 +131,7 @@ def create_app(settings: Settings) -> web.Application:
     warmer = Warmer(store, serving.cache, serving.popularity, settings.endpoints,
                     serving.fingerprints, serving.batch_sql, settings.warm_seconds,
                     settings.warm_keys, builder, settings.threads, settings.warm_tail_seconds,
-                    settings.warm_busy_seconds, serving.constants.folded,
-                    stale_seconds=settings.stale_seconds)
+                    settings.warm_busy_seconds, serving.constants.folded)
     app[SETTINGS] = settings
     app[STORE] = store
     app[SERVING] = serving

@@ -5,9 +5,7 @@ Entries are keyed by the endpoint's version token, so a swap of a dataset an end
 read leaves its entries valid. Two stores, within one byte budget: the answers warmed for a
 token, one dict per token that the warmer builds off the loop and the loop adopts in one step
 (never changed after, so other threads may read it), and an LRU of the answers computed for
-cache misses, which gets what the warmed answers leave of the budget. Right after a publish,
-the token it replaced may stand in for a new token's keys not warmed yet (`link`,
-`lookup(stale=True)`).
+cache misses, which gets what the warmed answers leave of the budget.
 """
 
 from __future__ import annotations
@@ -36,12 +34,9 @@ class ResponseCache:
         self._warm_bytes: dict[str, int] = {}
         self.warm_bytes = 0  # their sum (an int: read by the warmer's thread too)
         self.inflight: dict[Key, asyncio.Future[Entry]] = {}
-        # new token -> (the token it replaced, monotonic deadline): see `link`
-        self._stand_in: dict[str, tuple[str, float]] = {}
         self.hits = 0
         self.misses = 0
-        self.stale = 0
-        self.by_endpoint: dict[str, list[int]] = {}  # endpoint -> [hits, misses, stale]
+        self.by_endpoint: dict[str, list[int]] = {}  # endpoint -> [hits, misses]
         self.coalesced = 0
         self.warmed = 0
         self.pruned = 0
@@ -54,48 +49,19 @@ class ResponseCache:
                 return entry
         return self._lru.get(key)
 
-    def lookup(self, key: Key, endpoint: str = "",
-               stale: bool = False) -> tuple[str, Entry] | None:
-        """(the token that answers, its entry), counted as a hit, a miss or a stale answer.
-        With `stale`, a key `key[0]` has no answer for yet, while its version warms after its
-        publish (see `link`), is answered by the version it replaced."""
+    def lookup(self, key: Key, endpoint: str = "") -> Entry | None:
+        """The entry of `key`, counted as a hit or a miss of `endpoint`."""
         entry = self._find(key)
         counts = self.by_endpoint.get(endpoint)
         if counts is None:
-            counts = self.by_endpoint[endpoint] = [0, 0, 0]
+            counts = self.by_endpoint[endpoint] = [0, 0]
         if entry is not None:
             self.hits += 1
             counts[0] += 1
-            return key[0], entry
-        link = self._stand_in.get(key[0]) if stale else None
-        if link is not None:
-            old, until = link
-            if time.monotonic() < until:
-                warm = self._warm.get(old)
-                entry = warm.get(key[1]) if warm is not None else None
-                if entry is not None:
-                    self.stale += 1
-                    counts[2] += 1
-                    return old, entry
-            else:
-                del self._stand_in[key[0]]
-        self.misses += 1
-        counts[1] += 1
-        return None
-
-    def link(self, stand_ins: Mapping[str, str], seconds: float) -> None:
-        """Until `unlink` (at most `seconds`), let the warmed answers of each old token stand
-        in for the keys its new token has no answer for yet (`lookup(stale=True)`): the
-        answers the after-publish warm has still to compute. Stale-while-revalidate, on the
-        server: the first requests after a publish are not cache misses for the long tail of
-        keys, and the publish need not wait for it."""
-        until = time.monotonic() + seconds
-        for new, old in stand_ins.items():
-            self._stand_in[new] = (old, until)
-
-    def unlink(self, tokens: Iterable[str]) -> None:
-        for token in tokens:
-            self._stand_in.pop(token, None)
+        else:
+            self.misses += 1
+            counts[1] += 1
+        return entry
 
     def peek(self, key: Key) -> Entry | None:
         """Look up without counting (for `?v=` of versions that may not be current)."""
@@ -169,18 +135,17 @@ class ResponseCache:
         return len(self._lru) + sum(len(a) for a in self._warm.values())
 
     def stats(self) -> dict[str, Any]:
-        looked = self.hits + self.misses + self.stale
+        looked = self.hits + self.misses
         return {
             "entries": len(self),
             "bytes": self.bytes,
             "max_bytes": self.max_bytes,
             "hits": self.hits,
             "misses": self.misses,
-            "stale": self.stale,
             "coalesced": self.coalesced,
             "warmed": self.warmed,
             "pruned": self.pruned,
-            "hit_ratio": round((self.hits + self.stale) / looked, 4) if looked else None,
+            "hit_ratio": round(self.hits / looked, 4) if looked else None,
         }
 
 

@@ -114,16 +114,9 @@ def endpoint_handler(spec: EndpointSpec) -> Handler:
             validator = request.headers.get("If-None-Match")
             if if_none_match(validator, tag):
                 return _not_modified(tag, cache_control, tok)
-            # Without `v`, the version a publish replaced may answer for a key the new one
-            # has not warmed yet (`ResponseCache.link`): its own token, ETag and versions.
-            found = cache.lookup((tok, key), name, stale=wanted is None)
-            if found is None:
+            entry = cache.lookup((tok, key), name)
+            if entry is None:
                 entry = await _compute(app, spec, snap, tok, key, params)
-            else:
-                answered, entry = found
-                if answered != tok and if_none_match(validator, entry[1]):
-                    return _not_modified(entry[1], cache_control, answered)
-                tok = answered
             return _entry_response(entry, tok, cache_control)
         finally:
             store.release(snap)

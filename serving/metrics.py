@@ -11,7 +11,6 @@ from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
     Metric,
-    SummaryMetricFamily,
 )
 from prometheus_client.registry import Collector
 
@@ -68,14 +67,11 @@ class Metrics(Collector):
 
     def collect(self) -> Iterator[Metric]:
         c = self.cache
-        lookups = CounterMetricFamily("duckswap_cache_lookups", "Response cache lookups "
-                                      "(stale: answered by the version a publish replaced, "
-                                      "while the new one warms)",
+        lookups = CounterMetricFamily("duckswap_cache_lookups", "Response cache lookups",
                                       labels=["endpoint", "result"])
-        for endpoint, (hits, misses, stale) in sorted(list(c.by_endpoint.items())):
+        for endpoint, (hits, misses) in sorted(list(c.by_endpoint.items())):
             lookups.add_metric([endpoint, "hit"], hits)
             lookups.add_metric([endpoint, "miss"], misses)
-            lookups.add_metric([endpoint, "stale"], stale)
         yield lookups
         yield CounterMetricFamily("duckswap_cache_coalesced",
                                   "Misses that waited for an identical query in flight",
@@ -129,11 +125,6 @@ class Metrics(Collector):
                                 f"beyond the hot keys: from {self.warmer.miss_rate:g} a publish "
                                 "waits for the declared keys",
                                 value=last.would_miss if last else 0.0)
-        w = self.warmer
-        yield SummaryMetricFamily("duckswap_stale_window_seconds", "After each publish that "
-                                  "left keys to warm, the seconds the replaced version answered "
-                                  "for them (see server.stale_seconds)",
-                                  count_value=w.stale_windows, sum_value=w.stale_window_seconds)
         p = self.process
         if p is not None:
             yield GaugeMetricFamily("duckswap_query_process_up", "1 while the query process "

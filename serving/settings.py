@@ -55,17 +55,8 @@ SETTING_KEYS: dict[str, str] = {
     "a core, or the requests since the last warm asked 20 or more a second for warmed answers "
     "beyond the hot keys it chose) the warm before a publish and the one after it go on past "
     "`warm_seconds` and `warm_tail_seconds`, up to this many seconds, instead of leaving keys "
-    "to cache misses that would keep them starved (default 60; 0: never). With `stale_seconds` "
-    "above 0 (the default) only the pass after the publish goes on: the replaced version "
-    "answers for the keys left meanwhile.",
+    "to cache misses that would keep them starved (default 60; 0: never).",
     "server.warm_keys": "Most popular keys per endpoint replayed before a publish (default 10000).",
-    "server.stale_seconds": "After a publish, while the keys beyond the hot ones are still being "
-    "warmed, a request without `v` for one of them is answered by the version the publish "
-    "replaced (its own token, ETag and versions), for at most this many seconds; the publish "
-    "then waits only for the hot keys, not for the busy-machine extension of "
-    "`warm_busy_seconds` (default 30, the `stale-while-revalidate` of unversioned URLs; 0: "
-    "never, every request gets the served version, and a busy machine publishes later; "
-    "so does `warm_tail_seconds = 0`).",
     "server.version_cache_control": "`Cache-Control` of `/v1/version` (default "
     "`public, max-age=1`).",
     "server.metrics": "Serve Prometheus metrics on `/metrics` (default true).",
@@ -165,7 +156,6 @@ class Settings:
     warm_tail_seconds: float = 10.0
     warm_busy_seconds: float = 60.0
     warm_keys: int = 10000
-    stale_seconds: float = 30.0
     version_cache_control: str = "public, max-age=1"
     metrics: bool = True
     build_nice: int = 10
@@ -266,7 +256,6 @@ def parse_settings(raw: Mapping[str, Any], file: str = "<config>") -> Settings:
         warm_tail_seconds=float(server.get("warm_tail_seconds", (int, float), 10.0)),
         warm_busy_seconds=float(server.get("warm_busy_seconds", (int, float), 60.0)),
         warm_keys=server.get("warm_keys", int, 10000),
-        stale_seconds=float(server.get("stale_seconds", (int, float), 30.0)),
         version_cache_control=server.get("version_cache_control", str, "public, max-age=1"),
         metrics=server.get("metrics", bool, True),
         build_nice=server.get("build_nice", int, 10),
@@ -277,7 +266,7 @@ def parse_settings(raw: Mapping[str, Any], file: str = "<config>") -> Settings:
     if settings.quiet_seconds < 0:
         raise source.fail("quiet_seconds", f"must not be negative, got {settings.quiet_seconds}")
     for name in ("cache_mb", "warm_seconds", "warm_tail_seconds", "warm_busy_seconds",
-                 "warm_keys", "stale_seconds", "build_nice"):
+                 "warm_keys", "build_nice"):
         if getattr(settings, name) < 0:
             raise server.fail(name, f"must not be negative, got {getattr(settings, name)!r}")
     if settings.event_loop not in EVENT_LOOPS:

@@ -39,7 +39,7 @@ class Serving:
         self.fingerprints = {n: fingerprint(e) for n, e in settings.endpoints.items()}
         self.cache = ResponseCache(int(settings.cache_mb * 2**20))
         for name in settings.endpoints:  # every endpoint's series exists from the start
-            self.cache.by_endpoint[name] = [0, 0, 0]
+            self.cache.by_endpoint[name] = [0, 0]
         self.popularity = Popularity(settings.warm_keys)
         self._tokens: dict[int, dict[str, str]] = {}
         self._pointer: tuple[int, bytes, str] | None = None

@@ -58,8 +58,7 @@ class Warmer:
                  batch: Mapping[str, BatchPlan | None], seconds: float, keys: int,
                  builder: Builder, threads: int = 2, tail_seconds: float = 0.0,
                  busy_seconds: float = 0.0, folded: Mapping[str, Folded] | None = None,
-                 busy_share: float = BUSY_SHARE, miss_rate: float = MISS_RATE,
-                 stale_seconds: float = 0.0) -> None:
+                 busy_share: float = BUSY_SHARE, miss_rate: float = MISS_RATE) -> None:
         self.store = store
         self.cache = cache
         self.popularity = popularity
@@ -74,11 +73,6 @@ class Warmer:
         self.busy_seconds = busy_seconds
         self.busy_share = busy_share
         self.miss_rate = miss_rate
-        self.stale_seconds = stale_seconds
-        # (Snapshot id, new token -> old token, when linked, stale answers then): see `_link`
-        self._linked: tuple[int, dict[str, str], float, int] | None = None
-        self.stale_windows = 0  # publishes whose replaced version stood in while they warmed
-        self.stale_window_seconds = 0.0  # ... the seconds it stood in, in all
         self._hot: dict[str, frozenset[tuple[Any, ...]]] = {}  # each endpoint's last hot keys
         # (the Snapshot, its tasks, the keys already warmed per task, the busy share used)
         self._tail: tuple[Snapshot, list[WarmTask], list[set[tuple[Any, ...]]], float] | None = None
@@ -149,12 +143,8 @@ class Warmer:
             return WarmReport(snap.id)
         done: list[set[tuple[Any, ...]]] = [set() for _ in tasks]
         # Waiting on a busy machine trades freshness for fewer misses; an endpoint not served
-        # yet has no misses to spare, only 503s: publish it as soon as possible. Nor is there
-        # a reason to wait where the replaced versions stand in for the keys left (`_link`)
-        # until the after-publish pass has answered them.
-        stand_ins = {t.token: was for t in tasks if (was := old_tokens.get(t.spec.name))}
-        standing = self.stale_seconds > 0 and self.tail_seconds > 0
-        wait = len(stand_ins) == len(tasks) and not standing
+        # yet has no misses to spare, only 503s: publish it as soon as possible.
+        wait = all(old_tokens.get(t.spec.name) for t in tasks)
         # Requests for warmed answers beyond the hot keys: a publish before their keys are
         # warmed meets them with misses, which on this box take the CPU the rest of the warm
         # needs. Many of them make the machine busy whatever the CPU the warm gets now.
@@ -167,8 +157,6 @@ class Warmer:
         report.would_miss = round(rate, 1)
         if (report.skipped or report.unlisted) and self.tail_seconds > 0:
             self._tail = (snap, tasks, done, share)
-            if standing:
-                self._link(snap, stand_ins)
         report.seconds = time.perf_counter() - start
         self.last = report
         log.info(
@@ -189,42 +177,6 @@ class Warmer:
             return self._after_publish(snap)
         finally:
             self.settled = True
-            self._unlink(snap)
-
-    def _link(self, snap: Snapshot, stand_ins: dict[str, str]) -> None:
-        """Just before the publish of `snap`, which leaves keys to the after-publish warm:
-        let the version it replaces answer them meanwhile (`ResponseCache.link`), for at most
-        `stale_seconds`, where that version had them warmed."""
-        if not stand_ins:
-            return
-        cache = self.cache
-        earlier = self._linked[1] if self._linked is not None else {}  # a publish that failed
-
-        def link() -> int:
-            cache.unlink(earlier)
-            cache.link(stand_ins, self.stale_seconds)
-            return cache.stale
-
-        self._linked = (snap.id, stand_ins, time.monotonic(), self._on_loop(link))
-
-    def _unlink(self, snap: Snapshot) -> None:
-        """The after-publish warm of `snap` has ended: its own answers from now on."""
-        linked, self._linked = self._linked, None
-        if linked is None or linked[0] != snap.id:
-            return
-        _, stand_ins, since, before = linked
-        cache = self.cache
-
-        def unlink() -> int:
-            cache.unlink(stand_ins)
-            return cache.stale
-
-        after = self._on_loop(unlink)
-        seconds = min(time.monotonic() - since, self.stale_seconds)
-        self.stale_windows += 1
-        self.stale_window_seconds += seconds
-        log.info("snapshot %d: the version it replaced answered %d requests for keys not "
-                 "warmed yet, over %.3fs after its publish", snap.id, after - before, seconds)
 
     def _after_publish(self, snap: Snapshot) -> WarmReport | None:
         pending, self._tail = self._tail, None

@@ -414,7 +414,7 @@ async def test_warmed_answers_and_computed_ones_share_one_byte_budget() -> None:
     size = sum(map(entry_size, warmed.values()))
     cache.adopt("t1", warmed, size, 4)
     assert cache.warm_bytes == size and cache.bytes <= 10_000  # the LRU made room
-    assert cache.lookup(("t1", (2,)), "e") == ("t1", entry(1000)) and cache.hits == 1
+    assert cache.lookup(("t1", (2,)), "e") == entry(1000) and cache.hits == 1
     assert cache.warmed_answers("t1") is warmed and len(cache) == 4 + len(cache._lru)
     cache.adopt("t1", {**warmed, (9,): entry(10)}, size + entry_size(entry(10)), 1)
     assert cache.warm_bytes == size + entry_size(entry(10)) and cache.warmed == 5
@@ -424,31 +424,6 @@ async def test_warmed_answers_and_computed_ones_share_one_byte_budget() -> None:
     assert [set(d) for d in dropped] == [{(0,), (1,), (2,), (3,), (9,)}]
     assert cache.warm_bytes == 0 and cache.lookup(("t1", (2,)), "e") is None
     assert "t1" not in cache.tokens() and cache.pruned == 5
-
-
-def test_a_linked_token_borrows_only_the_replaced_tokens_warmed_answers() -> None:
-    """`lookup(stale=True)`: a miss of the new token is answered by the old token's warmed
-    answer (with the old token), never by its computed ones, only until `unlink` or the time
-    limit; without `stale` (a `?v=` request) it stays a miss. Counted apart from hits."""
-    cache = ResponseCache(1_000_000)
-    old = (b"old", '"t0-a"', "d=1")
-    cache.adopt("t0", {("a",): old, ("c",): old}, 2 * entry_size(old), 2)
-    cache.put(("t0", ("b",)), (b"computed", '"t0-b"', "d=1"))
-    cache.link({"t1": "t0"}, seconds=60)
-    assert cache.lookup(("t1", ("a",)), "e", stale=True) == ("t0", old)
-    assert cache.lookup(("t1", ("a",)), "e") is None  # `?v=` of the new token
-    assert cache.lookup(("t1", ("b",)), "e", stale=True) is None  # computed, not warmed
-    new = (b"new", '"t1-a"', "d=2")
-    cache.put(("t1", ("a",)), new)
-    assert cache.lookup(("t1", ("a",)), "e", stale=True) == ("t1", new)  # its own first
-    assert (cache.hits, cache.misses, cache.stale) == (1, 2, 1)
-    assert cache.by_endpoint["e"] == [1, 2, 1]
-    assert cache.stats()["hit_ratio"] == 0.5 and cache.stats()["stale"] == 1
-    assert cache.lookup(("t1", ("c",)), "e", stale=True) == ("t0", old)
-    cache.unlink(["t1"])
-    assert cache.lookup(("t1", ("c",)), "e", stale=True) is None
-    cache.link({"t2": "t0"}, seconds=0)  # the time limit already passed
-    assert cache.lookup(("t2", ("c",)), "e", stale=True) is None
 
 
 def test_body_encoder_writes_the_documented_json(tmp_path: Path) -> None:
@@ -682,11 +657,10 @@ def test_request_window_counts_what_a_publish_would_leave_to_misses() -> None:
 async def test_requests_for_declared_keys_hold_the_publish_for_their_warm(
         tmp_path: Path, serve: Any) -> None:
     """With no time before the publish, the CPU rule off (`busy_share` 0, a machine never
-    judged busy) and no stand-in for the keys left (`stale_seconds` 0), a publish waits for
-    the declared keys only when requests ask for them."""
+    judged busy), a publish waits for the declared keys only when requests ask for them."""
     write_export(tmp_path, 1, size="small")
     demo = await _demo(serve, tmp_path, warm_seconds=1e-9, warm_keys=2,
-                       warm_busy_seconds=60, stale_seconds=0)
+                       warm_busy_seconds=60)
     warmer, store, serving = demo.app[WARMER], demo.app[STORE], demo.app[SERVING]
     warmer.busy_share, warmer.miss_rate = 0.0, 1.0
     declared = 12 * 5 * 5 * 2  # champion x role x rank x region of the latest patch (small)
@@ -744,17 +718,16 @@ def _hold_after_publish(warmer: Any) -> threading.Event:
     return gate
 
 
-async def test_keys_left_to_warm_after_a_publish_are_answered_by_the_replaced_version(
+async def test_keys_left_to_warm_after_a_publish_are_answered_by_the_new_version(
         tmp_path: Path, serve: Any) -> None:
-    """The publish waits for the hot keys only; until the after-publish warm has answered the
-    rest, a request without `v` for one of them gets the replaced version's answer, whole (its
-    token, ETag and versions: no miss), `?v=` of the new token gets the new version, and once
-    that warm ends, the new version answers."""
+    """The publish waits for the hot keys only; while the after-publish warm has still to
+    answer the rest, a request for one of them is a miss answered by the new version (its
+    token, ETag and versions), never by the version the publish replaced; once that warm ends,
+    the rest are hits of the new version."""
     write_export(tmp_path, 1, size="small")
     demo = await _demo(serve, tmp_path, warm_keys=1, warm_busy_seconds=60)
     warmer, store, serving = demo.app[WARMER], demo.app[STORE], demo.app[SERVING]
     cache = serving.cache
-    stats_only = ("champion_stats",)
     hot = f"/v1/champions/1/stats?role={ROLES[0]}&rank={RANKS[0]}&region={REGIONS[0]}"
     cold, cold2 = (f"/v1/champions/{c}/stats?role={ROLES[1]}&rank={RANKS[1]}"
                    f"&region={REGIONS[1]}" for c in (2, 3))
@@ -766,80 +739,38 @@ async def test_keys_left_to_warm_after_a_publish_are_answered_by_the_replaced_ve
     await wait_for(warmed_all, what="the after-publish warm of export 1")
     for _ in range(3):
         assert (await _raw(demo, hot))[0] == 200
-    old_status, old, old_body = await _raw(demo, cold)
-    assert old_status == 200 and old["X-Duckswap-Token"] == serving.tokens(
-        store.current)["champion_stats"]
-    gate = _hold_after_publish(warmer)
-    try:
-        write_export(tmp_path, 2, size="small", datasets=stats_only)
-        await wait_for(lambda: _served(store, 2), what="export 2")
-        new_tok = serving.tokens(store.current)["champion_stats"]
-        assert new_tok != old["X-Duckswap-Token"]
-        report = warmer.last
-        assert report is not None and report.snapshot == store.current.id
-        assert not report.extended and (report.unlisted or report.skipped)  # hot keys only
-        misses, stale = cache.misses, cache.stale
-        status, headers, body = await _raw(demo, cold)
-        assert status == 200 and body == old_body
-        for name in ("X-Duckswap-Token", "ETag", "X-Duckswap-Versions"):
-            assert headers[name] == old[name]
-        assert headers["Cache-Control"] == DEFAULT_CACHE_CONTROL
-        status, headers, _ = await _raw(demo, cold, headers={"If-None-Match": old["ETag"]})
-        assert status == 304 and headers["ETag"] == old["ETag"]
-        assert (cache.misses, cache.stale) == (misses, stale + 2)
-        status, headers, _ = await _raw(demo, hot)
-        assert status == 200 and headers["X-Duckswap-Token"] == new_tok  # warmed before
-        status, headers, body = await _raw(demo, f"{cold}&v={new_tok}")
-        assert status == 200 and headers["X-Duckswap-Token"] == new_tok
-        assert headers["X-Duckswap-Versions"] != old["X-Duckswap-Versions"]
-        assert cache.misses == misses + 1  # a `v` is that version's answer: computed
-        assert (await _raw(demo, cold2))[1]["X-Duckswap-Token"] == old["X-Duckswap-Token"]
-    finally:
-        gate.set()
-
-    async def new_answers() -> bool:
-        return (await _raw(demo, cold2))[1]["X-Duckswap-Token"] == new_tok
-
-    await wait_for(new_answers, what="the after-publish warm of export 2")
-    assert cache.misses == misses + 1  # warmed, not computed on request
-    families = {f.name: f for f in text_string_to_metric_families(
-        (await _raw(demo, "/metrics"))[2].decode())}
-    lookups = {(s.labels["endpoint"], s.labels["result"]): s.value
-               for s in families["duckswap_cache_lookups"].samples if s.name.endswith("_total")}
-    assert lookups[("champion_stats", "stale")] == cache.stale >= 3
-    windows = {s.name: s.value for s in families["duckswap_stale_window_seconds"].samples}
-    assert windows["duckswap_stale_window_seconds_count"] == 1
-    assert windows["duckswap_stale_window_seconds_sum"] > 0
-
-
-async def test_the_replaced_version_answers_for_stale_seconds_at_most(
-        tmp_path: Path, serve: Any) -> None:
-    """A warm after the publish that outlasts `stale_seconds`: from then on the keys it has
-    not answered are cache misses of the new version, not older answers."""
-    write_export(tmp_path, 1, size="small")
-    demo = await _demo(serve, tmp_path, warm_keys=1, stale_seconds=2)
-    warmer, store, serving = demo.app[WARMER], demo.app[STORE], demo.app[SERVING]
-    cold = f"/v1/champions/2/stats?role={ROLES[1]}&rank={RANKS[1]}&region={REGIONS[1]}"
-
-    async def warmed_all() -> bool:
-        tok = serving.tokens(store.current)["champion_stats"]
-        return len(serving.cache.warmed_answers(tok) or {}) >= 12 * 5 * 5 * 2
-
-    await wait_for(warmed_all, what="the after-publish warm of export 1")
+    old_status, old, _ = await _raw(demo, cold)
+    assert old_status == 200
     gate = _hold_after_publish(warmer)
     try:
         write_export(tmp_path, 2, size="small", datasets=("champion_stats",))
         await wait_for(lambda: _served(store, 2), what="export 2")
         new_tok = serving.tokens(store.current)["champion_stats"]
-
-        async def new_answer() -> bool:
-            return (await _raw(demo, cold))[1]["X-Duckswap-Token"] == new_tok
-
-        # The after-publish warm is still held: only the window's end lets the new one answer
-        await wait_for(new_answer, what="the new version to answer once stale_seconds passed")
-        assert serving.cache.stale >= 1  # the old one stood in first
+        assert new_tok != old["X-Duckswap-Token"]
+        report = warmer.last
+        assert report is not None and report.snapshot == store.current.id
+        assert report.unlisted or report.skipped  # hot keys only before the publish
+        misses = cache.misses
+        status, headers, _ = await _raw(demo, cold)
+        assert status == 200 and headers["X-Duckswap-Token"] == new_tok
+        assert headers["ETag"] != old["ETag"]
+        assert headers["X-Duckswap-Versions"] != old["X-Duckswap-Versions"]
+        assert cache.misses == misses + 1
+        status, _, _ = await _raw(demo, cold, headers={"If-None-Match": old["ETag"]})
+        assert status == 200  # the replaced version's ETag no longer matches
+        status, headers, _ = await _raw(demo, hot)
+        assert status == 200 and headers["X-Duckswap-Token"] == new_tok  # warmed before
+        assert cache.misses == misses + 1
     finally:
         gate.set()
+
+    async def warmed_new() -> bool:
+        return len(cache.warmed_answers(new_tok) or {}) >= 12 * 5 * 5 * 2
+
+    await wait_for(warmed_new, what="the after-publish warm of export 2")
+    status, headers, _ = await _raw(demo, cold2)
+    assert status == 200 and headers["X-Duckswap-Token"] == new_tok
+    assert cache.misses == misses + 1  # warmed, not computed on request
 
 
 async def _served(store: Any, seq: int) -> bool:

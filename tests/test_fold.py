@@ -111,9 +111,8 @@ async def test_constants_follow_each_version_on_every_path(tmp_path: Path, serve
     """Misses (cache off), batched warm answers and single queries all bind the value of
     the version they answer for; a constant that fails there answers as the SQL as written."""
     _write(tmp_path, 1, ["26.01"])
-    # No stand-in after a publish (`stale_seconds` 0): every answer is the new version's
-    cached: Running = await serve(_settings(tmp_path, stale_seconds=0))
-    uncached: Running = await serve(_settings(tmp_path, cache_mb=0, stale_seconds=0))
+    cached: Running = await serve(_settings(tmp_path))
+    uncached: Running = await serve(_settings(tmp_path, cache_mb=0))
     for srv in (cached, uncached):
         await srv.wait_ready()
         assert set(srv.app[SERVING].constants.folded) == {"latest", "only"}
