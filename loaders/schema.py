@@ -31,6 +31,17 @@ class DatasetSchema:
         }
 
 
+@dataclass(frozen=True)
+class RunGroup:
+    """Datasets published together: a run is the exports of every member that share one
+    export id, published as one Snapshot once all are complete and valid. A dataset in no
+    group is a group of its own (`incomplete_seconds` does not apply to it)."""
+
+    name: str
+    datasets: tuple[str, ...]
+    incomplete_seconds: float = 0.0  # a run complete in some members only is reported after
+
+
 class LoadError(Exception):
     """An export that cannot become a version; the message is the reason shown to operators."""
 

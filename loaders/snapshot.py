@@ -141,6 +141,16 @@ class Store:
                 self._attached[path] = name
             return name
 
+    def detach(self, db: str) -> None:
+        """Detach a version database no Snapshot uses (attached for a run that was not
+        published) and delete its file."""
+        with self._ddl:
+            path = next(p for p, name in self._attached.items() if name == db)
+            self._admin.execute(f"DETACH DATABASE IF EXISTS {db}")
+            del self._attached[path]
+            if path not in self.kept:
+                remove_version_file(path)
+
     def keep(self, paths: set[Path]) -> None:
         """Keep these version files on disk once detached (the versions retained for
         rollback); a file no longer kept is deleted now, or when its last reader drains."""

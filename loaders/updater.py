@@ -8,7 +8,7 @@ import gc
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +18,7 @@ import duckdb
 
 from loaders.build import check_export, remove_version_file
 from loaders.builder import BuildDied, Builder
-from loaders.schema import DatasetSchema, LoadError, Unavailable
+from loaders.schema import DatasetSchema, LoadError, RunGroup, Unavailable
 from loaders.snapshot import Snapshot, Store, Version
 from loaders.source import Export, Source
 from loaders.state import DataDir, DatasetState, Refusal, State, VersionRecord, checks_digest
@@ -41,10 +41,13 @@ class LoadEvent:
     at: float = field(default_factory=time.time)
     retry: bool = False  # the source could not be read: tried again at the next poll
     listing: int = 0  # the updater's listing round that found the export
+    held: bool = False  # built, but its run was not published: another member failed
 
     @property
     def outcome(self) -> str:
-        return "loaded" if self.ok else "unavailable" if self.retry else "refused"
+        if self.ok:
+            return "loaded"
+        return "unavailable" if self.retry else "held" if self.held else "refused"
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,15 @@ class _Loaded:
     rows: int
     timings: dict[str, float]
     start: float  # perf_counter when its load began
+
+
+@dataclass(frozen=True)
+class _Run:
+    """A run of a group to load: its export id and the exports of the members to load."""
+
+    group: RunGroup
+    run_id: str
+    todo: dict[str, Any]  # dataset -> the export the source listed
 
 
 @dataclass(frozen=True)
@@ -84,6 +96,7 @@ class Updater:
         poll_seconds: float = 5.0,
         data: DataDir | None = None,
         keep_versions: int = 2,
+        groups: Iterable[RunGroup] = (),
     ) -> None:
         self.source = source
         self.store = store
@@ -108,6 +121,12 @@ class Updater:
         self.history: list[LoadEvent] = []
         self.actions: list[dict[str, Any]] = []  # admin actions, newest last
         self.outcomes: Counter[tuple[str, str]] = Counter()
+        self.group_of = {d: g for g in groups for d in g.datasets}
+        # group -> run id -> when first seen complete in some members only
+        self.pending_runs: dict[str, dict[str, float]] = {}
+        self.overdue: set[tuple[str, str]] = set()  # (group, run id) reported incomplete
+        self.overdue_total = 0
+        self._listed: dict[str, set[str]] = {}  # dataset -> complete export ids last listed
 
     @property
     def refused(self) -> dict[tuple[str, str], str]:
@@ -117,40 +136,166 @@ class Updater:
                 for e, q in list(ds.quarantine.items())}
 
     # -- loading ----------------------------------------------------------------------------
+    def _groups(self, names: Iterable[str]) -> list[RunGroup]:
+        """The groups (a dataset in none is one of its own) that `names` belong to, none of
+        whose members is pinned: a pinned member holds its whole group."""
+        groups: list[RunGroup] = []
+        seen: set[str] = set()
+        for name in names:
+            if name in seen or name not in self.schemas:
+                continue
+            group = self.group_of.get(name) or RunGroup(name, (name,))
+            seen.update(group.datasets)
+            if all(self.state[d].pinned is None for d in group.datasets):
+                groups.append(group)
+        return groups
+
+    def _runs(self, group: RunGroup, listed: Mapping[str, Sequence[Any]]) -> list[_Run]:
+        """The runs of `group` newer than the one it serves, newest first, that are complete
+        in every member and not refused as they are now; each names the exports to load (a
+        member that already serves the run's export needs none). Runs complete in some
+        members only are noted (`pending_runs`) and reported once overdue."""
+        served = [self.store.current.versions.get(d) for d in group.datasets]
+        floor = min((v.export_id for v in served if v is not None), default="") \
+            if all(served) else ""
+        by_id = [{e.export_id: e for e in listed[d]} for d in group.datasets]
+        ids = sorted({i for exports in by_id for i in exports if i > floor}, reverse=True)
+        runs: list[_Run] = []
+        pending: dict[str, float] = {}
+        for run_id in ids:
+            if not all(run_id in exports for exports in by_id):
+                pending[run_id] = self.pending_runs.get(group.name, {}).get(run_id, time.time())
+                continue
+            todo = {}
+            for d, exports, version in zip(group.datasets, by_id, served, strict=True):
+                if version is not None and version.export_id == run_id:
+                    continue
+                export = exports[run_id]
+                refusal = self.state[d].quarantine.get(run_id)
+                if refusal is not None and refusal.fingerprint == export.fingerprint:
+                    break  # refused, and unchanged since
+                todo[d] = export
+            else:
+                runs.append(_Run(group, run_id, todo))
+        if len(group.datasets) > 1:
+            self._note_pending(group, pending)
+        return runs
+
+    def _note_pending(self, group: RunGroup, pending: dict[str, float]) -> None:
+        if pending:
+            self.pending_runs[group.name] = pending
+        else:
+            self.pending_runs.pop(group.name, None)
+        now = time.time()
+        for run_id, since in pending.items():
+            if now - since >= group.incomplete_seconds \
+                    and (group.name, run_id) not in self.overdue:
+                self.overdue.add((group.name, run_id))
+                self.overdue_total += 1
+                log.error("run %s of group %s is still incomplete after %.0fs (complete: %s; "
+                          "missing: %s); it is not published until every dataset of the group "
+                          "has a complete export with that id", run_id, group.name, now - since,
+                          ", ".join(self._members_with(group, run_id, True)) or "none",
+                          ", ".join(self._members_with(group, run_id, False)) or "none")
+        self.overdue = {(g, r) for g, r in self.overdue if g != group.name or r in pending}
+
+    def incomplete_runs(self) -> list[dict[str, Any]]:
+        """Runs complete in some members of their group only, oldest first (read off the
+        loader thread: each container is copied in one C call first)."""
+        now = time.time()
+        out = []
+        for name, runs in sorted(list(self.pending_runs.items())):
+            group = next(g for g in self.group_of.values() if g.name == name)
+            overdue = set(self.overdue)
+            for run_id, since in sorted(list(runs.items())):
+                out.append({"group": name, "export_id": run_id, "age_s": round(now - since, 3),
+                            "complete": self._members_with(group, run_id, True),
+                            "missing": self._members_with(group, run_id, False),
+                            "overdue": (name, run_id) in overdue})
+        return out
+
+    def _members_with(self, group: RunGroup, run_id: str, complete: bool) -> list[str]:
+        return [d for d in group.datasets
+                if (run_id in self._listed.get(d, ())) == complete]
+
     def refresh(self, datasets: Iterable[str] | None = None) -> list[LoadEvent]:
-        """Load the newest complete export of each dataset not served yet (pinned ones
-        excepted), and publish them together in one Snapshot (after `before_publish`, which
-        warms it). Raises what the source raises when it cannot be listed (the caller backs
-        off)."""
-        events = []
-        built: list[tuple[Version, dict[str, float]]] = []
+        """For each group (a dataset in none is one of its own) not pinned, load the newest
+        run newer than the served one that is complete in every member, walking back run by
+        run while one is refused, and publish every group loaded in one Snapshot (after
+        `before_publish`, which warms it). Raises what the source raises when it cannot be
+        listed (the caller backs off)."""
         self.listings += 1
-        found: list[tuple[Any, float]] = []
-        for name in sorted(self.schemas if datasets is None else set(datasets)):
-            if name not in self.schemas or self.state[name].pinned is not None:
-                continue
-            start = time.perf_counter()
-            exports = self.source.complete_exports(name)
-            listed = time.perf_counter() - start
-            self.last_listed = time.time()
-            if not exports:
-                continue
-            newest = exports[-1]
-            current = self.store.current.versions.get(name)
-            if current is not None and current.export_id >= newest.export_id:
-                continue
-            refusal = self.state[name].quarantine.get(newest.export_id)
-            if refusal is not None and refusal.fingerprint == newest.fingerprint:
-                continue  # refused, and unchanged since
-            found.append((newest, listed))
-        for (candidate, listed), loaded in zip(found, self._load_all(found), strict=True):
-            event, version = self._finish(candidate, listed, loaded)
-            events.append(event)
-            if version is not None:
-                built.append((version, dict(event.timings)))
+        names = sorted(self.schemas if datasets is None else set(datasets))
+        walks: dict[str, list[_Run]] = {}
+        listed_seconds: dict[str, float] = {}
+        for group in self._groups(names):
+            listed: dict[str, Sequence[Any]] = {}
+            for name in group.datasets:
+                start = time.perf_counter()
+                listed[name] = self.source.complete_exports(name)
+                listed_seconds[name] = time.perf_counter() - start
+                self.last_listed = time.time()
+                self._listed[name] = {e.export_id for e in listed[name]}
+            walks[group.name] = self._runs(group, listed)
+        events: list[LoadEvent] = []
+        built: list[tuple[Version, dict[str, float]]] = []
+        while any(walks.values()):
+            runs = [walk.pop(0) for walk in walks.values() if walk]
+            found = [(e, listed_seconds[d]) for run in runs for d, e in run.todo.items()]
+            loaded = iter(self._load_all(found))
+            for run in runs:
+                outcomes = {d: next(loaded) for d in run.todo}
+                versions = self._finish_run(run, outcomes, listed_seconds, events)
+                if versions is not None:  # loaded, or to be tried again later: no walk back
+                    built.extend(versions)
+                    walks[run.group.name] = []
         if built:
             self._publish([v for v, _ in built], {v.dataset: t for v, t in built})
         return events
+
+    def _finish_run(self, run: _Run, outcomes: dict[str, _Loaded | _Failed],
+                    listed: Mapping[str, float],
+                    events: list[LoadEvent]) -> list[tuple[Version, dict[str, float]]] | None:
+        """Attach a run's versions, or record why it was not loaded. Returns its versions
+        (none when it must be tried again later), or None to walk back to the run before."""
+        attached: dict[str, tuple[Version, LoadEvent]] = {}
+        if not any(isinstance(o, _Failed) for o in outcomes.values()):
+            for d, loaded in outcomes.items():
+                assert isinstance(loaded, _Loaded)
+                done = self._attach_loaded(run.todo[d], listed[d], loaded)
+                if isinstance(done, _Failed):
+                    outcomes[d] = done
+                else:
+                    attached[d] = done
+        failed = {d: o for d, o in outcomes.items() if isinstance(o, _Failed)}
+        if not failed:
+            for _, event in attached.values():
+                self._record(event)
+                events.append(event)
+            if run.group.name in self.pending_runs:  # runs older than this one: passed by
+                self._note_pending(run.group, {r: t for r, t in self.pending_runs[
+                    run.group.name].items() if r > run.run_id})
+            return [(v, dict(e.timings)) for v, e in attached.values()]
+        for version, _ in attached.values():
+            self.store.detach(version.db)
+        retry = any(isinstance(o.error, Unavailable) for o in failed.values())
+        for d, outcome in outcomes.items():
+            candidate = run.todo[d]
+            if d in failed:
+                events.append(self._refuse(candidate, failed[d]))
+                continue
+            if isinstance(outcome, _Loaded):
+                remove_version_file(outcome.path)
+            culprit = ", ".join(f"{f}: {failed[f].error}" for f in sorted(failed))
+            reason = (f"run {run.run_id} of group {run.group.name} not published: "
+                      f"{'could not fetch' if retry else 'refused'} {culprit}")
+            log.warning("%s/%s built but not published: %s", d, run.run_id, reason)
+            event = LoadEvent(d, run.run_id, False, reason, outcome.seconds if isinstance(
+                outcome, _Failed) else time.perf_counter() - outcome.start,
+                held=True, listing=self.listings)
+            self._record(event)
+            events.append(event)
+        return [] if retry else None
 
     def _load_all(self, found: list[tuple[Any, float]]) -> list[_Loaded | _Failed]:
         """Download, check and build each export, up to `builder.processes` at a time, the
@@ -243,7 +388,7 @@ class Updater:
 
     def _load(self, candidate: Any) -> _Loaded | _Failed:
         """Download, check and build one export (on a loader thread of `_load_all`: it touches
-        no state); what it raised is returned, for `_finish` to record."""
+        no state); what it raised is returned, for `_finish_run` to record."""
         schema = self.schemas[candidate.dataset]
         start = time.perf_counter()
         timings: dict[str, float] = {}
@@ -266,55 +411,51 @@ class Updater:
             if local is not None:
                 self.source.discard(local)
 
-    def _finish(self, candidate: Any, listed: float,
-                loaded: _Loaded | _Failed) -> tuple[LoadEvent, Version | None]:
-        """Attach a built version, or record why the export was not loaded."""
-        if isinstance(loaded, _Loaded):
-            try:
-                db = self.store.attach(loaded.path)
-            except duckdb.Error as exc:
-                remove_version_file(loaded.path)
-                loaded = _Failed(LoadError(f"attaching the built version failed: {exc}"),
-                                 time.perf_counter() - loaded.start)
-        if isinstance(loaded, _Failed) and isinstance(loaded.error, Unavailable):
-            # not the export's fault: tried again at the next poll
-            log.warning("could not fetch export %s/%s: %s (retrying later)",
-                        candidate.dataset, candidate.export_id, loaded.error)
-            event = LoadEvent(candidate.dataset, candidate.export_id, False, str(loaded.error),
-                              loaded.seconds, retry=True, listing=self.listings)
-            self._record(event)
-            return event, None
-        if isinstance(loaded, _Failed):
-            reason = str(loaded.error)
-            # Logged first: whoever sees the refusal in the state can find it in the log.
-            log.error(
-                "refused export %s/%s: %s (previous version keeps serving)",
-                candidate.dataset, candidate.export_id, reason,
-            )
-            quarantine = self.state[candidate.dataset].quarantine
-            quarantine[candidate.export_id] = Refusal(
-                candidate.dataset, candidate.export_id, candidate.fingerprint, reason,
-                time.time())
-            for old in sorted(quarantine, key=lambda e: quarantine[e].at)[:-QUARANTINE_KEPT]:
-                del quarantine[old]
-            event = LoadEvent(candidate.dataset, candidate.export_id, False, reason,
-                              loaded.seconds, listing=self.listings)
-            self._record(event)
-            self._save()
-            return event, None
+    def _attach_loaded(self, candidate: Any, listed: float,
+                       loaded: _Loaded) -> tuple[Version, LoadEvent] | _Failed:
+        """Attach a built version, with the event that records it (not recorded yet)."""
+        try:
+            db = self.store.attach(loaded.path)
+        except duckdb.Error as exc:
+            remove_version_file(loaded.path)
+            return _Failed(LoadError(f"attaching the built version failed: {exc}"),
+                           time.perf_counter() - loaded.start)
         seconds = time.perf_counter() - loaded.start
         timings = {"list": listed, **loaded.timings}
         version = Version(candidate.dataset, loaded.version_id, loaded.export_id, db,
                           loaded.rows, seconds, loaded.path)
-        event = LoadEvent(candidate.dataset, loaded.export_id, True, "", seconds,
-                          loaded.version_id, timings, listing=self.listings)
         log.info(
             "built %s/%s as version %s: %d rows in %.3fs (%s)",
             candidate.dataset, loaded.export_id, loaded.version_id, loaded.rows, seconds,
             ", ".join(f"{k} {v:.3f}s" for k, v in timings.items()),
         )
+        return version, LoadEvent(candidate.dataset, loaded.export_id, True, "", seconds,
+                                  loaded.version_id, timings, listing=self.listings)
+
+    def _refuse(self, candidate: Any, failed: _Failed) -> LoadEvent:
+        """Record why an export was not loaded: quarantined with its reason, or (the source
+        failed) tried again at the next poll."""
+        if isinstance(failed.error, Unavailable):
+            log.warning("could not fetch export %s/%s: %s (retrying later)",
+                        candidate.dataset, candidate.export_id, failed.error)
+            event = LoadEvent(candidate.dataset, candidate.export_id, False, str(failed.error),
+                              failed.seconds, retry=True, listing=self.listings)
+            self._record(event)
+            return event
+        reason = str(failed.error)
+        # Logged first: whoever sees the refusal in the state can find it in the log.
+        log.error("refused export %s/%s: %s (previous version keeps serving)",
+                  candidate.dataset, candidate.export_id, reason)
+        quarantine = self.state[candidate.dataset].quarantine
+        quarantine[candidate.export_id] = Refusal(
+            candidate.dataset, candidate.export_id, candidate.fingerprint, reason, time.time())
+        for old in sorted(quarantine, key=lambda e: quarantine[e].at)[:-QUARANTINE_KEPT]:
+            del quarantine[old]
+        event = LoadEvent(candidate.dataset, candidate.export_id, False, reason,
+                          failed.seconds, listing=self.listings)
         self._record(event)
-        return event, version
+        self._save()
+        return event
 
     def _record(self, event: LoadEvent) -> None:
         self.outcomes[(event.dataset, "ok" if event.ok else event.outcome)] += 1

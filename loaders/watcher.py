@@ -66,9 +66,15 @@ class Watcher:
         """Watch first, then scan: an export landing during the initial scan (or during a
         long first load) is an event, never missed. Every `RESCAN_SECONDS` without events
         (every second with a quiet period, whose exports complete without any event) the
-        folder is listed anyway: a lost notification costs seconds, not an export."""
+        folder is listed anyway: a lost notification costs seconds, not an export. A group
+        with a run complete in some of its datasets only is listed every second, so the run
+        is reported once it is overdue."""
         # Runs from awatch's first await, once its watcher exists (created before any await).
         scan = asyncio.create_task(self._refresh(None))
+        updater = self.updater
+        often = source.quiet_seconds > 0 or bool(updater.group_of)
+        loop = asyncio.get_running_loop()
+        listed = loop.time()
         async for changes in watchfiles.awatch(
             source.root,
             stop_event=stop,
@@ -76,11 +82,16 @@ class Watcher:
             step=20,
             watch_filter=self._filter,
             recursive=True,
-            rust_timeout=1000 if source.quiet_seconds > 0 else RESCAN_SECONDS * 1000,
+            rust_timeout=1000 if often else RESCAN_SECONDS * 1000,
             yield_on_timeout=True,
         ):
             if not changes:
-                await self._refresh(None)
+                if source.quiet_seconds > 0 or loop.time() - listed >= RESCAN_SECONDS - 0.5:
+                    listed = loop.time()
+                    await self._refresh(None)
+                elif updater.pending_runs:
+                    await self._refresh({d for g in list(updater.pending_runs)
+                                         for d, h in updater.group_of.items() if h.name == g})
                 continue
             names = {source.dataset_of(Path(p)) for _, p in changes}
             touched = {n for n in names if n is not None}

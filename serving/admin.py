@@ -56,6 +56,7 @@ def dataset_doc(updater: Updater, name: str) -> dict[str, Any]:
     age = updater.data_age().get(name)
     return {
         "name": name,
+        "group": group.name if (group := updater.group_of.get(name)) else None,
         "served": _record(record) if record is not None else None,
         "data_age_s": age,
         "pinned": ds.pinned,
@@ -129,6 +130,7 @@ async def list_datasets(request: web.Request) -> web.Response:
                    "last_listed_age_s": round(time.time() - listed, 3) if listed else None},
         "keep_versions": updater.keep_versions,
         "datasets": [dataset_doc(updater, n) for n in sorted(updater.state)],
+        "incomplete_runs": updater.incomplete_runs(),
     })
 
 

@@ -143,7 +143,7 @@ def create_app(settings: Settings) -> web.Application:
         debounce_ms=settings.debounce_ms,
         before_publish=warmer, after_publish=warmer.after_publish,
         builder=builder, poll_seconds=settings.poll_seconds, data=data,
-        keep_versions=settings.keep_versions,
+        keep_versions=settings.keep_versions, groups=settings.groups.values(),
     )
     app[REGISTRY] = CollectorRegistry()
     app[REGISTRY].register(Metrics(store, serving.cache, app[UPDATER], warmer,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -97,6 +98,13 @@ class Metrics(Collector):
         for dataset, n in sorted(per.items()):
             refused.add_metric([dataset], n)
         yield refused
+        late = GaugeMetricFamily("duckswap_incomplete_runs", "Runs of a group complete in some "
+                                 "of its datasets only for longer than its incomplete_seconds "
+                                 "(not published)", labels=["group"])
+        overdue = Counter(g for g, _ in list(self.updater.overdue))
+        for group in sorted({g.name for g in self.updater.group_of.values()}):
+            late.add_metric([group], overdue.get(group, 0))
+        yield late
         info = GaugeMetricFamily("duckswap_dataset_rows", "Rows of the served version",
                                  labels=["dataset", "version", "export_id"])
         for name, v in sorted(self.store.current.versions.items()):

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from loaders.schema import EXTRA_COLUMNS, DatasetSchema
+from loaders.schema import EXTRA_COLUMNS, DatasetSchema, RunGroup
 from serving.config import ConfigError, Reader, positive
 from serving.endpoints import EndpointSpec, parse_endpoint
 
@@ -102,6 +102,13 @@ SETTING_KEYS: dict[str, str] = {
     "datasets.*.max_file_mb": "Largest part file accepted, checked before the download "
     "(default none).",
     "datasets.*.max_export_mb": "Largest export accepted, all parts together (default none).",
+    "groups.*.datasets": "Datasets published together: a pipeline run writes an export of each "
+    "with one export id, and the run is loaded and published as one Snapshot once every one "
+    "of them has a complete export with that id; if any of them is refused, none is "
+    "published (required; a dataset belongs to one group at most).",
+    "groups.*.incomplete_seconds": "A run some members of the group have a complete export of, "
+    "and others not, is reported (log, admin API, metrics) once it has been incomplete this "
+    "long; it is never published incomplete (default 300).",
     "endpoints.*.path": "Route template, e.g. `/v1/champions/{champion_id}/stats` (required).",
     "endpoints.*.sql": "SQL with `$name` parameters; values are bound, never pasted (required).",
     "endpoints.*.datasets": "Datasets the SQL reads (required).",
@@ -133,6 +140,7 @@ class Settings:
     source_url: str
     datasets: Mapping[str, DatasetSchema]
     endpoints: Mapping[str, EndpointSpec]
+    groups: Mapping[str, RunGroup] = field(default_factory=dict)
     host: str = "127.0.0.1"
     port: int = 8080
     threads: int = 2
@@ -214,6 +222,27 @@ def _parse_dataset(r: Reader, name: str) -> DatasetSchema:
     return spec
 
 
+def _parse_groups(r: Reader, datasets: Mapping[str, DatasetSchema]) -> dict[str, RunGroup]:
+    groups: dict[str, RunGroup] = {}
+    owner: dict[str, str] = {}
+    for name in r.table:
+        g = r.sub(name)
+        members = g.get("datasets", list)
+        if not members:
+            raise g.fail("datasets", "must name at least one dataset")
+        for d in members:
+            if d not in datasets:
+                raise g.fail("datasets", f"no dataset {d!r} is declared")
+            if d in owner:
+                raise g.fail("datasets", f"dataset {d!r} is already in group {owner[d]!r}")
+            owner[d] = name
+        seconds = float(g.get("incomplete_seconds", (int, float), 300.0))
+        positive(g, "incomplete_seconds", seconds)
+        g.finish()
+        groups[name] = RunGroup(name, tuple(members), seconds)
+    return groups
+
+
 def parse_settings(raw: Mapping[str, Any], file: str = "<config>") -> Settings:
     root = Reader(file, "", dict(raw))
     server = root.sub("server", {})
@@ -222,6 +251,7 @@ def parse_settings(raw: Mapping[str, Any], file: str = "<config>") -> Settings:
     datasets = {name: _parse_dataset(ds_r, name) for name in ds_r.table}
     if not datasets:
         raise root.fail("datasets", "must declare at least one dataset")
+    groups = _parse_groups(root.sub("groups", {}), datasets)
     ep_r = root.sub("endpoints")
     endpoints = {name: parse_endpoint(ep_r, name, datasets) for name in ep_r.table}
     url = source.get("url", str)
@@ -232,6 +262,7 @@ def parse_settings(raw: Mapping[str, Any], file: str = "<config>") -> Settings:
     settings = Settings(
         source_url=url,
         datasets=datasets,
+        groups=groups,
         endpoints=endpoints,
         host=server.get("host", str, "127.0.0.1"),
         port=server.get("port", int, 8080),

@@ -46,9 +46,13 @@ async def _raw(srv: Running, path: str, **kw: Any) -> tuple[int, Any, bytes]:
         return resp.status, resp.headers.copy(), await resp.read()
 
 
-async def _demo(serve: Any, root: Path, **server: Any) -> Running:
+async def _demo(serve: Any, root: Path, grouped: bool = True, **server: Any) -> Running:
+    """The demo config; not `grouped`, each dataset is published on its own (a test then
+    writes one dataset of the next export: one new version, one warm)."""
     env = {f"DUCKSWAP_SERVER__{k.upper()}": str(v) for k, v in server.items()}
     settings = load_settings(DEMO_CONFIG, {"DUCKSWAP_SOURCE__URL": f'"file://{root}"', **env})
+    if not grouped:
+        settings = replace(settings, groups={})
     srv: Running = await serve(settings)
     await srv.wait_ready()
     return srv
@@ -659,7 +663,7 @@ async def test_requests_for_declared_keys_hold_the_publish_for_their_warm(
     """With no time before the publish, the CPU rule off (`busy_share` 0, a machine never
     judged busy), a publish waits for the declared keys only when requests ask for them."""
     write_export(tmp_path, 1, size="small")
-    demo = await _demo(serve, tmp_path, warm_seconds=1e-9, warm_keys=2,
+    demo = await _demo(serve, tmp_path, False, warm_seconds=1e-9, warm_keys=2,
                        warm_busy_seconds=60)
     warmer, store, serving = demo.app[WARMER], demo.app[STORE], demo.app[SERVING]
     warmer.busy_share, warmer.miss_rate = 0.0, 1.0
@@ -725,7 +729,7 @@ async def test_keys_left_to_warm_after_a_publish_are_answered_by_the_new_version
     token, ETag and versions), never by the version the publish replaced; once that warm ends,
     the rest are hits of the new version."""
     write_export(tmp_path, 1, size="small")
-    demo = await _demo(serve, tmp_path, warm_keys=1, warm_busy_seconds=60)
+    demo = await _demo(serve, tmp_path, False, warm_keys=1, warm_busy_seconds=60)
     warmer, store, serving = demo.app[WARMER], demo.app[STORE], demo.app[SERVING]
     cache = serving.cache
     hot = f"/v1/champions/1/stats?role={ROLES[0]}&rank={RANKS[0]}&region={REGIONS[0]}"

@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 from pathlib import Path
+from typing import Any
 
-from conftest import Running, wait_for, write_seq_export
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import Running, seq_config, wait_for, write_seq_export
+from serving.config import ConfigError
 from serving.settings import Settings, parse_settings
+from serving.state import STORE, UPDATER
 
 KEYS = 4000  # rows of each export, one key each: far more than a client reads between swaps
 
@@ -79,3 +88,185 @@ async def test_no_client_sees_an_older_export_after_a_newer_one(tmp_path: Path, 
     assert failed == []
     assert backwards == [], f"{len(backwards)} answers went back in time: {backwards[:5]}"
     assert all(n > 0 for n in answered)
+
+
+# -- the newest valid export wins ---------------------------------------------------------
+
+TOKEN = "contract-admin-token-0123456789"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def write_bad_export(root: Path, seq: int) -> Path:
+    """An export whose one part is not Parquet: refused by every check."""
+    folder = root / "seqdata" / f"export-{seq:06d}"
+    folder.mkdir(parents=True)
+    (folder / "part-00000.parquet").write_bytes(b"not parquet, export %d" % seq)
+    (folder / "_SUCCESS").write_text("")
+    return folder
+
+
+async def admin(srv: Running, method: str, path: str) -> tuple[int, Any]:
+    async with srv.session.request(method, srv.url(path), headers=AUTH) as resp:
+        return resp.status, await resp.json()
+
+
+async def metric_samples(srv: Running, name: str) -> dict[tuple[str, ...], float]:
+    async with srv.session.get(srv.url("/metrics")) as resp:
+        text = await resp.text()
+    return {tuple(s.labels.values()): s.value for f in text_string_to_metric_families(text)
+            for s in f.samples if s.name == name}
+
+
+async def test_the_newest_valid_export_wins_over_refused_ones(
+        tmp_path: Path, serve: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """A good export and five bad ones after it, all arriving at once: each bad one is
+    refused with its reason (log, admin API, metrics), and the good one is served. After a
+    rollback, unpin returns to it, the newest valid export, and a good export after them is
+    served."""
+    caplog.set_level(logging.ERROR, logger="duckswap.loader")
+    write_seq_export(tmp_path, 1)
+    srv: Running = await serve(seq_config(tmp_path, admin_token=TOKEN))
+    await srv.wait_export("/v1/rows", 1)
+    staged = tmp_path / "staged"
+    write_seq_export(staged, 2)
+    for seq in range(3, 8):
+        write_bad_export(staged, seq)
+    for folder in sorted((staged / "seqdata").iterdir()):  # each folder appears whole
+        folder.rename(tmp_path / "seqdata" / folder.name)
+    await srv.wait_export("/v1/rows", 2)
+    bad = [f"export-{seq:06d}" for seq in range(3, 8)]
+
+    async def all_refused() -> bool:
+        return all(("seqdata", e) in srv.app[UPDATER].refused for e in bad)
+
+    await wait_for(all_refused, 30, "every bad export to be refused")
+    status, doc = await admin(srv, "GET", "/admin/datasets/seqdata")
+    assert status == 200
+    assert sorted(q["export_id"] for q in doc["quarantined"]) == bad
+    assert all("not a readable Parquet file" in q["reason"] for q in doc["quarantined"])
+    for export in bad:
+        assert f"refused export seqdata/{export}" in caplog.text
+    loads = await metric_samples(srv, "duckswap_loads_total")
+    assert loads[("seqdata", "refused")] == 5
+    assert (await metric_samples(srv, "duckswap_refused_exports"))[("seqdata",)] == 5
+
+    status, body = await admin(srv, "POST", "/admin/datasets/seqdata/rollback")
+    assert status == 200 and await served_seq(srv) == 1
+    status, body = await admin(srv, "POST", "/admin/datasets/seqdata/unpin")
+    assert status == 200
+    assert [(e["export_id"], e["outcome"]) for e in body["loads"]] == [
+        ("export-000002", "loaded")]
+    assert await served_seq(srv) == 2
+    write_seq_export(tmp_path, 8)
+    await srv.wait_export("/v1/rows", 8)
+
+
+async def served_seq(srv: Running) -> int:
+    status, body = await srv.get("/v1/rows")
+    assert status == 200, body
+    return int(body["data"][0]["export_seq"])
+
+
+# -- runs published whole -------------------------------------------------------------------
+
+def write_run(root: Path, dataset: str, seq: int, bad: bool = False) -> None:
+    folder = root / dataset / f"export-{seq:06d}"
+    folder.mkdir(parents=True)
+    if bad:
+        (folder / "part-00000.parquet").write_bytes(b"not parquet")
+    else:
+        table = pa.table({"k": pa.array(range(10), pa.int32()),
+                          f"{dataset}_seq": pa.array([seq] * 10, pa.int32())})
+        pq.write_table(table, folder / "part-00000.parquet")
+    (folder / "_SUCCESS").write_text("")
+
+
+def group_config(root: Path, incomplete_seconds: float = 300) -> Settings:
+    return parse_settings({
+        "server": {"admin_token": TOKEN},
+        "source": {"url": f"file://{root}", "debounce_ms": 20},
+        "datasets": {
+            "alpha": {"key": ["k"], "columns": {"k": "INTEGER", "alpha_seq": "INTEGER"}},
+            "beta": {"key": ["k"], "columns": {"k": "INTEGER", "beta_seq": "INTEGER"}},
+        },
+        "groups": {"run": {"datasets": ["alpha", "beta"],
+                           "incomplete_seconds": incomplete_seconds}},
+        "endpoints": {"pair": {
+            "path": "/v1/pair",
+            "datasets": ["alpha", "beta"],
+            "sql": "SELECT l.alpha_seq, r.beta_seq FROM alpha l JOIN beta r USING (k) "
+                   "WHERE k = 0",
+        }},
+    }, "test.toml")
+
+
+async def test_a_run_is_published_whole_or_not_at_all(
+        tmp_path: Path, serve: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """A group's run is published as one Snapshot once every member has a complete export
+    of it; a run incomplete past its time is reported and never published; a newer complete
+    run is; a run with one bad member is not published at all."""
+    caplog.set_level(logging.WARNING, logger="duckswap.loader")
+    for name in ("alpha", "beta"):
+        write_run(tmp_path, name, 1)
+    srv: Running = await serve(group_config(tmp_path, incomplete_seconds=0.5))
+    updater = srv.app[UPDATER]
+
+    async def pair() -> tuple[int, int]:
+        status, body = await srv.get("/v1/pair")
+        assert status == 200, body
+        return body["data"][0]["alpha_seq"], body["data"][0]["beta_seq"]
+
+    await srv.wait_ready()
+    assert await pair() == (1, 1)
+    write_run(tmp_path, "alpha", 2)
+
+    async def overdue() -> bool:
+        return ("run", "export-000002") in updater.overdue
+
+    await wait_for(overdue, 30, "run 2 to be reported incomplete")
+    assert await pair() == (1, 1)  # never half a run
+    assert "run export-000002 of group run is still incomplete" in caplog.text
+    status, doc = await admin(srv, "GET", "/admin/datasets")
+    assert status == 200
+    (late,) = doc["incomplete_runs"]
+    assert (late["export_id"], late["complete"], late["missing"], late["overdue"]) == (
+        "export-000002", ["alpha"], ["beta"], True)
+    assert (await metric_samples(srv, "duckswap_incomplete_runs"))[("run",)] == 1
+
+    for name in ("alpha", "beta"):  # a newer complete run goes past the incomplete one
+        write_run(tmp_path, name, 3)
+
+    async def published(seqs: tuple[int, int]) -> bool:
+        return await pair() == seqs
+
+    await wait_for(lambda: published((3, 3)), 30, "run 3")
+    assert updater.pending_runs == {} and updater.overdue == set()
+    assert (await metric_samples(srv, "duckswap_incomplete_runs"))[("run",)] == 0
+    snaps = {srv.app[STORE].current.versions[n].export_id for n in ("alpha", "beta")}
+    assert snaps == {"export-000003"}
+
+    write_run(tmp_path, "alpha", 4)
+    write_run(tmp_path, "beta", 4, bad=True)
+
+    async def refused() -> bool:
+        return ("beta", "export-000004") in updater.refused
+
+    await wait_for(refused, 30, "run 4's bad member to be refused")
+    held = [e for e in updater.history if e.dataset == "alpha" and e.export_id == "export-000004"]
+    assert [e.outcome for e in held] == ["held"]
+    assert "beta: " in held[0].reason and "not a readable Parquet file" in held[0].reason
+    assert await pair() == (3, 3)
+    for name in ("alpha", "beta"):
+        write_run(tmp_path, name, 5)
+    await wait_for(lambda: published((5, 5)), 30, "run 5")
+
+
+def test_a_group_names_declared_datasets_once() -> None:
+    raw = {"source": {"url": "file:///x"},
+           "datasets": {"a": {"key": ["k"], "columns": {"k": "INTEGER"}}},
+           "endpoints": {}}
+    with pytest.raises(ConfigError, match=r"groups.g.datasets: no dataset 'b' is declared"):
+        parse_settings({**raw, "groups": {"g": {"datasets": ["a", "b"]}}})
+    with pytest.raises(ConfigError, match=r"groups.h.datasets: dataset 'a' is already in "
+                                          r"group 'g'"):
+        parse_settings({**raw, "groups": {"g": {"datasets": ["a"]}, "h": {"datasets": ["a"]}}})
