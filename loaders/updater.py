@@ -9,7 +9,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -92,6 +92,7 @@ class Updater:
         debounce_ms: int = 200,
         before_publish: Callable[[Snapshot], object] | None = None,
         after_publish: Callable[[Snapshot], object] | None = None,
+        cut_after_publish: Callable[[], None] | None = None,
         builder: Builder | None = None,
         poll_seconds: float = 5.0,
         data: DataDir | None = None,
@@ -104,6 +105,10 @@ class Updater:
         self.debounce_ms = debounce_ms
         self.before_publish = before_publish
         self.after_publish = after_publish
+        self.cut_after_publish = cut_after_publish
+        # The after-publish warm runs on a thread of its own, so a load never waits for it.
+        self._tail_executor = ThreadPoolExecutor(1, thread_name_prefix="duckswap-warm")
+        self._tail: Future[None] | None = None
         self.builder = builder or Builder()
         self.data = data
         self.keep_versions = keep_versions
@@ -239,6 +244,8 @@ class Updater:
             walks[group.name] = self._runs(group, listed)
         events: list[LoadEvent] = []
         built: list[tuple[Version, dict[str, float]]] = []
+        # A newer export loads now, not after the warm of the version it may replace.
+        cut = any(walks.values()) and self._cut_tail(wait=False)
         while any(walks.values()):
             runs = [walk.pop(0) for walk in walks.values() if walk]
             found = [(e, listed_seconds[d]) for run in runs for d, e in run.todo.items()]
@@ -251,6 +258,9 @@ class Updater:
                     walks[run.group.name] = []
         if built:
             self._publish([v for v, _ in built], {v.dataset: t for v, t in built})
+        elif cut:  # nothing replaced the version it warmed: it goes on where it stopped
+            self._cut_tail(wait=True)
+            self._warm_after(self.store.current)
         return events
 
     def _finish_run(self, run: _Run, outcomes: dict[str, _Loaded | _Failed],
@@ -320,6 +330,7 @@ class Updater:
         """Stage, warm and commit one Snapshot; record and save the state at once (before
         the after-publish warm)."""
         start = time.perf_counter()
+        self._cut_tail(wait=True)  # one warm at a time; that one's version is being replaced
         snap = self.store.stage(built)
         if self.before_publish is not None:
             try:
@@ -343,12 +354,39 @@ class Updater:
                 steps["total"] = sum(steps.values())
             self._served(version, steps)
         self._save()
-        if self.after_publish is not None:
+        self._warm_after(snap)
+
+    def _warm_after(self, snap: Snapshot) -> None:
+        """Run `after_publish` for `snap` on its own thread: the next load need not wait for
+        it (a newer export cuts it short, see `refresh`). `snap` is held meanwhile."""
+        if self.after_publish is None:
+            return
+        after = self.after_publish
+        self.store.hold(snap)
+
+        def warm() -> None:
             try:
-                self.after_publish(snap)
+                after(snap)
             except Exception:
                 log.exception("warming snapshot %d after its publish failed", snap.id)
+            finally:
+                self.store.release(snap)
             gc.freeze()
+
+        self._tail = self._tail_executor.submit(warm)
+
+    def _cut_tail(self, wait: bool) -> bool:
+        """Cut the after-publish warm in progress short (`cut_after_publish`); with `wait`,
+        until it has ended. True when one was running."""
+        tail = self._tail
+        if tail is None or tail.done():
+            return False
+        if self.cut_after_publish is not None:
+            self.cut_after_publish()
+        if wait:
+            with contextlib.suppress(Exception):
+                tail.result()
+        return True
 
     def _served(self, version: Version, timings: dict[str, float] | None = None) -> None:
         """Record `version` as its dataset's served one, first in the kept list."""
@@ -582,7 +620,9 @@ class Updater:
         finally:
             collector.cancel()
             await asyncio.gather(collector, return_exceptions=True)
+            self._cut_tail(wait=False)
             self._executor.shutdown(wait=False, cancel_futures=True)
+            self._tail_executor.shutdown(wait=False, cancel_futures=True)
 
     def data_age(self) -> dict[str, float]:
         """Seconds since each served version was loaded."""
@@ -594,6 +634,7 @@ class Updater:
         return f"{max(ages.values()):.0f}s" if ages else "(none loaded)"
 
     def close(self) -> None:
+        self._cut_tail(wait=True)
         self.builder.close()
 
     async def _collect_forever(self, stop: asyncio.Event) -> None:

@@ -142,6 +142,7 @@ def create_app(settings: Settings) -> web.Application:
         make_source(settings, data.staging), store, settings.datasets,
         debounce_ms=settings.debounce_ms,
         before_publish=warmer, after_publish=warmer.after_publish,
+        cut_after_publish=warmer.cut_short,
         builder=builder, poll_seconds=settings.poll_seconds, data=data,
         keep_versions=settings.keep_versions, groups=settings.groups.values(),
     )

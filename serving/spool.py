@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import pickle
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -49,8 +50,10 @@ class Budget:
 
     def __init__(self, seconds: float, busy_seconds: float = 0.0,
                  busy_share: float = BUSY_SHARE, clock: Callable[[], float] = time.perf_counter,
-                 cpu: Callable[[], float] = time.process_time) -> None:
+                 cpu: Callable[[], float] = time.process_time, stop: str | None = None) -> None:
         self.clock, self.cpu, self.busy_share = clock, cpu, busy_share
+        self.stop = stop  # a file whose existence ends the warm now (`Warmer.cut_short`)
+        self.stopped = False
         self.start, self.cpu_start = clock(), cpu()
         self.deadline = self.start + seconds
         self.hard_deadline = self.start + max(seconds, busy_seconds)
@@ -61,6 +64,9 @@ class Budget:
         return (self.cpu() - self.cpu_start) / max(self.clock() - self.start, 1e-9)
 
     def expired(self) -> bool:
+        if self.stop is not None and os.path.exists(self.stop):
+            self.stopped = True
+            return True
         now = self.clock()
         if now < self.deadline:
             return False
@@ -83,6 +89,7 @@ class WarmReport:
     unlisted: bool = False  # the declared keys were not enumerated in time (count unknown)
     cpu_share: float = 0.0  # cores the warm process got while it ran (under 1: requests had them)
     extended: bool = False  # went on past the time budget because the machine was busy
+    stopped: bool = False  # cut short: a newer export was about to replace its version
     # requests a second, in the interval before the warm, for answers the old version had
     # warmed beyond the hot keys the warm before chose: what an early publish met with misses
     would_miss: float = 0.0
@@ -148,16 +155,17 @@ def read_inputs(path: str, tasks: list[WarmTask]
 def compute(files: dict[str, str], tasks: list[WarmTask], seconds: float, threads: int,
             max_bytes: int, spool: str, skip: list[set[tuple[Any, ...]]] | None = None,
             busy_seconds: float = 0.0, busy_share: float = BUSY_SHARE,
-            inputs: str | None = None) -> WarmReport:
+            inputs: str | None = None, stop: str | None = None) -> WarmReport:
     """In the warm (builder) process: answer the tasks' keys on the version files in rounds
     (batched where the SQL allows): every most-requested key first, whatever the time, then
     the declared and enumerated ones until `seconds` (up to `busy_seconds` on a busy machine,
     see `Budget`); all within `max_bytes` of answers. Spool (task index, {cache key: cache
     entry}, bytes of the entries) chunks to `spool`. Keys in `skip[i]` (already warmed) are
-    left out. `inputs`: a file from `write_inputs` with the hot keys and the keys to skip."""
+    left out. `inputs`: a file from `write_inputs` with the hot keys and the keys to skip.
+    `stop`: a file whose existence ends the warm after the hot keys (see `Budget`)."""
     if inputs is not None:
         tasks, skip = read_inputs(inputs, tasks)
-    budget = Budget(seconds, busy_seconds, busy_share)
+    budget = Budget(seconds, busy_seconds, busy_share, stop=stop)
     report = WarmReport(0)
     con = duckdb.connect(config={"threads": threads, **QUERY_CONFIG})
     # 10^5 answers and keys are built here and live until the spool is written: full
@@ -203,6 +211,7 @@ def compute(files: dict[str, str], tasks: list[WarmTask], seconds: float, thread
                 spooler.flush(job)
         report.cpu_share = round(budget.share(), 2)
         report.extended = budget.extended
+        report.stopped = budget.stopped
     finally:
         gc.enable()
         con.close()

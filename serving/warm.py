@@ -77,6 +77,8 @@ class Warmer:
         # (the Snapshot, its tasks, the keys already warmed per task, the busy share used)
         self._tail: tuple[Snapshot, list[WarmTask], list[set[tuple[Any, ...]]], float] | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
+        self._stop: Path | None = None  # the stop file of the after-publish warm running now
+        self._cutting = False  # `cut_short` called, the after-publish warm not ended since
         self._batch = dict(batch)
         self.folded = dict(folded or {})
         self.last: WarmReport | None = None
@@ -97,7 +99,7 @@ class Warmer:
 
     def __call__(self, snap: Snapshot) -> WarmReport:
         """Before publish: the most requested keys first, within `seconds`."""
-        self._tail = None
+        self._tail, self._cutting = None, False
         start = time.perf_counter()
         old = self.store.current
 
@@ -184,21 +186,44 @@ class Warmer:
             return None
         start = time.perf_counter()
         _, tasks, done, share = pending
-        report = self._run(snap, tasks, self.tail_seconds, done, self.busy_seconds, share)
+        stop = self.store.data_dir / f"warm-{snap.id}.stop"
+        self._stop = stop
+        try:
+            if self._cutting:  # cut before it began: resumed if nothing replaces `snap`
+                self._tail = pending
+                return None
+            report = self._run(snap, tasks, self.tail_seconds, done, self.busy_seconds, share,
+                               stop=stop)
+        finally:
+            self._stop, self._cutting = None, False
+            stop.unlink(missing_ok=True)
         if report is not None:
             report.seconds = time.perf_counter() - start
             report.would_miss = self.last.would_miss if self.last else 0.0
             self.last_tail = report  # its answers are all in the cache by now
-            log.info("warmed snapshot %d after its publish: %d more responses (%d left) in "
+            if report.stopped and self.store.current is snap:
+                self._tail = pending  # cut short for a load that published nothing: resumable
+            log.info("warmed snapshot %d after its publish: %d more responses (%d left%s) in "
                      "%.3fs on %.2f cores, read back in %.3fs (%.3fs of CPU)%s", snap.id,
-                     report.entries, report.skipped, report.seconds, report.cpu_share,
-                     report.read_seconds, report.read_cpu, _extension(report, self.miss_rate))
+                     report.entries, report.skipped,
+                     ", cut short for a newer export" if report.stopped else "",
+                     report.seconds, report.cpu_share, report.read_seconds, report.read_cpu,
+                     _extension(report, self.miss_rate))
         return report
+
+    def cut_short(self) -> None:
+        """End the after-publish warm in progress, if any, once its current round is done
+        (from any thread): a newer export is loading, and its builds want the builder
+        processes. Its answers so far are kept; one cut before it begins ends it at once."""
+        self._cutting = True
+        stop = self._stop
+        if stop is not None:
+            stop.touch()
 
     def _run(self, snap: Snapshot, tasks: list[WarmTask], seconds: float,
              done: list[set[tuple[Any, ...]]], busy_seconds: float = 0.0,
              busy_share: float = BUSY_SHARE,
-             dropped: Sequence[Answers] = ()) -> WarmReport | None:
+             dropped: Sequence[Answers] = (), stop: Path | None = None) -> WarmReport | None:
         """Answer in the builder process, then insert the spooled answers on the loop.
         None when the Snapshot's versions have no files (nothing to attach there).
         `dropped`: answers to free meanwhile (see `_drop_others`)."""
@@ -209,7 +234,7 @@ class Warmer:
         spool = self.store.data_dir / f"warm-{snap.id}.spool"
         try:
             return self._answer(snap, tasks, seconds, done, busy_seconds, busy_share, files,
-                                spool, dropped)
+                                spool, dropped, stop)
         except concurrent.futures.CancelledError:  # the event loop stopped: shutting down
             log.info("warm of snapshot %d stopped: the server is shutting down", snap.id)
             return None
@@ -218,14 +243,16 @@ class Warmer:
 
     def _answer(self, snap: Snapshot, tasks: list[WarmTask], seconds: float,
                 done: list[set[tuple[Any, ...]]], busy_seconds: float, busy_share: float,
-                files: dict[str, str], spool: Path, dropped: Sequence[Answers]) -> WarmReport:
+                files: dict[str, str], spool: Path, dropped: Sequence[Answers],
+                stop: Path | None) -> WarmReport:
         inputs = spool.with_suffix(".in")
         try:
             light = write_inputs(str(inputs), tasks, done, _GilPacer().pause)
             report: WarmReport = self.builder.run(
                 compute, files, light, seconds, self.threads,
                 max(0, self.cache.max_bytes - self.cache.warm_bytes), str(spool),
-                None, busy_seconds, busy_share, str(inputs), meanwhile=lambda: _free(dropped))
+                None, busy_seconds, busy_share, str(inputs), str(stop) if stop else None,
+                meanwhile=lambda: _free(dropped))
         finally:
             inputs.unlink(missing_ok=True)
         report.snapshot = snap.id

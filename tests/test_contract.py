@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from conftest import Running, seq_config, wait_for, write_seq_export
 from serving.config import ConfigError
 from serving.settings import Settings, parse_settings
-from serving.state import STORE, UPDATER
+from serving.state import SERVING, STORE, UPDATER, WARMER
 
 KEYS = 4000  # rows of each export, one key each: far more than a client reads between swaps
 
@@ -270,3 +270,48 @@ def test_a_group_names_declared_datasets_once() -> None:
     with pytest.raises(ConfigError, match=r"groups.h.datasets: dataset 'a' is already in "
                                           r"group 'g'"):
         parse_settings({**raw, "groups": {"g": {"datasets": ["a"]}, "h": {"datasets": ["a"]}}})
+
+
+# -- loads never wait for a warm ------------------------------------------------------------
+
+async def test_a_new_export_cuts_the_after_publish_warm_short(tmp_path: Path,
+                                                              serve: Any) -> None:
+    """An export that completes while the version before it is still being warmed after its
+    publish starts loading at once: that warm is cut short. An export that is then refused
+    replaces nothing, and the cut warm goes on where it stopped."""
+    keys = 20000  # declared keys, answered one query each: a long after-publish warm
+    write_seq_export(tmp_path, 1, rows=keys)
+    srv: Running = await serve(keyed_config(tmp_path, warm_tail_seconds=120,
+                                            warm_busy_seconds=0))
+    warmer, store, serving = srv.app[WARMER], srv.app[STORE], srv.app[SERVING]
+
+    async def tail_running() -> bool:
+        return warmer._stop is not None
+
+    await wait_for(tail_running, 30, "the after-publish warm of export 1")
+    write_seq_export(tmp_path, 2, rows=keys)
+
+    async def published() -> bool:
+        status, body = await srv.get("/v1/rows/0")
+        return status == 200 and body["data"][0]["export_seq"] == 2
+
+    await wait_for(published, 60, "export 2")
+    cut = [e for e in srv.app[UPDATER].history if e.export_id == "export-000002"]
+    assert [e.outcome for e in cut] == ["loaded"]
+    first = warmer.last_tail
+    assert first is not None and first.stopped and first.skipped > 0
+
+    await wait_for(tail_running, 30, "the after-publish warm of export 2")
+    write_bad_export(tmp_path, 3)
+
+    async def refused() -> bool:
+        return ("seqdata", "export-000003") in srv.app[UPDATER].refused
+
+    await wait_for(refused, 30, "export 3 to be refused")
+    token = serving.tokens(store.current)["row"]
+
+    async def all_warmed() -> bool:  # resumed: every declared key answered in the end
+        return len(serving.cache.warmed_answers(token) or {}) >= keys
+
+    await wait_for(all_warmed, 120, "the cut warm of export 2 to go on")
+    assert store.current.versions["seqdata"].export_id == "export-000002"
