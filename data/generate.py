@@ -12,10 +12,13 @@ import argparse
 import hashlib
 import json
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import duckdb
+
+from loaders.source import MARKERS
 
 REGIONS = ["na", "euw", "eune", "kr", "br", "jp", "lan", "las", "oce", "tr"]
 RANKS = ["iron", "bronze", "silver", "gold", "platinum", "emerald", "diamond", "master",
@@ -225,6 +228,27 @@ def write_export(
         return out
     finally:
         con.close()
+
+
+def missing_demo(root: Path) -> list[str]:
+    """The demo datasets with no complete export under `root`."""
+    return [d for d in DATASETS if not any(any((root / d).glob(f"*/{m}")) for m in MARKERS)]
+
+
+def write_first_demo(root: Path, datasets: list[str], size: str = "default") -> None:
+    """Write the first demo export of `datasets` under `root`. Each is written aside and
+    renamed into place whole, so a stop halfway leaves nothing half-written that the next
+    start would take as done."""
+    aside = root.parent / f".{root.name}.writing"
+    shutil.rmtree(aside, ignore_errors=True)
+    try:
+        for name, folder in write_export(aside, 1, size, tuple(datasets)).items():
+            target = root / name / folder.name
+            shutil.rmtree(target, ignore_errors=True)  # a folder a stop left half-written
+            target.parent.mkdir(parents=True, exist_ok=True)
+            folder.rename(target)
+    finally:
+        shutil.rmtree(aside, ignore_errors=True)
 
 
 def next_seq(root: Path) -> int:

@@ -11,20 +11,22 @@ import logging
 import multiprocessing
 import os
 import select
+import signal
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import CancelledError, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any, TypeVar
 
 from loaders.build import build_file, remove_version_file
-from loaders.schema import DatasetSchema, LoadError
+from loaders.schema import DatasetSchema, LoadError, Unavailable
 from loaders.source import Export
 
 log = logging.getLogger("duckswap.loader")
 T = TypeVar("T")
+SHUTTING_DOWN = "the server is shutting down"
 
 
 class BuildDied(LoadError):
@@ -49,9 +51,13 @@ def _child_init(nice: int, idle: bool, server: int) -> None:
 
 
 def exit_with(server: int) -> None:
-    """End this process when the server process ends. A server killed with SIGKILL (the OOM
-    killer, a `kill -9`) runs no cleanup, and the builder, a grandchild through the forkserver,
-    would wait for work on its queue forever, holding its memory."""
+    """End this process when the server process ends, and only then or when the server stops
+    it. A server killed with SIGKILL (the OOM killer, a `kill -9`) runs no cleanup, and the
+    builder, a grandchild through the forkserver, would wait for work on its queue forever,
+    holding its memory. SIGINT and SIGTERM are ignored: a terminal's Ctrl-C and systemd's stop
+    signal the whole process group, and the server stops its children itself, in order."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
     try:
         fd: int | None = os.pidfd_open(server)
     except (AttributeError, OSError):  # not Linux 5.3+, or already gone: poll instead
@@ -95,9 +101,12 @@ class Builder:
         self.preload = list(preload)
         self._pool: ProcessPoolExecutor | None = None
         self._lock = threading.Lock()
+        self._stopped = False
 
     def _executor(self) -> ProcessPoolExecutor:
         with self._lock:
+            if self._stopped:
+                raise Unavailable(SHUTTING_DOWN)
             if self._pool is None:
                 self._pool = ProcessPoolExecutor(
                     self.processes, mp_context=process_context(self.preload),
@@ -114,10 +123,12 @@ class Builder:
             if meanwhile is not None:
                 meanwhile()
             return future.result()
-        except BrokenProcessPool:
+        except (BrokenProcessPool, CancelledError):
             with self._lock:
                 if self._pool is pool:  # not one another thread has started since
                     self._pool = None  # fresh processes next time
+            if self._stopped:
+                raise Unavailable(SHUTTING_DOWN) from None
             raise BuildDied("the build process died") from None
 
     def build(self, export: Export, schema: DatasetSchema,
@@ -130,6 +141,20 @@ class Builder:
         except LoadError:
             remove_version_file(path)
             raise
+
+    def stop(self) -> None:
+        """End the build processes now (the server is stopping): builds and warms in flight
+        raise `Unavailable`, and nothing new starts."""
+        with self._lock:
+            self._stopped = True
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            # ProcessPoolExecutor has no public way to end its workers before Python 3.14
+            # (`terminate_workers`); a build is minutes of CPU a stop must not wait for.
+            for process in list((getattr(pool, "_processes", None) or {}).values()):
+                with contextlib.suppress(OSError):
+                    process.terminate()
+            pool.shutdown(wait=True, cancel_futures=True)
 
     def close(self) -> None:
         with self._lock:

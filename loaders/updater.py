@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import logging
 import time
@@ -106,6 +107,7 @@ class Updater:
         self.before_publish = before_publish
         self.after_publish = after_publish
         self.cut_after_publish = cut_after_publish
+        self.stopping = False  # `stop` was called: nothing more is published
         # The after-publish warm runs on a thread of its own, so a load never waits for it.
         self._tail_executor = ThreadPoolExecutor(1, thread_name_prefix="duckswap-warm")
         self._tail: Future[None] | None = None
@@ -331,12 +333,17 @@ class Updater:
         the after-publish warm)."""
         start = time.perf_counter()
         self._cut_tail(wait=True)  # one warm at a time; that one's version is being replaced
+        if self.stopping:
+            return
         snap = self.store.stage(built)
         if self.before_publish is not None:
             try:
                 self.before_publish(snap)
             except Exception:  # warming is an optimisation: never block a publish
                 log.exception("warming snapshot %d failed; publishing it cold", snap.id)
+        if self.stopping:  # its warm was cut short, and nothing will be served anyway
+            self.store.discard(snap)
+            return
         self.store.commit(snap)
         seconds = time.perf_counter() - start
         # The cache now holds ~10^5 long-lived objects: move everything alive into the
@@ -620,9 +627,18 @@ class Updater:
         finally:
             collector.cancel()
             await asyncio.gather(collector, return_exceptions=True)
-            self._cut_tail(wait=False)
-            self._executor.shutdown(wait=False, cancel_futures=True)
-            self._tail_executor.shutdown(wait=False, cancel_futures=True)
+            # The Store is closed next: no thread may be running DuckDB on it then.
+            for executor in (self._executor, self._tail_executor):
+                await asyncio.get_running_loop().run_in_executor(
+                    None, functools.partial(executor.shutdown, wait=True, cancel_futures=True))
+
+    def stop(self) -> None:
+        """The server is stopping: cut the warm short, end the build processes (the loads
+        and warms in flight end as `Unavailable`: nothing is refused for it), and publish
+        nothing more. `run` then returns once its threads are idle."""
+        self.stopping = True
+        self._cut_tail(wait=False)
+        self.builder.stop()
 
     def data_age(self) -> dict[str, float]:
         """Seconds since each served version was loaded."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import logging
 import sys
@@ -54,6 +53,7 @@ PRELOAD = ("loaders.build", "serving.spool", "serving.qworker")
 SWITCH_INTERVAL = 0.0005
 
 
+STOP_SECONDS = 30.0  # the longest a stop waits for the loader's threads (a build ends at once)
 _switch = {"apps": 0, "before": 0.0}  # apps serving in this process; the interval before
 
 
@@ -84,9 +84,11 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     if probe is not None:
         probe.cancel()
     stop.set()
-    # A load in flight is abandoned after 5 s: shutdown must not hang on it.
-    with contextlib.suppress(asyncio.CancelledError, TimeoutError):
-        await asyncio.wait_for(task, timeout=5)
+    app[UPDATER].stop()  # loads and warms in flight end now
+    try:
+        await asyncio.wait_for(task, timeout=STOP_SECONDS)
+    except TimeoutError:
+        log.warning("the loader did not stop within %gs; closing anyway", STOP_SECONDS)
     if process is not None:
         await process.close()
     app[RUNNER].close()
@@ -95,7 +97,6 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     app[DATA].close()
     gc.unfreeze()  # publishes froze the cache's objects; let the collector have them back
     _short_switch(-1)
-    log.info("stopped serving %s", settings.file)
 
 
 def make_source(settings: Settings, staging: Path) -> Source:

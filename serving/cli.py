@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -29,12 +30,14 @@ def _load(config: str | None) -> Settings:
         env = dict(os.environ)
         env.setdefault(DEMO_ROOT_ENV, f'"file://{Path.cwd() / "duckswap-demo"}"')
         settings = load_settings(DEMO_CONFIG, env)
-        local = settings.source_url.startswith("file://")
-        if local and not any(settings.source_path.glob("*/export-*")):
-            from data.generate import next_seq, write_export
+        if settings.source_url.startswith("file://"):
+            from data.generate import missing_demo, write_first_demo
 
-            print(f"writing demo export into {settings.source_path} ...", file=sys.stderr)
-            write_export(settings.source_path, next_seq(settings.source_path))
+            root = settings.source_path
+            missing = missing_demo(root)
+            if missing:
+                print(f"writing demo export into {root} ...", file=sys.stderr)
+                write_first_demo(root, missing)
     else:
         settings = load_settings(config)
     check_sql(settings)
@@ -52,7 +55,31 @@ def _settings_or_none(config: str | None) -> Settings | None:
         return None
 
 
+class _Stopped(Exception):
+    """SIGTERM or SIGINT before the server listens (the demo being written, say)."""
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
+    # Until the event loop takes them over, a signal ends start-up cleanly (nothing it wrote
+    # is left half-done: the demo is written aside and renamed into place).
+    signalled: list[str] = []
+
+    def stop_now(signum: int, frame: object) -> None:
+        signalled.append(signal.Signals(signum).name)
+        raise _Stopped(signalled[0])
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, stop_now)
+    try:
+        return _start(args)
+    except Exception:
+        if not signalled:  # DuckDB turns the exception into its own "interrupted" error
+            raise
+        print(f"stopped ({signalled[0]}) before serving", file=sys.stderr)
+        return 0
+
+
+def _start(args: argparse.Namespace) -> int:
     from serving.app import create_app
 
     settings = _settings_or_none(args.config)
@@ -79,9 +106,54 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # loop per request. Overlay mix at 2000 req/s on 2 cores, no swaps: 0.89 -> 1.04 cores,
     # p50 3.2 -> 227 ms, p99 152 -> 723 ms.
     app.on_startup.append(_log_event_loop)
-    web.run_app(app, host=host, port=port, print=None, shutdown_timeout=5, backlog=BACKLOG,
-                loop=new_event_loop(settings.event_loop),
-                access_log=access_logger if settings.access_log else None)
+    runner = web.AppRunner(app, access_log=access_logger if settings.access_log else None,
+                           shutdown_timeout=settings.shutdown_seconds)
+    loop = new_event_loop(settings.event_loop)
+    asyncio.set_event_loop(loop)
+    try:
+        return loop.run_until_complete(_serve(runner, host, port, settings))
+    finally:
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
+
+
+async def _serve(runner: web.AppRunner, host: str, port: int, settings: Settings) -> int:
+    """Serve until SIGTERM or SIGINT, then stop cleanly: /readyz answers 503 at once; after
+    `server.drain_seconds` the listening socket closes, the requests in flight get up to
+    `server.shutdown_seconds` to finish, loads and warms are cancelled and the child
+    processes stop. A second signal exits at once."""
+    from serving.state import SERVING
+
+    log = logging.getLogger("duckswap")
+    loop = asyncio.get_running_loop()
+    signalled: asyncio.Future[str] = loop.create_future()
+
+    def on_signal(sig: signal.Signals) -> None:
+        if not signalled.done():
+            signalled.set_result(sig.name)
+            return
+        log.warning("%s again: exiting now", sig.name)
+        os._exit(1)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
+    try:
+        await runner.setup()
+        await web.TCPSite(runner, host, port, backlog=BACKLOG).start()
+    except OSError as exc:  # the port is taken, the address is not this machine's
+        print(f"{settings.file}: cannot listen on {host}:{port}: {exc.strerror or exc}",
+              file=sys.stderr)
+        await runner.cleanup()
+        return 2
+    name = await signalled
+    runner.app[SERVING].stopping = True
+    log.info("shutting down (%s): /readyz answers 503; closing the listener in %gs, then "
+             "up to %gs for the requests in flight", name, settings.drain_seconds,
+             settings.shutdown_seconds)
+    if settings.drain_seconds > 0:
+        await asyncio.sleep(settings.drain_seconds)
+    await runner.cleanup()
+    log.info("stopped")
     return 0
 
 

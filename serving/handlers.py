@@ -209,6 +209,8 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS]
+    if request.app[SERVING].stopping:
+        return error_response(NotReady("shutting down", stopping=True))
     snap = request.app[STORE].current
     missing = [n for n, d in settings.datasets.items() if d.required and n not in snap.versions]
     if missing:

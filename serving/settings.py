@@ -34,6 +34,12 @@ SETTING_KEYS: dict[str, str] = {
     "event loop's GIL, nor make it wait (default true). The server's threads answer whenever "
     "that process is down (it is restarted after a crash, and the queries it had in flight run "
     "again in the server).",
+    "server.drain_seconds": "After SIGTERM or SIGINT, seconds during which `/readyz` answers "
+    "503 while requests are still accepted, so a load balancer stops sending new ones before "
+    "the listener closes (default 0; under Kubernetes, a few seconds more than the "
+    "readiness probe's period).",
+    "server.shutdown_seconds": "After the listener closes, the most seconds the requests in "
+    "flight get to finish before the server stops (default 10).",
     "server.log_level": "Python log level (default INFO).",
     "server.access_log": "Log one line per request to the `aiohttp.access` logger at INFO "
     "(default false: at thousands of requests a second the log costs more CPU than the "
@@ -147,6 +153,8 @@ class Settings:
     query_timeout: float = 5.0
     query_process: bool = True
     log_level: str = "INFO"
+    drain_seconds: float = 0.0
+    shutdown_seconds: float = 10.0
     access_log: bool = False
     event_loop: str = "auto"
     debounce_ms: int = 200
@@ -270,6 +278,8 @@ def parse_settings(raw: Mapping[str, Any], file: str = "<config>") -> Settings:
         query_timeout=float(server.get("query_timeout", (int, float), 5.0)),
         query_process=server.get("query_process", bool, True),
         log_level=server.get("log_level", str, "INFO"),
+        drain_seconds=float(server.get("drain_seconds", (int, float), 0.0)),
+        shutdown_seconds=float(server.get("shutdown_seconds", (int, float), 10.0)),
         access_log=server.get("access_log", bool, False),
         event_loop=server.get("event_loop", str, "auto"),
         debounce_ms=source.get("debounce_ms", int, 200),
@@ -297,7 +307,7 @@ def parse_settings(raw: Mapping[str, Any], file: str = "<config>") -> Settings:
     if settings.quiet_seconds < 0:
         raise source.fail("quiet_seconds", f"must not be negative, got {settings.quiet_seconds}")
     for name in ("cache_mb", "warm_seconds", "warm_tail_seconds", "warm_busy_seconds",
-                 "warm_keys", "build_nice"):
+                 "warm_keys", "build_nice", "drain_seconds", "shutdown_seconds"):
         if getattr(settings, name) < 0:
             raise server.fail(name, f"must not be negative, got {getattr(settings, name)!r}")
     if settings.event_loop not in EVENT_LOOPS:

@@ -53,6 +53,7 @@ class Serving:
         }
         self.batcher = Batcher(runner, self.constants)
         self.process: QueryProcess | None = None
+        self.stopping = False  # SIGTERM or SIGINT came: /readyz answers 503 from then on
 
     def use(self, process: QueryProcess) -> None:
         """Misses, single and batched, go to the query process."""

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from loaders.builder import Builder
+from loaders.schema import Unavailable
 from loaders.snapshot import Snapshot, Store
 from serving.cache import Answers, Popularity, ResponseCache, hottest
 from serving.endpoints import EndpointSpec
@@ -235,8 +236,8 @@ class Warmer:
         try:
             return self._answer(snap, tasks, seconds, done, busy_seconds, busy_share, files,
                                 spool, dropped, stop)
-        except concurrent.futures.CancelledError:  # the event loop stopped: shutting down
-            log.info("warm of snapshot %d stopped: the server is shutting down", snap.id)
+        except (concurrent.futures.CancelledError, Unavailable):  # the server is stopping
+            log.info("warm of snapshot %d ended: the server is stopping", snap.id)
             return None
         finally:
             spool.unlink(missing_ok=True)

@@ -1,0 +1,202 @@
+"""A clean stop: SIGTERM or SIGINT under load, during a warm, and during the first start."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from bench.ports import free_port
+from conftest import descendants, running, write_seq_export
+
+KEYS = 8000  # declared keys, one query each: an after-publish warm of seconds
+
+
+def _config(tmp_path: Path, port: int) -> Path:
+    config = tmp_path / "duckswap.toml"
+    config.write_text(f"""
+[server]
+port = {port}
+data_dir = "{tmp_path / 'data'}"
+drain_seconds = 1
+shutdown_seconds = 10
+warm_busy_seconds = 0
+warm_tail_seconds = 120
+[source]
+url = "file://{tmp_path / 'src'}"
+debounce_ms = 20
+[datasets.seqdata]
+key = ["k"]
+columns = {{ k = "INTEGER", export_seq = "INTEGER" }}
+[endpoints.row]
+path = "/v1/rows/{{k}}"
+datasets = ["seqdata"]
+sql = "SELECT k, export_seq FROM seqdata WHERE k = $k"
+warm_sql = "SELECT k FROM seqdata"
+params.k = {{ type = "int", min = 0 }}
+[endpoints.slow]
+path = "/v1/slow"
+datasets = ["seqdata"]
+warm = false
+sql = "SELECT $n AS n, sum(range % 7) AS s FROM range($n) JOIN seqdata ON k = 0"
+params.n = {{ type = "int", min = 1, max = 1000000000 }}
+""")
+    return config
+
+
+async def _status(session: aiohttp.ClientSession, url: str) -> int | None:
+    try:
+        async with session.get(url) as resp:
+            await resp.read()
+            return resp.status
+    except aiohttp.ClientError:
+        return None
+
+
+async def _until(check, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if await check():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+async def test_a_stop_under_load_finishes_the_requests_in_flight(
+        tmp_path: Path, sig: signal.Signals) -> None:
+    """A real server process, its after-publish warm running, slow queries and keep-alive
+    clients in flight: /readyz answers 503 first, every request in flight gets its answer,
+    the warm and the build processes stop, and the server logs one "shutting down" and one
+    "stopped" line, no traceback, and exits 0."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    write_seq_export(tmp_path / "src", 1, rows=KEYS)
+    log_path = tmp_path / "server.log"
+    with log_path.open("wb") as log:
+        server = subprocess.Popen([sys.executable, "-m", "serving.cli", "serve", "--config",
+                                   str(_config(tmp_path, port))], stdout=log, stderr=log)
+    async with aiohttp.ClientSession() as probe:
+        try:
+            await _until(lambda: _ready(probe, base), 90, "/readyz")
+            write_seq_export(tmp_path / "src", 2, rows=KEYS)
+
+            async def second() -> bool:
+                async with probe.get(f"{base}/v1/rows/0") as resp:
+                    return resp.status == 200 and (await resp.json())["data"][0][
+                        "export_seq"] == 2
+
+            await _until(second, 60, "export 2")
+            children = descendants(server.pid)  # the build and query processes
+            answers: list[int | str] = []
+            stop_sending = asyncio.Event()
+
+            async def client(i: int) -> None:
+                async with aiohttp.ClientSession() as session:
+                    k = i
+                    while not stop_sending.is_set():
+                        k = (k + 7) % KEYS
+                        try:
+                            async with session.get(f"{base}/v1/rows/{k}") as resp:
+                                await resp.read()
+                                answers.append(resp.status)
+                        except aiohttp.ClientError as exc:
+                            answers.append(repr(exc))
+
+            async def slow(n: int) -> int:
+                async with aiohttp.ClientSession() as session, session.get(
+                        f"{base}/v1/slow?n={n}") as resp:
+                    await resp.read()
+                    return resp.status
+
+            clients = [asyncio.create_task(client(i)) for i in range(4)]
+            slows = [asyncio.create_task(slow(400_000_000 + i)) for i in range(2)]
+            await asyncio.sleep(0.3)  # the slow queries are running
+            server.send_signal(sig)
+            async with aiohttp.ClientSession() as fresh:  # a new connection, while draining
+                await _until(lambda: _is(fresh, f"{base}/readyz", 503), 1.0, "/readyz 503")
+            stop_sending.set()  # before the listener closes (drain_seconds = 1)
+            await asyncio.gather(*clients)
+            assert await asyncio.gather(*slows) == [200, 200]
+            assert answers and set(answers) == {200}, set(answers)
+            assert server.wait(timeout=30) == 0
+        finally:
+            if server.poll() is None:
+                server.kill()
+                server.wait()
+    output = log_path.read_text()
+    assert "Traceback" not in output and "Error" not in output, output[-3000:]
+    assert output.count("duckswap: shutting down") == 1, output
+    assert output.count("duckswap: stopped\n") == 1, output
+    deadline = time.monotonic() + 10
+    while running(children) and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert not running(children)
+
+
+async def _ready(session: aiohttp.ClientSession, base: str) -> bool:
+    return await _status(session, f"{base}/readyz") == 200
+
+
+async def _is(session: aiohttp.ClientSession, url: str, status: int) -> bool:
+    return await _status(session, url) == status
+
+
+def test_a_stop_during_the_first_demo_write_is_repaired_at_the_next_start(
+        tmp_path: Path) -> None:
+    """`duckswap serve` with no config writes the demo first: a SIGTERM then stops it cleanly,
+    and the next start writes what is missing (a folder an older version left half-written
+    included) and serves it."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "serving.cli", "serve", "--port", str(port)]
+    aside, demo = tmp_path / ".duckswap-demo.writing", tmp_path / "duckswap-demo"
+    half = demo / "patches" / "export-000001"
+    log_path = tmp_path / "server.log"
+    with log_path.open("wb") as log:
+        server = subprocess.Popen(cmd, cwd=tmp_path, stdout=log, stderr=log)
+    try:
+        _wait(lambda: any(aside.glob("*/*/part-*.parquet")), 60, "the demo being written")
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=30) == 0
+        assert not aside.exists() and not any(demo.glob("*/*/part-*"))
+        half.mkdir(parents=True)  # as a stop left it before the demo was written aside
+        (half / "part-00000.parquet").write_bytes(b"half a file")
+        with log_path.open("ab") as log:
+            server = subprocess.Popen(cmd, cwd=tmp_path, stdout=log, stderr=log)
+        _wait(lambda: _get_status(f"http://127.0.0.1:{port}/readyz") == 200, 180, "/readyz")
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=30) == 0
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+    output = log_path.read_text()
+    assert "Traceback" not in output, output[-3000:]
+    assert "stopped (SIGTERM) before serving" in output
+
+
+def _wait(check, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def _get_status(url: str) -> int | None:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as resp:
+            return int(resp.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+    except OSError:
+        return None
