@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.metadata
 import logging
 import os
 import signal
@@ -204,6 +205,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="duckswap", description="Hot-swappable DuckDB serving")
+    parser.add_argument("--version", action="version",
+                        version=f"duckswap {importlib.metadata.version('duckswap')}")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="serve the endpoints of a config (default: the demo)")
     serve.add_argument("--config", help="TOML config file; omit to serve the bundled demo")

@@ -343,8 +343,10 @@ def _env_value(text: str) -> Any:
         return text
 
 
-def apply_env(raw: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
-    """`DUCKSWAP_SERVER__PORT=9000` sets `server.port`; values are read as TOML, else string."""
+def apply_env(raw: dict[str, Any], environ: Mapping[str, str]) -> dict[str, str]:
+    """`DUCKSWAP_SERVER__PORT=9000` sets `server.port` in `raw`; values are read as TOML,
+    else string. Returns key -> the variable that set it."""
+    applied: dict[str, str] = {}
     for name, text in environ.items():
         if not name.startswith(ENV_PREFIX) or "__" not in name:
             continue
@@ -352,8 +354,11 @@ def apply_env(raw: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]
         node = raw
         for part in path[:-1]:
             node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(name, ".".join(path), f"{part!r} is not a table")
         node[path[-1]] = _env_value(text)
-    return raw
+        applied[".".join(path)] = name
+    return applied
 
 
 def load_settings(path: str | Path, environ: Mapping[str, str] | None = None) -> Settings:
@@ -364,11 +369,18 @@ def load_settings(path: str | Path, environ: Mapping[str, str] | None = None) ->
         raise ConfigError(file, "<file>", "no such file") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(file, "<file>", f"not valid TOML: {exc}") from None
-    raw = apply_env(raw, os.environ if environ is None else environ)
+    from_env = apply_env(raw, os.environ if environ is None else environ)
     base = Path(path).resolve().parent
     source = raw.get("source")
     if isinstance(source, dict) and isinstance(source.get("url"), str):
         url = source["url"]
         if url.startswith("file://") and not url.startswith("file:///"):
             source["url"] = "file://" + str((base / url.removeprefix("file://")).resolve())
-    return parse_settings(raw, file)
+    try:
+        return parse_settings(raw, file)
+    except ConfigError as exc:
+        variable = next((v for k, v in from_env.items()
+                         if k == exc.key or k.startswith(exc.key + ".")), None)
+        if variable is None:
+            raise
+        raise ConfigError(variable, exc.key, exc.problem) from None

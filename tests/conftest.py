@@ -81,8 +81,8 @@ def seq_config(root: Path, row_limit: int = 1000, **server: Any) -> Settings:
             "slow": {
                 "path": "/v1/slow",
                 "datasets": ["seqdata"],
-                "sql": "SELECT count(*) AS n FROM range(100000000) a, range(1000000) b "
-                "WHERE a.range * b.range = $x",
+                "sql": "SELECT count(*) AS n FROM range(100000000) a, range(1000000) b, "
+                "(SELECT k FROM seqdata LIMIT 1) s WHERE a.range * b.range = $x + s.k",
                 "params": {"x": {"type": "int"}},
             },
         },

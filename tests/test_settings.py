@@ -10,6 +10,7 @@ import time
 import tomllib
 import urllib.error
 import urllib.request
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -122,20 +123,29 @@ def test_config_errors_name_the_key(path: str, value: Any, key: str, problem: st
     ],
 )
 def test_sql_that_does_not_prepare_is_rejected(key: str, sql: str, fragment: str) -> None:
-    """Endpoint SQL and warm_sql are both prepared at startup; errors name their key."""
-    settings = parse_settings(_with(f"endpoints.one.{key}", sql), "app.toml")
+    """Endpoint SQL and warm_sql are both checked at startup; errors name their key."""
     with pytest.raises(ConfigError) as info:
-        check_sql(settings)
+        check_sql(parse_settings(_with(f"endpoints.one.{key}", sql), "app.toml"))
     assert info.value.key == f"endpoints.one.{key}"
     assert fragment in info.value.problem.lower() or fragment in info.value.problem
 
 
-def test_sql_reading_an_undeclared_dataset_is_rejected() -> None:
+def test_the_datasets_an_endpoint_reads_come_from_its_sql() -> None:
+    """`datasets` is optional: the SQL says which tables it reads (subqueries included, CTEs
+    not); a list that disagrees is refused naming the table."""
     raw = _with("datasets.builds", {"key": ["id"], "columns": {"id": "INTEGER"}})
     raw["endpoints"]["one"]["sql"] = "SELECT * FROM builds WHERE id = $id"
     with pytest.raises(ConfigError) as info:
         check_sql(parse_settings(raw, "app.toml"))
-    assert info.value.key == "endpoints.one.sql"
+    assert info.value.key == "endpoints.one.datasets"
+    assert info.value.problem == "lists 'stats', which the SQL does not read"
+    raw["endpoints"]["one"]["datasets"] = []
+    with pytest.raises(ConfigError, match="does not list 'builds', which the SQL reads"):
+        parse_settings(raw, "app.toml")
+    del raw["endpoints"]["one"]["datasets"]
+    raw["endpoints"]["one"]["sql"] = ("WITH b AS (SELECT * FROM builds) SELECT * FROM b "
+                                      "WHERE id = (SELECT max(id) FROM stats WHERE id = $id)")
+    assert parse_settings(raw, "app.toml").endpoints["one"].datasets == ("builds", "stats")
 
 
 def test_check_config_cli(tmp_path: Path) -> None:
@@ -230,3 +240,31 @@ def test_access_log_and_event_loop_follow_the_config(
     assert ("aiohttp.access" in "".join(logged)) == (access_log is not None), err[-2000:]
     assert f"event loop: {event_loop or 'uvloop'}." in err, err[-2000:]
 
+
+
+def test_a_malformed_path_template_is_refused_by_check_config_and_serve(
+        tmp_path: Path) -> None:
+    """What the router would refuse is a config error, in `check-config` and in `serve`
+    alike: a message naming the key, never a traceback."""
+    bad = _write(tmp_path, _with("endpoints.one.path", "/v1/stats/{id"))
+    for command in (["check-config", str(bad)], ["serve", "--config", str(bad)]):
+        res = subprocess.run([sys.executable, "-m", "serving.cli", *command],
+                             capture_output=True, text=True, cwd=tmp_path, timeout=60)
+        assert res.returncode == 2, res.stderr
+        assert "endpoints.one.path: not a valid route template" in res.stderr
+        assert "Traceback" not in res.stderr
+
+
+def test_an_environment_override_that_fails_names_the_variable(tmp_path: Path) -> None:
+    config = _write(tmp_path, BASE)
+    with pytest.raises(ConfigError) as info:
+        load_settings(config, {"DUCKSWAP_SERVER__PORT": "eighty"})
+    assert str(info.value).startswith("DUCKSWAP_SERVER__PORT: server.port: expected an integer")
+    with pytest.raises(ConfigError, match=r"^DUCKSWAP_SERVER__PORT__X: server.port: expected"):
+        load_settings(config, {"DUCKSWAP_SERVER__PORT__X": "1"})
+
+
+def test_duckswap_version() -> None:
+    res = subprocess.run([sys.executable, "-m", "serving.cli", "--version"],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0 and res.stdout.strip() == f"duckswap {version('duckswap')}"
