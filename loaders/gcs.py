@@ -119,6 +119,7 @@ class GcsSource:
         self.concurrency = concurrency
         self.attempts = attempts
         self.quiet_seconds = quiet_seconds
+        self.pending: dict[str, dict[str, float]] = {}
         self.fs = gcsfs.GCSFileSystem(
             token=token, endpoint_url=endpoint_url, access="read_only", version_aware=True,
             skip_instance_cache=True, use_listings_cache=False,
@@ -130,6 +131,7 @@ class GcsSource:
     def complete_exports(self, dataset: str) -> list[RemoteExport]:
         """Complete exports of a dataset, oldest first; one listing per call, never cached."""
         base = self._base(dataset)
+        pending = self.pending[dataset] = {}
         try:
             found: dict[str, Any] = self.fs.find(base, detail=True, refresh=True)
         except FileNotFoundError:
@@ -151,7 +153,8 @@ class GcsSource:
                            or Path(o.name).match(PART_GLOB)), key=lambda o: o.name)
             if not marker and (not keep or not quiet_since(max(o.updated for o in objects),
                                                            self.quiet_seconds)):
-                continue  # still being written: ignored without noise
+                pending[export_id] = min(o.updated for o in objects)  # still being written
+                continue
             exports.append(RemoteExport(dataset, export_id, marker, tuple(keep)))
         return exports
 

@@ -44,6 +44,9 @@ class Candidate(Protocol):
 
 class Source(Protocol):
     url: str
+    # dataset -> {export id: when its first file was written} of the folders with files but
+    # no marker, as of the last `complete_exports` of that dataset
+    pending: dict[str, dict[str, float]]
 
     def complete_exports(self, dataset: str) -> Sequence[Any]:
         """Complete exports of a dataset (Candidates), oldest first (export ids sort by
@@ -82,9 +85,11 @@ class LocalSource:
         self.root = root
         self.url = f"file://{root}"
         self.quiet_seconds = quiet_seconds
+        self.pending: dict[str, dict[str, float]] = {}
 
     def complete_exports(self, dataset: str) -> list[Export]:
         base = self.root / dataset
+        pending = self.pending[dataset] = {}
         if not base.is_dir():
             return []
         found: list[Export] = []
@@ -92,17 +97,18 @@ class LocalSource:
             if not folder.is_dir() or is_ignored(folder.name):
                 continue
             marker = next((m for m in MARKERS if (folder / m).is_file()), None)
-            if marker is None and not self.quiet_seconds:
-                continue
             files = tuple(
                 sorted(p for p in folder.glob(PART_GLOB) if p.is_file() and not is_ignored(p.name))
             )
             try:
                 stats = {p.name: p.stat() for p in (*files, *([folder / marker] if marker else []))}
                 if marker is None:  # complete only once quiet: nothing in it changed for a while
-                    newest = max([folder.stat().st_mtime,
-                                  *(p.stat().st_mtime for p in folder.iterdir())])
-                    if not files or not quiet_since(newest, self.quiet_seconds):
+                    times = [p.stat().st_mtime for p in folder.iterdir()]
+                    if not times:
+                        continue
+                    if not files or not quiet_since(max([folder.stat().st_mtime, *times]),
+                                                    self.quiet_seconds):
+                        pending[folder.name] = min(times)  # still being written
                         continue
             except OSError:
                 continue  # being rewritten or removed right now: next time

@@ -134,6 +134,8 @@ class Updater:
         self.overdue: set[tuple[str, str]] = set()  # (group, run id) reported incomplete
         self.overdue_total = 0
         self._listed: dict[str, set[str]] = {}  # dataset -> complete export ids last listed
+        self._pending_logged: dict[str, set[str]] = {}  # incomplete export folders logged
+        self.source_problem: str | None = None  # why the source cannot be listed, if known
 
     @property
     def refused(self) -> dict[tuple[str, str], str]:
@@ -206,6 +208,21 @@ class Updater:
                           ", ".join(self._members_with(group, run_id, False)) or "none")
         self.overdue = {(g, r) for g, r in self.overdue if g != group.name or r in pending}
 
+    def _note_incomplete_exports(self, dataset: str) -> None:
+        """Log once each export folder of `dataset` with files but no marker (the listing
+        just made found them): it is not loaded until its marker is written."""
+        pending = set(self.source.pending.get(dataset, {}))
+        for export_id in sorted(pending - self._pending_logged.get(dataset, set())):
+            log.info("export %s/%s has files but no _SUCCESS or _manifest.json: pending, not "
+                     "loaded until its marker is written", dataset, export_id)
+        self._pending_logged[dataset] = pending
+
+    def pending_exports(self, dataset: str) -> list[dict[str, Any]]:
+        """The export folders of `dataset` with files but no marker, with their age."""
+        now = time.time()
+        return [{"export_id": e, "age_s": round(now - since, 3)}
+                for e, since in sorted(dict(self.source.pending.get(dataset, {})).items())]
+
     def incomplete_runs(self) -> list[dict[str, Any]]:
         """Runs complete in some members of their group only, oldest first (read off the
         loader thread: each container is copied in one C call first)."""
@@ -242,6 +259,7 @@ class Updater:
                 listed[name] = self.source.complete_exports(name)
                 listed_seconds[name] = time.perf_counter() - start
                 self.last_listed = time.time()
+                self._note_incomplete_exports(name)
                 self._listed[name] = {e.export_id for e in listed[name]}
             walks[group.name] = self._runs(group, listed)
         events: list[LoadEvent] = []

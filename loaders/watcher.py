@@ -69,9 +69,18 @@ class Watcher:
         folder is listed anyway: a lost notification costs seconds, not an export. A group
         with a run complete in some of its datasets only is listed every second, so the run
         is reported once it is overdue."""
+        updater = self.updater
+        while not source.root.is_dir():  # watchfiles needs the folder: wait for it
+            updater.source_problem = f"source folder {source.root} does not exist"
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=1.0)
+            if stop.is_set():
+                return
+        if updater.source_problem is not None:
+            log.info("source folder %s exists now: watching it", source.root)
+            updater.source_problem = None
         # Runs from awatch's first await, once its watcher exists (created before any await).
         scan = asyncio.create_task(self._refresh(None))
-        updater = self.updater
         often = source.quiet_seconds > 0 or bool(updater.group_of)
         loop = asyncio.get_running_loop()
         listed = loop.time()

@@ -61,6 +61,7 @@ def dataset_doc(updater: Updater, name: str) -> dict[str, Any]:
         "data_age_s": age,
         "pinned": ds.pinned,
         "kept": [_record(r) for r in list(ds.versions)],
+        "pending": updater.pending_exports(name),
         "quarantined": [_refusal(q) for q in sorted(ds.quarantine.values(),
                                                      key=lambda q: q.at, reverse=True)],
         "history": [_event(e) for e in list(updater.history)[::-1] if e.dataset == name][
@@ -127,6 +128,7 @@ async def list_datasets(request: web.Request) -> web.Response:
     listed = updater.last_listed
     return _json({
         "source": {"url": updater.source.url, "errors": updater.source_errors,
+                   "problem": updater.source_problem,
                    "last_listed_age_s": round(time.time() - listed, 3) if listed else None},
         "keep_versions": updater.keep_versions,
         "datasets": [dataset_doc(updater, n) for n in sorted(updater.state)],

@@ -109,7 +109,9 @@ def make_source(settings: Settings, staging: Path) -> Source:
                          endpoint_url=settings.endpoint_url, token=settings.token,
                          concurrency=settings.concurrency, quiet_seconds=settings.quiet_seconds)
     root = settings.source_path
-    root.mkdir(parents=True, exist_ok=True)
+    if not root.is_dir():
+        log.warning("source folder %s does not exist: nothing is served until it does (the "
+                    "watcher waits for it; /readyz and the admin API say so too)", root)
     return LocalSource(root, settings.quiet_seconds)
 
 
@@ -149,7 +151,7 @@ def create_app(settings: Settings) -> web.Application:
     )
     app[REGISTRY] = CollectorRegistry()
     app[REGISTRY].register(Metrics(store, serving.cache, app[UPDATER], warmer,
-                                   serving.process))
+                                   serving.process, serving.query_errors))
     app[LOOP_LAG] = LoopLag(app[REGISTRY])
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

@@ -50,8 +50,16 @@ class QueryTimeout(ApiError):
 
 
 class QueryFailed(ApiError):
+    """DuckDB refused a query at run time. The answer names the error's class only; `detail`
+    (DuckDB's message, which may quote data) goes to the log."""
+
     status = 500
     code = "query_failed"
+
+    def __init__(self, error: str, detail: str = "", **extra: Any) -> None:
+        super().__init__(f"query failed: {error}", **extra)
+        self.error = error
+        self.detail = detail or error
 
 
 class Unauthorized(ApiError):

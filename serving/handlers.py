@@ -13,7 +13,14 @@ from aiohttp import web
 
 from loaders.snapshot import Snapshot
 from serving.endpoints import EndpointSpec
-from serving.errors import ApiError, BadParameter, MethodNotAllowed, NotFound, NotReady
+from serving.errors import (
+    ApiError,
+    BadParameter,
+    MethodNotAllowed,
+    NotFound,
+    NotReady,
+    QueryFailed,
+)
 from serving.metrics import CONTENT_TYPE, render
 from serving.params import ParamError, bind_params, cache_key
 from serving.responses import (
@@ -157,6 +164,12 @@ async def _compute(app: web.Application, spec: EndpointSpec, snap: Snapshot, tok
         fut.cancel()
         raise
     except BaseException as exc:
+        if isinstance(exc, QueryFailed):  # once per failed query, not per waiter
+            log.error("query of endpoint %s failed with %s: %s", spec.name,
+                      ", ".join(f"{k}={v!r}" for k, v in sorted(params.items())), exc.detail)
+            errors = app[SERVING].query_errors
+            errors[(spec.name, exc.error)] = errors.get((spec.name, exc.error), 0) + 1
+            exc.extra["endpoint"] = spec.name
         fut.set_exception(exc)
         raise
     finally:
@@ -214,7 +227,11 @@ async def readyz(request: web.Request) -> web.Response:
     snap = request.app[STORE].current
     missing = [n for n, d in settings.datasets.items() if d.required and n not in snap.versions]
     if missing:
-        return error_response(NotReady("waiting for datasets to load", missing=missing))
+        updater = request.app[UPDATER]
+        return error_response(NotReady(
+            "waiting for datasets to load", missing=missing,
+            pending={n: [p["export_id"] for p in updater.pending_exports(n)] for n in missing},
+            source_problem=updater.source_problem))
     if not request.app[WARMER].settled:  # data is served; answers are still being computed
         return error_response(NotReady("warming the first version's answers", warming=True))
     versions = {n: v.version_id for n, v in snap.versions.items()}

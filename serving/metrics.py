@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
@@ -59,7 +59,9 @@ class LoopLag:
 
 class Metrics(Collector):
     def __init__(self, store: Store, cache: ResponseCache, updater: Updater,
-                 warmer: Warmer, process: QueryProcess | None = None) -> None:
+                 warmer: Warmer, process: QueryProcess | None = None,
+                 query_errors: Mapping[tuple[str, str], int] | None = None) -> None:
+        self.query_errors = query_errors if query_errors is not None else {}
         self.store = store
         self.cache = cache
         self.updater = updater
@@ -82,6 +84,12 @@ class Metrics(Collector):
         yield CounterMetricFamily("duckswap_cache_pruned",
                                   "Responses of replaced versions dropped after a publish",
                                   value=c.pruned)
+        failed = CounterMetricFamily("duckswap_query_errors", "Queries DuckDB refused at run "
+                                     "time (answered 500), by endpoint and error",
+                                     labels=["endpoint", "error"])
+        for (endpoint, error), n in sorted(dict(self.query_errors).items()):
+            failed.add_metric([endpoint, error], n)
+        yield failed
         yield GaugeMetricFamily("duckswap_cache_bytes", "Bytes held by the response cache",
                                 value=c.bytes)
         yield GaugeMetricFamily("duckswap_cache_entries", "Responses held", value=len(c))

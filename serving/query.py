@@ -134,7 +134,7 @@ class QueryRunner:
         except duckdb.InterruptException:
             raise QueryTimeout(f"query exceeded its {self.timeout:g}s deadline") from None
         except duckdb.Error as exc:
-            raise QueryFailed(f"query failed: {type(exc).__name__}") from None
+            raise QueryFailed(type(exc).__name__, str(exc).splitlines()[0]) from None
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)

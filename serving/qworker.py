@@ -187,7 +187,8 @@ class Worker:
         except duckdb.InterruptException:
             reply = dump(("error", query_id, "timeout", "interrupted at its deadline"))
         except Exception as exc:  # named to the server; the process goes on serving
-            reply = dump(("error", query_id, "failed", type(exc).__name__))
+            reply = dump(("error", query_id, "failed",
+                          (type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")))
         finally:
             job.cursor = None
             with self._jobs_lock:

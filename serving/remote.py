@@ -217,7 +217,7 @@ class QueryProcess:
         elif msg[2] == "timeout":
             fut.set_exception(QueryTimeout(f"query exceeded its {self.timeout:g}s deadline"))
         else:
-            fut.set_exception(QueryFailed(f"query failed: {msg[3]}"))
+            fut.set_exception(QueryFailed(*msg[3]))
 
     def _expire(self, qid: int) -> None:
         """Past its deadline: answer 504 now, interrupt it there; the Snapshot stays held

@@ -54,6 +54,7 @@ class Serving:
         self.batcher = Batcher(runner, self.constants)
         self.process: QueryProcess | None = None
         self.stopping = False  # SIGTERM or SIGINT came: /readyz answers 503 from then on
+        self.query_errors: dict[tuple[str, str], int] = {}  # (endpoint, DuckDB error) -> count
 
     def use(self, process: QueryProcess) -> None:
         """Misses, single and batched, go to the query process."""

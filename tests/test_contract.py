@@ -16,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from conftest import Running, seq_config, wait_for, write_seq_export
 from serving.config import ConfigError
 from serving.settings import Settings, parse_settings
+from serving.sqlcheck import check_sql
 from serving.state import SERVING, STORE, UPDATER, WARMER
 
 KEYS = 4000  # rows of each export, one key each: far more than a client reads between swaps
@@ -315,3 +316,93 @@ async def test_a_new_export_cuts_the_after_publish_warm_short(tmp_path: Path,
 
     await wait_for(all_warmed, 120, "the cut warm of export 2 to go on")
     assert store.current.versions["seqdata"].export_id == "export-000002"
+
+
+# -- no silent failures -------------------------------------------------------------------
+
+@pytest.mark.parametrize("query_process", [True, False])
+async def test_a_query_that_fails_at_run_time_is_logged_counted_and_named(
+        tmp_path: Path, serve: Any, caplog: pytest.LogCaptureFixture,
+        query_process: bool) -> None:
+    caplog.set_level(logging.ERROR, logger="duckswap.server")
+    write_seq_export(tmp_path, 1)
+    settings = parse_settings({
+        "server": {"query_process": query_process},
+        "source": {"url": f"file://{tmp_path}"},
+        "datasets": {"seqdata": {"key": ["k"], "columns": {
+            "k": "INTEGER", "export_seq": "INTEGER", "label": "VARCHAR"}}},
+        "endpoints": {"bad": {  # every label is text: the cast fails on every real row
+            "path": "/v1/bad", "warm": False,
+            "sql": "SELECT k FROM seqdata WHERE label::INTEGER = $n",
+            "params": {"n": {"type": "int"}}}},
+    }, "test.toml")
+    srv: Running = await serve(settings)
+    await srv.wait_ready()
+    status, body = await srv.get("/v1/bad?n=3")
+    assert status == 500
+    assert body == {"error": "query_failed", "status": 500, "endpoint": "bad",
+                    "message": "query failed: ConversionException"}
+    assert "query of endpoint bad failed with n=3: Conversion Error" in caplog.text
+    assert "row-0-of-1" in caplog.text  # DuckDB's message, in the log only
+    errors = await metric_samples(srv, "duckswap_query_errors_total")
+    assert errors == {("bad", "ConversionException"): 1}
+
+
+def test_check_config_refuses_a_parameter_that_cannot_bind_where_it_is_used() -> None:
+    raw = {"source": {"url": "file:///x"},
+           "datasets": {"d": {"key": ["k"], "columns": {"k": "INTEGER"}}},
+           "endpoints": {"e": {"path": "/e", "sql": "SELECT k FROM d WHERE k = $name",
+                               "params": {"name": {"type": "string"}}}}}
+    with pytest.raises(ConfigError) as info:
+        check_sql(parse_settings(raw, "app.toml"))
+    assert info.value.key == "endpoints.e.sql"
+    assert "$name = 'x'" in info.value.problem and "Conversion Error" in info.value.problem
+    raw["endpoints"]["e"]["params"]["name"]["type"] = "int"
+    check_sql(parse_settings(raw, "app.toml"))
+
+
+async def test_a_missing_source_folder_is_said_at_start_and_waited_for(
+        tmp_path: Path, serve: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """The folder is not created behind the user's back: the start warns, /readyz and the
+    admin API say why nothing is served, and once it appears its exports are served."""
+    caplog.set_level(logging.INFO, logger="duckswap")
+    root = tmp_path / "not-yet"
+    srv: Running = await serve(seq_config(root, admin_token=TOKEN))
+    assert f"source folder {root} does not exist" in caplog.text
+    assert not root.exists()
+    problem = f"source folder {root} does not exist"
+
+    async def said() -> bool:
+        status, body = await srv.get("/readyz")
+        return status == 503 and body.get("source_problem") == problem
+
+    await wait_for(said, 10, "/readyz to name the missing folder")
+    _, doc = await admin(srv, "GET", "/admin/datasets")
+    assert doc["source"]["problem"] == problem
+    write_seq_export(root, 1)
+    await srv.wait_export("/v1/rows", 1)
+    _, doc = await admin(srv, "GET", "/admin/datasets")
+    assert doc["source"]["problem"] is None
+
+
+async def test_an_export_without_a_marker_is_shown_as_pending(
+        tmp_path: Path, serve: Any, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="duckswap.loader")
+    write_seq_export(tmp_path, 1, marker="")
+    srv: Running = await serve(seq_config(tmp_path, admin_token=TOKEN))
+
+    async def pending() -> bool:
+        status, body = await srv.get("/readyz")
+        return status == 503 and body.get("pending") == {"seqdata": ["export-000001"]}
+
+    await wait_for(pending, 10, "/readyz to show the pending export")
+    for _ in range(3):  # listed again and again: logged once
+        status, body = await admin(srv, "POST", "/admin/reload")
+        assert status == 200 and body["loads"] == []
+    (entry,) = body["datasets"][0]["pending"]
+    assert entry["export_id"] == "export-000001" and 0 <= entry["age_s"] < 60
+    assert caplog.text.count("export seqdata/export-000001 has files but no _SUCCESS") == 1
+    (tmp_path / "seqdata" / "export-000001" / "_SUCCESS").write_text("")
+    await srv.wait_export("/v1/rows", 1)
+    _, doc = await admin(srv, "GET", "/admin/datasets/seqdata")
+    assert doc["pending"] == []
