@@ -6,6 +6,7 @@ import base64
 import hashlib
 import json
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,22 @@ def quote_ident(name: str) -> str:
 
 def quote_literal(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
+
+
+def lock_down(con: duckdb.DuckDBPyConnection, readable: Iterable[str | Path] = (),
+              files: Iterable[str | Path] = ()) -> None:
+    """From now on `con` and its cursors read no file or URL but those under the folders
+    `readable` and the `files` named: no `read_*` of anything else, no ATTACH elsewhere, no
+    COPY, no extension installed or loaded; and the configuration is locked, so SQL cannot
+    turn any of it back on. Every connection that runs endpoint SQL, and every build, runs so."""
+    folders = [str(p).rstrip("/") + "/" for p in readable]
+    if folders:
+        con.execute(f"SET allowed_directories = [{', '.join(map(quote_literal, folders))}]")
+    named = [str(p) for p in files]
+    if named:
+        con.execute(f"SET allowed_paths = [{', '.join(map(quote_literal, named))}]")
+    con.execute("SET enable_external_access = false")
+    con.execute("SET lock_configuration = true")
 
 
 def _digests(path: Path) -> tuple[str, str, str]:
@@ -130,6 +147,8 @@ def build_file(files: list[str], schema: DatasetSchema, path: str,
         con = duckdb.connect(path, config={"threads": threads})
         try:
             con.execute("SET enable_progress_bar = false")
+            # The export's files, and the version file's own folder (spills), nothing else.
+            lock_down(con, [target.parent], files)
             start = time.perf_counter()
             check_types(con, files, schema)
             timings["validate"] += time.perf_counter() - start

@@ -21,7 +21,7 @@ from types import MappingProxyType
 
 import duckdb
 
-from loaders.build import quote_ident, quote_literal, remove_version_file
+from loaders.build import lock_down, quote_ident, quote_literal, remove_version_file
 
 
 @dataclass(frozen=True)
@@ -85,6 +85,7 @@ class Store:
             config["memory_limit"] = memory_limit
         self.db = duckdb.connect(":memory:", config=config)
         self.db.execute("SET enable_progress_bar = false")
+        lock_down(self.db, [self.data_dir])  # version files are attached from there only
         self._admin = self.db.cursor()
         self._lock = threading.Lock()  # guards reader counts and the live lists
         self._ddl = threading.Lock()  # one DDL writer at a time

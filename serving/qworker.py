@@ -33,6 +33,7 @@ from typing import Any
 
 import duckdb
 
+from loaders.build import lock_down
 from loaders.builder import exit_with
 from loaders.snapshot import QUERY_CONFIG, attach_sql, view_sql
 from serving.endpoints import EndpointSpec
@@ -74,13 +75,14 @@ class Worker:
 
     def __init__(self, sock: socket.socket, endpoints: Mapping[str, EndpointSpec],
                  plans: Mapping[str, BatchPlan | None], folded: Mapping[str, Folded],
-                 threads: int) -> None:
+                 threads: int, versions: str) -> None:
         self.sock = sock
         self.endpoints = dict(endpoints)
         self.plans = dict(plans)  # each endpoint's batched form (of its folded SQL)
         self.constants = Constants(folded)
         self.db = duckdb.connect(":memory:", config={"threads": 1, **QUERY_CONFIG})
         self.db.execute("SET enable_progress_bar = false")
+        lock_down(self.db, [versions])  # version files are attached from there only
         self._admin = self.db.cursor()
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="duckswap-query")
         self._local = threading.local()
@@ -199,11 +201,11 @@ class Worker:
 
 def main(sock: socket.socket, endpoints: Mapping[str, EndpointSpec],
          plans: Mapping[str, BatchPlan | None], folded: Mapping[str, Folded], threads: int,
-         server: int) -> None:
+         server: int, versions: str) -> None:
     """The process's entry point (module level, for multiprocessing)."""
     exit_with(server)
     with contextlib.suppress(OSError):  # Linux: the name `ps -o comm`, `top` and the bench show
         Path("/proc/self/comm").write_text(NAME)
     with contextlib.suppress(OSError, EOFError):  # the server went away mid-frame
-        Worker(sock, endpoints, plans, folded, threads).serve()
+        Worker(sock, endpoints, plans, folded, threads, versions).serve()
     os._exit(0)  # no interpreter teardown: the query threads may be mid-query

@@ -118,7 +118,7 @@ class QueryProcess:
             proc = process_context(list(self.preload)).Process(
                 target=qworker.main, name=qworker.NAME, daemon=True,
                 args=(child, self._endpoints, self._plans, self._folded, self.threads,
-                      os.getpid()))
+                      os.getpid(), str(self.store.data_dir)))
             await loop.run_in_executor(None, proc.start)
         except BaseException:
             parent.close()

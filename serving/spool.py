@@ -20,6 +20,7 @@ from typing import Any, BinaryIO
 
 import duckdb
 
+from loaders.build import lock_down
 from loaders.snapshot import QUERY_CONFIG, attach_sql, view_sql
 from serving.endpoints import EndpointSpec
 from serving.fold import Folded, binding, evaluate
@@ -176,6 +177,7 @@ def compute(files: dict[str, str], tasks: list[WarmTask], seconds: float, thread
         for i, (dataset, path) in enumerate(sorted(files.items())):
             con.execute(attach_sql(path, f"w_{i}"))
             con.execute(view_sql(None, dataset, f"w_{i}"))
+        lock_down(con)  # endpoint SQL from here on: it reads the attached versions only
         jobs = [_Job(i, t) for i, t in enumerate(tasks)]
         for job in jobs:
             job.bind(con)
@@ -270,8 +272,7 @@ class _Ahead:
     encoded, ~0.2-0.4 s of a demo publish's hot keys."""
 
     def __init__(self, cur: duckdb.DuckDBPyConnection, jobs: list[_Job]) -> None:
-        cur.execute("SET enable_progress_bar = false")
-        self.cur = cur
+        self.cur = cur  # a cursor shows no progress bar (and its configuration is locked)
         self.jobs = jobs
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="duckswap-warm-query")
 

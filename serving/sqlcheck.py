@@ -9,7 +9,7 @@ from typing import Any
 
 import duckdb
 
-from loaders.build import quote_ident
+from loaders.build import lock_down, quote_ident
 from serving.config import ConfigError
 from serving.endpoints import EndpointSpec, ParamSpec
 from serving.settings import Settings
@@ -32,6 +32,7 @@ def declared_tables(settings: Settings) -> Iterator[duckdb.DuckDBPyConnection]:
                 raise ConfigError(
                     settings.file, f"datasets.{ds.name}.columns", f"invalid column type: {exc}"
                 ) from None
+        lock_down(con)  # as the serving connections run: endpoint SQL reads no file or URL
         yield con
     finally:
         con.close()

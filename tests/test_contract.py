@@ -22,8 +22,9 @@ from serving.state import SERVING, STORE, UPDATER, WARMER
 KEYS = 4000  # rows of each export, one key each: far more than a client reads between swaps
 
 
-def keyed_config(root: Path, **server: object) -> Settings:
-    """The default server settings; one endpoint per key, every key declared for the warm."""
+def keyed_config(root: Path, row_limit: int = 1, **server: object) -> Settings:
+    """The default server settings; one endpoint per key, every key declared for the warm
+    (with `row_limit` 1 in batched queries; above it, one query per key: a slow warm)."""
     return parse_settings({
         "server": dict(server),
         "source": {"url": f"file://{root}", "debounce_ms": 20},
@@ -35,6 +36,7 @@ def keyed_config(root: Path, **server: object) -> Settings:
             "path": "/v1/rows/{k}",
             "datasets": ["seqdata"],
             "sql": "SELECT k, export_seq, label FROM seqdata WHERE k = $k",
+            "row_limit": row_limit,
             "warm_sql": "SELECT k FROM seqdata",
             "params": {"k": {"type": "int", "min": 0}},
         }},
@@ -282,7 +284,7 @@ async def test_a_new_export_cuts_the_after_publish_warm_short(tmp_path: Path,
     replaces nothing, and the cut warm goes on where it stopped."""
     keys = 20000  # declared keys, answered one query each: a long after-publish warm
     write_seq_export(tmp_path, 1, rows=keys)
-    srv: Running = await serve(keyed_config(tmp_path, warm_tail_seconds=120,
+    srv: Running = await serve(keyed_config(tmp_path, 1000, warm_tail_seconds=120,
                                             warm_busy_seconds=0))
     warmer, store, serving = srv.app[WARMER], srv.app[STORE], srv.app[SERVING]
 
@@ -406,3 +408,89 @@ async def test_an_export_without_a_marker_is_shown_as_pending(
     await srv.wait_export("/v1/rows", 1)
     _, doc = await admin(srv, "GET", "/admin/datasets/seqdata")
     assert doc["pending"] == []
+
+
+# -- least privilege for endpoint SQL --------------------------------------------------------
+
+ESCAPES = {
+    "a file": "SELECT content FROM read_text('{state}')",
+    "a URL": "SELECT * FROM read_csv('https://example.com/stats.csv')",
+    "ATTACH": "ATTACH '{state}.db' AS other",
+    "SET": "SET enable_external_access = true",
+}
+
+
+@pytest.mark.parametrize("what", sorted(ESCAPES))
+def test_check_config_refuses_endpoint_sql_that_reads_outside_its_datasets(
+        tmp_path: Path, what: str) -> None:
+    sql = ESCAPES[what].format(state=tmp_path / "state.json")
+    raw = {"source": {"url": "file:///x"},
+           "datasets": {"d": {"key": ["k"], "columns": {"k": "INTEGER"}}},
+           "endpoints": {"e": {"path": "/e", "sql": sql, "datasets": ["d"]}}}
+    with pytest.raises(ConfigError) as info:
+        check_sql(parse_settings(raw, "app.toml"))
+    assert info.value.key == "endpoints.e.sql"
+    expected = {"a file": "reads with read_text()", "a URL": "reads with read_csv()",
+                "ATTACH": "must be a SELECT statement", "SET": "must be a SELECT statement"}
+    assert expected[what] in info.value.problem
+
+
+def _refused(con: Any, state: Path) -> None:
+    """Every escape, run as a statement of its own on `con`, is refused by DuckDB."""
+    import duckdb
+
+    for what, sql in ESCAPES.items():
+        with pytest.raises(duckdb.Error) as info:
+            con.execute(sql.format(state=state)).fetchall()
+        assert isinstance(info.value, duckdb.PermissionException | duckdb.InvalidInputException), (
+            what, info.value)
+
+
+def test_serving_warming_and_query_process_connections_are_locked_down(tmp_path: Path) -> None:
+    """The Store's cursors (requests), the query process's database and a build's connection
+    refuse files, URLs, ATTACH and turning external access back on; version files attach."""
+    import socket
+
+    from loaders.snapshot import Store
+    from serving.qworker import Worker
+
+    state = tmp_path / "state.json"
+    state.write_text('{"secret": true}')
+    store = Store(threads=1, data_dir=tmp_path / "versions")
+    try:
+        _refused(store.cursor(), state)
+    finally:
+        store.close()
+    a, b = socket.socketpair()
+    worker = Worker(a, {}, {}, {}, 1, str(tmp_path / "versions"))
+    try:
+        _refused(worker.db.cursor(), state)
+    finally:
+        worker.db.close()
+        a.close()
+        b.close()
+
+
+@pytest.mark.parametrize("query_process", [True, False])
+async def test_endpoint_sql_that_got_past_the_check_is_refused_at_run_time(
+        tmp_path: Path, serve: Any, query_process: bool) -> None:
+    """An endpoint reading the server's own state file (its SQL swapped in after the check)
+    answers 500 and serves nothing of it, on either query path and in the warm."""
+    from dataclasses import replace
+
+    write_seq_export(tmp_path, 1)
+    settings = seq_config(tmp_path, query_process=query_process,
+                          data_dir=str(tmp_path / "data"))
+    spec = settings.endpoints["rows"]
+    sneaky = replace(spec, sql=f"SELECT content AS label, 1 AS k, 1 AS export_seq, $min_k AS m "
+                               f"FROM read_text('{tmp_path / 'data' / 'state.json'}')")
+    srv: Running = await serve(replace(settings, endpoints={"rows": sneaky}))
+
+    async def loaded() -> bool:
+        return srv.app[STORE].current.versions.get("seqdata") is not None
+
+    await wait_for(loaded, 30, "export 1")
+    async with srv.session.get(srv.url("/v1/rows?min_k=1")) as resp:
+        text = await resp.text()
+    assert resp.status == 500 and "PermissionException" in text
+    assert "seqdata" not in text and "versions" not in text
