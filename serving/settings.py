@@ -117,7 +117,8 @@ SETTING_KEYS: dict[str, str] = {
     "long; it is never published incomplete (default 300).",
     "endpoints.*.path": "Route template, e.g. `/v1/champions/{champion_id}/stats` (required).",
     "endpoints.*.sql": "SQL with `$name` parameters; values are bound, never pasted (required).",
-    "endpoints.*.datasets": "Datasets the SQL reads (required).",
+    "endpoints.*.datasets": "Datasets the SQL reads (default: the tables the SQL reads, from "
+    "DuckDB's parse tree; a list that disagrees with the SQL is refused, naming the table).",
     "endpoints.*.row_limit": "Maximum rows returned; more are cut and flagged (default 1000).",
     "endpoints.*.cache_control": "`Cache-Control` without `?v=` (default "
     "`public, max-age=5, stale-while-revalidate=30`).",
