@@ -132,7 +132,6 @@ class Updater:
         # group -> run id -> when first seen complete in some members only
         self.pending_runs: dict[str, dict[str, float]] = {}
         self.overdue: set[tuple[str, str]] = set()  # (group, run id) reported incomplete
-        self.overdue_total = 0
         self._listed: dict[str, set[str]] = {}  # dataset -> complete export ids last listed
         self._pending_logged: dict[str, set[str]] = {}  # incomplete export folders logged
         self.source_problem: str | None = None  # why the source cannot be listed, if known
@@ -200,7 +199,6 @@ class Updater:
             if now - since >= group.incomplete_seconds \
                     and (group.name, run_id) not in self.overdue:
                 self.overdue.add((group.name, run_id))
-                self.overdue_total += 1
                 log.error("run %s of group %s is still incomplete after %.0fs (complete: %s; "
                           "missing: %s); it is not published until every dataset of the group "
                           "has a complete export with that id", run_id, group.name, now - since,
@@ -250,7 +248,7 @@ class Updater:
         listed (the caller backs off)."""
         self.listings += 1
         names = sorted(self.schemas if datasets is None else set(datasets))
-        walks: dict[str, list[_Run]] = {}
+        walks: dict[tuple[str, ...], list[_Run]] = {}  # by the group's datasets
         listed_seconds: dict[str, float] = {}
         for group in self._groups(names):
             listed: dict[str, Sequence[Any]] = {}
@@ -261,7 +259,7 @@ class Updater:
                 self.last_listed = time.time()
                 self._note_incomplete_exports(name)
                 self._listed[name] = {e.export_id for e in listed[name]}
-            walks[group.name] = self._runs(group, listed)
+            walks[group.datasets] = self._runs(group, listed)
         events: list[LoadEvent] = []
         built: list[tuple[Version, dict[str, float]]] = []
         # A newer export loads now, not after the warm of the version it may replace.
@@ -275,7 +273,7 @@ class Updater:
                 versions = self._finish_run(run, outcomes, listed_seconds, events)
                 if versions is not None:  # loaded, or to be tried again later: no walk back
                     built.extend(versions)
-                    walks[run.group.name] = []
+                    walks[run.group.datasets] = []
         if built:
             self._publish([v for v, _ in built], {v.dataset: t for v, t in built})
         elif cut:  # nothing replaced the version it warmed: it goes on where it stopped
@@ -607,7 +605,7 @@ class Updater:
         return record
 
     def unpin(self, dataset: str) -> list[LoadEvent]:
-        """Follow the source again: the newest export is loaded now."""
+        """Follow the source again: the newest valid export is loaded now."""
         self.state[dataset].pinned = None
         self._save()
         return self.refresh([dataset])
