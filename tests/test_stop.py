@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
 import pytest
 
 from bench.ports import free_port
-from conftest import descendants, running, write_seq_export
+from conftest import descendants, running, wait_for, write_seq_export
 
 KEYS = 8000  # declared keys, one query each: an after-publish warm of seconds
 
@@ -61,13 +63,18 @@ async def _status(session: aiohttp.ClientSession, url: str) -> int | None:
         return None
 
 
-async def _until(check, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if await check():
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+@contextlib.contextmanager
+def _process(cmd: list[str], log_path: Path, cwd: Path | None = None
+             ) -> Iterator[subprocess.Popen[bytes]]:
+    """A server process writing to `log_path`, killed at the end if it is still running."""
+    with log_path.open("ab") as log:
+        proc = subprocess.Popen(cmd, cwd=cwd, stdout=log, stderr=log)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
@@ -81,12 +88,10 @@ async def test_a_stop_under_load_finishes_the_requests_in_flight(
     base = f"http://127.0.0.1:{port}"
     write_seq_export(tmp_path / "src", 1, rows=KEYS)
     log_path = tmp_path / "server.log"
-    with log_path.open("wb") as log:
-        server = subprocess.Popen([sys.executable, "-m", "serving.cli", "serve", "--config",
-                                   str(_config(tmp_path, port))], stdout=log, stderr=log)
-    async with aiohttp.ClientSession() as probe:
-        try:
-            await _until(lambda: _ready(probe, base), 90, "/readyz")
+    cmd = [sys.executable, "-m", "serving.cli", "serve", "--config", str(_config(tmp_path, port))]
+    with _process(cmd, log_path) as server:
+        async with aiohttp.ClientSession() as probe:
+            await wait_for(lambda: _ready(probe, base), 90, "/readyz")
             write_seq_export(tmp_path / "src", 2, rows=KEYS)
 
             async def second() -> bool:
@@ -94,7 +99,7 @@ async def test_a_stop_under_load_finishes_the_requests_in_flight(
                     return resp.status == 200 and (await resp.json())["data"][0][
                         "export_seq"] == 2
 
-            await _until(second, 60, "export 2")
+            await wait_for(second, 60, "export 2")
             children = descendants(server.pid)  # the build and query processes
             answers: list[int | str] = []
             stop_sending = asyncio.Event()
@@ -111,27 +116,34 @@ async def test_a_stop_under_load_finishes_the_requests_in_flight(
                         except aiohttp.ClientError as exc:
                             answers.append(repr(exc))
 
+            sent: list[str] = []  # slow requests on the wire
+            trace = aiohttp.TraceConfig()
+
+            async def on_sent(*_: object) -> None:
+                sent.append("slow")
+
+            trace.on_request_headers_sent.append(on_sent)
+
             async def slow(n: int) -> int:
-                async with aiohttp.ClientSession() as session, session.get(
-                        f"{base}/v1/slow?n={n}") as resp:
+                async with aiohttp.ClientSession(trace_configs=[trace]) as session, \
+                        session.get(f"{base}/v1/slow?n={n}") as resp:
                     await resp.read()
                     return resp.status
 
+            async def both_sent() -> bool:
+                return len(sent) == 2
+
             clients = [asyncio.create_task(client(i)) for i in range(4)]
             slows = [asyncio.create_task(slow(400_000_000 + i)) for i in range(2)]
-            await asyncio.sleep(0.3)  # the slow queries are running
+            await wait_for(both_sent, 10, "the slow requests to be sent")
             server.send_signal(sig)
             async with aiohttp.ClientSession() as fresh:  # a new connection, while draining
-                await _until(lambda: _is(fresh, f"{base}/readyz", 503), 1.0, "/readyz 503")
+                await wait_for(lambda: _is(fresh, f"{base}/readyz", 503), 1.0, "/readyz 503")
             stop_sending.set()  # before the listener closes (drain_seconds = 1)
             await asyncio.gather(*clients)
             assert await asyncio.gather(*slows) == [200, 200]
             assert answers and set(answers) == {200}, set(answers)
             assert server.wait(timeout=30) == 0
-        finally:
-            if server.poll() is None:
-                server.kill()
-                server.wait()
     output = log_path.read_text()
     assert "Traceback" not in output and "Error" not in output, output[-3000:]
     assert output.count("duckswap: shutting down") == 1, output
@@ -160,24 +172,17 @@ def test_a_stop_during_the_first_demo_write_is_repaired_at_the_next_start(
     aside, demo = tmp_path / ".duckswap-demo.writing", tmp_path / "duckswap-demo"
     half = demo / "patches" / "export-000001"
     log_path = tmp_path / "server.log"
-    with log_path.open("wb") as log:
-        server = subprocess.Popen(cmd, cwd=tmp_path, stdout=log, stderr=log)
-    try:
+    with _process(cmd, log_path, tmp_path) as server:
         _wait(lambda: any(aside.glob("*/*/part-*.parquet")), 60, "the demo being written")
         server.send_signal(signal.SIGTERM)
         assert server.wait(timeout=30) == 0
         assert not aside.exists() and not any(demo.glob("*/*/part-*"))
         half.mkdir(parents=True)  # as a stop left it before the demo was written aside
         (half / "part-00000.parquet").write_bytes(b"half a file")
-        with log_path.open("ab") as log:
-            server = subprocess.Popen(cmd, cwd=tmp_path, stdout=log, stderr=log)
+    with _process(cmd, log_path, tmp_path) as server:
         _wait(lambda: _get_status(f"http://127.0.0.1:{port}/readyz") == 200, 180, "/readyz")
         server.send_signal(signal.SIGTERM)
         assert server.wait(timeout=30) == 0
-    finally:
-        if server.poll() is None:
-            server.kill()
-            server.wait()
     output = log_path.read_text()
     assert "Traceback" not in output, output[-3000:]
     assert "stopped (SIGTERM) before serving" in output
