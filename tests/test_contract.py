@@ -494,3 +494,25 @@ async def test_endpoint_sql_that_got_past_the_check_is_refused_at_run_time(
         text = await resp.text()
     assert resp.status == 500 and "PermissionException" in text
     assert "seqdata" not in text and "versions" not in text
+
+
+def test_a_build_connection_reads_its_exports_files_and_nothing_else(tmp_path: Path) -> None:
+    """`lock_down` as `build_file` calls it: the export's own files (and the version file's
+    folder) are readable, another export's are not, and nothing can turn that back."""
+    import duckdb
+
+    from loaders.build import lock_down
+
+    parts = sorted(str(p) for p in write_seq_export(tmp_path, 1).glob("part-*.parquet"))
+    other = sorted(str(p) for p in write_seq_export(tmp_path, 2).glob("part-*.parquet"))
+    (tmp_path / "versions").mkdir()
+    con = duckdb.connect(str(tmp_path / "versions" / "v.duckdb"))
+    try:
+        lock_down(con, [tmp_path / "versions"], parts)
+        row = con.execute("SELECT count(*) FROM read_parquet($f)", {"f": parts}).fetchone()
+        assert row == (50,)
+        with pytest.raises(duckdb.PermissionException):
+            con.execute("SELECT count(*) FROM read_parquet($f)", {"f": other})
+        _refused(con, tmp_path / "state.json")
+    finally:
+        con.close()
