@@ -73,11 +73,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         signal.signal(sig, stop_now)
     try:
         return _start(args)
-    except Exception:
-        if not signalled:  # DuckDB turns the exception into its own "interrupted" error
-            raise
-        print(f"stopped ({signalled[0]}) before serving", file=sys.stderr)
-        return 0
+    except Exception as exc:
+        if signalled:  # DuckDB turns the exception into its own "interrupted" error
+            print(f"stopped ({signalled[0]}) before serving", file=sys.stderr)
+            return 0
+        # One line, not a traceback; `server.log_level = "DEBUG"` logs the traceback too.
+        logging.getLogger("duckswap").debug("start-up failed", exc_info=True)
+        print(f"duckswap serve: could not start: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
 
 
 def _start(args: argparse.Namespace) -> int:
