@@ -162,10 +162,6 @@ class Store:
                 if path not in self._attached:
                     remove_version_file(path)
 
-    def publish(self, version: Version) -> Snapshot:
-        """Make a Snapshot with `version` replacing its dataset's, then swap it in."""
-        return self.commit(self.stage([version]))
-
     def stage(self, new: list[Version]) -> Snapshot:
         """Build, but do not publish, a Snapshot of the current one with `new` replacing
         their datasets' versions. It can be queried (warmed) before `commit`."""

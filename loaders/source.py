@@ -29,19 +29,6 @@ class Export:
         return self.path / "_manifest.json" if self.marker == "_manifest.json" else None
 
 
-class Candidate(Protocol):
-    """A complete export as a source lists it (before any download)."""
-
-    @property
-    def dataset(self) -> str: ...
-    @property
-    def export_id(self) -> str: ...
-    @property
-    def fingerprint(self) -> str: ...
-    @property
-    def sizes(self) -> Mapping[str, int]: ...
-
-
 class Source(Protocol):
     url: str
     # dataset -> {export id: when its first file was written} of the folders with files but
@@ -49,8 +36,9 @@ class Source(Protocol):
     pending: dict[str, dict[str, float]]
 
     def complete_exports(self, dataset: str) -> Sequence[Any]:
-        """Complete exports of a dataset (Candidates), oldest first (export ids sort by
-        time)."""
+        """Complete exports of a dataset as the source lists them (before any download: each
+        with `dataset`, `export_id`, `fingerprint` and `sizes`), oldest first (export ids
+        sort by time)."""
         ...
 
     def fetch(self, export: Any) -> Export:

@@ -134,20 +134,6 @@ class ResponseCache:
     def __len__(self) -> int:
         return len(self._lru) + sum(len(a) for a in self._warm.values())
 
-    def stats(self) -> dict[str, Any]:
-        looked = self.hits + self.misses
-        return {
-            "entries": len(self),
-            "bytes": self.bytes,
-            "max_bytes": self.max_bytes,
-            "hits": self.hits,
-            "misses": self.misses,
-            "coalesced": self.coalesced,
-            "warmed": self.warmed,
-            "pruned": self.pruned,
-            "hit_ratio": round(self.hits / looked, 4) if looked else None,
-        }
-
 
 class Popularity:
     """Request counts per endpoint and normalised parameters, bounded; the warmer's guide.

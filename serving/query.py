@@ -56,22 +56,10 @@ class QueryRunner:
         finally:
             job.cursor = None
 
-    async def run(
-        self,
-        sql: str,
-        datasets: tuple[str, ...],
-        params: dict[str, Any],
-        limit: int,
-        snapshot: Snapshot | None = None,
-    ) -> Result:
-        """Run on `snapshot` (default: the current one), held until the query ends (even
-        past its deadline)."""
-        return await self._answer(datasets, snapshot,
-                                  lambda cur, _: execute(cur, sql, params, limit))
-
     async def run_endpoint(self, spec: EndpointSpec, params: dict[str, Any],
                            constants: Constants, snapshot: Snapshot | None = None) -> Result:
-        """`run` of an endpoint's SQL, with its constant subqueries bound to their values on
+        """Run an endpoint's SQL on `snapshot` (default: the current one, held until the query
+        ends, even past its deadline), with its constant subqueries bound to their values on
         the Snapshot (see `serving.fold`), or as written where they fail there."""
 
         def work(cur: duckdb.DuckDBPyConnection, snap: Snapshot) -> Result:

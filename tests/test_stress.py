@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from conftest import seq_config, write_seq_export
 from loaders.snapshot import Store
 from loaders.source import LocalSource
 from loaders.updater import Updater
+from serving.fold import Constants
 from serving.query import QueryRunner
 
 
@@ -70,7 +72,8 @@ async def test_runner_pool_under_concurrent_swaps(tmp_path: Path) -> None:
     write_seq_export(tmp_path, 1)
     updater.refresh()
     runner = QueryRunner(store, threads=4, timeout=10)
-    sql = "SELECT export_seq, count(*) AS n FROM seqdata GROUP BY export_seq"
+    spec = replace(seq_config(tmp_path).endpoints["rows"], params={}, row_limit=10,
+                   sql="SELECT export_seq, count(*) AS n FROM seqdata GROUP BY export_seq")
 
     async def swapper() -> None:
         for seq in range(2, 32):
@@ -81,7 +84,7 @@ async def test_runner_pool_under_concurrent_swaps(tmp_path: Path) -> None:
     async def querier() -> int:
         count = 0
         while store.current.versions["seqdata"].export_id != "export-000031":
-            result = await runner.run(sql, ("seqdata",), {}, 10)
+            result = await runner.run_endpoint(spec, {}, Constants({}))
             assert len(result.rows) == 1 and result.rows[0][1] == 50
             count += 1
         return count
