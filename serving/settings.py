@@ -22,12 +22,14 @@ ENV_PREFIX = "DUCKSWAP_"
 EVENT_LOOPS = ("auto", "uvloop", "asyncio")
 NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
-# Every documented setting; tests check each appears in README's config table.
-# `*` stands for a name chosen by the user.
+# Every documented setting: the one source of README's config table (`reference_table`; a
+# test checks the README holds it as generated). `*` stands for a name chosen by the user.
 SETTING_KEYS: dict[str, str] = {
     "server.host": "Address to listen on (default 127.0.0.1).",
     "server.port": "TCP port (default 8080).",
-    "server.threads": "Queries run at once, each on one DuckDB thread (default 2).",
+    "server.threads": "Queries run at once, each on one DuckDB thread of its own (in the query "
+    "process, and on the server's own threads while that process is down); also the build and "
+    "warm threads (default 2).",
     "server.query_timeout": "Seconds before a query is interrupted and answered 504 (default 5).",
     "server.query_process": "Answer cache misses in a query process of their own, reached over "
     "a local socket, instead of on the server's threads: their queries then never wait for the "
@@ -385,3 +387,13 @@ def load_settings(path: str | Path, environ: Mapping[str, str] | None = None) ->
         if variable is None:
             raise
         raise ConfigError(variable, exc.key, exc.problem) from None
+
+
+def reference_table() -> str:
+    """README's config table, generated from `SETTING_KEYS`."""
+    rows = [f"| `{key}` | {text} |" for key, text in SETTING_KEYS.items()]
+    return "\n".join(["| key | meaning |", "| --- | --- |", *rows])
+
+
+if __name__ == "__main__":  # python -m serving.settings > the table to paste into the README
+    print(reference_table())
