@@ -128,7 +128,8 @@ class Updater:
         self.history: list[LoadEvent] = []
         self.actions: list[dict[str, Any]] = []  # admin actions, newest last
         self.outcomes: Counter[tuple[str, str]] = Counter()
-        self.group_of = {d: g for g in groups for d in g.datasets}
+        self.groups = {g.name: g for g in groups}
+        self.group_of = {d: g for g in self.groups.values() for d in g.datasets}
         # group -> run id -> when first seen complete in some members only
         self.pending_runs: dict[str, dict[str, float]] = {}
         self.overdue: set[tuple[str, str]] = set()  # (group, run id) reported incomplete
@@ -227,7 +228,7 @@ class Updater:
         now = time.time()
         out = []
         for name, runs in sorted(list(self.pending_runs.items())):
-            group = next(g for g in self.group_of.values() if g.name == name)
+            group = self.groups[name]
             overdue = set(self.overdue)
             for run_id, since in sorted(list(runs.items())):
                 out.append({"group": name, "export_id": run_id, "age_s": round(now - since, 3),

@@ -81,7 +81,7 @@ class Watcher:
             updater.source_problem = None
         # Runs from awatch's first await, once its watcher exists (created before any await).
         scan = asyncio.create_task(self._refresh(None))
-        often = source.quiet_seconds > 0 or bool(updater.group_of)
+        often = source.quiet_seconds > 0 or bool(updater.groups)
         loop = asyncio.get_running_loop()
         listed = loop.time()
         async for changes in watchfiles.awatch(
@@ -100,7 +100,7 @@ class Watcher:
                     await self._refresh(None)
                 elif updater.pending_runs:
                     await self._refresh({d for g in list(updater.pending_runs)
-                                         for d, h in updater.group_of.items() if h.name == g})
+                                         for d in updater.groups[g].datasets})
                 continue
             names = {source.dataset_of(Path(p)) for _, p in changes}
             touched = {n for n in names if n is not None}

@@ -110,7 +110,7 @@ class Metrics(Collector):
                                  "of its datasets only for longer than its incomplete_seconds "
                                  "(not published)", labels=["group"])
         overdue = Counter(g for g, _ in list(self.updater.overdue))
-        for group in sorted({g.name for g in self.updater.group_of.values()}):
+        for group in sorted(self.updater.groups):
             late.add_metric([group], overdue.get(group, 0))
         yield late
         info = GaugeMetricFamily("duckswap_dataset_rows", "Rows of the served version",
