@@ -113,16 +113,11 @@ class Builder:
                     initializer=_child_init, initargs=(self.nice, self.idle, os.getpid()))
             return self._pool
 
-    def run(self, fn: Callable[..., T], *args: Any,
-            meanwhile: Callable[[], None] | None = None) -> T:
-        """Call a module-level `fn(*args)` in the builder process and wait for its result;
-        `meanwhile`, if given, runs on this thread while the builder works."""
+    def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """Call a module-level `fn(*args)` in the builder process and wait for its result."""
         pool = self._executor()
         try:
-            future = pool.submit(fn, *args)
-            if meanwhile is not None:
-                meanwhile()
-            return future.result()
+            return pool.submit(fn, *args).result()
         except (BrokenProcessPool, CancelledError):
             with self._lock:
                 if self._pool is pool:  # not one another thread has started since

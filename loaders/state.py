@@ -96,6 +96,7 @@ class DataDir:
         self.persistent = persistent
         self.versions = path / "versions"
         self.staging = path / "staging"
+        self.answers = path / "answers"  # warmed answers per endpoint version: rebuilt each run
         self.state_file = path / "state.json"
         try:
             path.mkdir(parents=True, exist_ok=True)
@@ -106,6 +107,8 @@ class DataDir:
             fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             self.versions.mkdir(exist_ok=True)
             self.staging.mkdir(exist_ok=True)
+            shutil.rmtree(self.answers, ignore_errors=True)
+            self.answers.mkdir()
         except BlockingIOError:
             self._lock.close()
             raise DataDirBusy(f"data dir {path} is in use by another server") from None

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import gc
 import logging
 import time
 from collections import Counter
@@ -363,10 +362,6 @@ class Updater:
             return
         self.store.commit(snap)
         seconds = time.perf_counter() - start
-        # The cache now holds ~10^5 long-lived objects: move everything alive into the
-        # permanent generation so the cyclic GC stops re-scanning it (its pauses were tail
-        # latency). Objects freed later are still reclaimed by reference counting.
-        gc.freeze()
         log.info(
             "published %s in %.3fs",
             ", ".join(f"{v.dataset}/{v.export_id} as {v.version_id}" for v in built), seconds,
@@ -395,7 +390,6 @@ class Updater:
                 log.exception("warming snapshot %d after its publish failed", snap.id)
             finally:
                 self.store.release(snap)
-            gc.freeze()
 
         self._tail = self._tail_executor.submit(warm)
 

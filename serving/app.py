@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import sys
 from collections.abc import AsyncIterator
@@ -93,9 +92,9 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         await process.close()
     app[RUNNER].close()
     app[UPDATER].close()
+    app[SERVING].cache.close()
     store.close()
     app[DATA].close()
-    gc.unfreeze()  # publishes froze the cache's objects; let the collector have them back
     _short_switch(-1)
 
 
@@ -133,8 +132,9 @@ def create_app(settings: Settings) -> web.Application:
                       processes=settings.build_processes)
     warmer = Warmer(store, serving.cache, serving.popularity, settings.endpoints,
                     serving.fingerprints, serving.batch_sql, settings.warm_seconds,
-                    settings.warm_keys, builder, settings.threads, settings.warm_tail_seconds,
-                    settings.warm_busy_seconds, serving.constants.folded)
+                    settings.warm_keys, builder, data.answers, settings.threads,
+                    settings.warm_tail_seconds, settings.warm_busy_seconds,
+                    serving.constants.folded)
     app[SETTINGS] = settings
     app[STORE] = store
     app[SERVING] = serving

@@ -3,8 +3,8 @@
 Only the event loop touches these objects; the warmer reaches them through the loop.
 Entries are keyed by the endpoint's version token, so a swap of a dataset an endpoint does not
 read leaves its entries valid. Two stores, within one byte budget: the answers warmed for a
-token, one dict per token that the warmer builds off the loop and the loop adopts in one step
-(never changed after, so other threads may read it), and an LRU of the answers computed for
+token, in its answers file (`serving.answers`: written by the build process, memory-mapped
+here, so they cost this heap and its collector nothing), and an LRU of the answers computed for
 cache misses, which gets what the warmed answers leave of the budget.
 """
 
@@ -14,14 +14,15 @@ import asyncio
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 from cachetools import LRUCache
 
+from serving.answers import AnswersFile, remove
 from serving.responses import Entry, entry_size
 
 Key = tuple[str, tuple[Any, ...]]  # (version token, normalised parameters)
-Answers = dict[tuple[Any, ...], Entry]  # one token's warmed answers, by normalised parameters
 
 
 class ResponseCache:
@@ -30,7 +31,7 @@ class ResponseCache:
         self._lru: LRUCache[Key, Entry] = LRUCache(
             maxsize=max(1, max_bytes), getsizeof=entry_size
         )
-        self._warm: dict[str, Answers] = {}
+        self._files: dict[str, AnswersFile] = {}
         self._warm_bytes: dict[str, int] = {}
         self.warm_bytes = 0  # their sum (an int: read by the warmer's thread too)
         self.inflight: dict[Key, asyncio.Future[Entry]] = {}
@@ -42,9 +43,9 @@ class ResponseCache:
         self.pruned = 0
 
     def _find(self, key: Key) -> Entry | None:
-        warm = self._warm.get(key[0])
-        if warm is not None:
-            entry = warm.get(key[1])
+        answers = self._files.get(key[0])
+        if answers is not None:
+            entry = answers.get(key[1])
             if entry is not None:
                 return entry
         return self._lru.get(key)
@@ -78,35 +79,36 @@ class ResponseCache:
         while lru.currsize > room and len(lru):
             lru.popitem()
 
-    def warmed_answers(self, token: str) -> Answers | None:
-        """The answers adopted for `token` (never changed after: safe to read off the loop)."""
-        return self._warm.get(token)
+    def answers(self, token: str) -> AnswersFile | None:
+        """The answers file adopted for `token` (its readers may be used off the loop)."""
+        return self._files.get(token)
 
-    def warmed_bytes(self, token: str) -> int:
+    def warm_bytes_of(self, token: str) -> int:
         return self._warm_bytes.get(token, 0)
 
-    def adopt(self, token: str, answers: Answers, nbytes: int, added: int) -> None:
-        """Serve `answers` (`nbytes` in all, `added` of them new) as `token`'s warmed ones,
-        replacing any before: one step, whatever their number, so a warm costs the event loop
-        nothing per answer (inserting 10^5 of them into the LRU took it 0.2-0.5 s a swap)."""
-        self._warm[token] = answers
+    def adopt(self, token: str, path: Path, nbytes: int, added: int) -> None:
+        """Serve the answers file at `path` as `token`'s warmed answers (`nbytes` of answers
+        in all now, `added` of them new). The file may grow later: its new answers are
+        served as soon as they are written."""
+        if token not in self._files:
+            self._files[token] = AnswersFile(path)
         self.warm_bytes += nbytes - self._warm_bytes.get(token, 0)
         self._warm_bytes[token] = nbytes
         self.warmed += added
         self._trim()
 
     async def retain(self, live: frozenset[str], chunk: int = 500,
-                     pause: float = 0.002) -> list[Answers]:
+                     pause: float = 0.002) -> None:
         """Drop the answers of every token not in `live` (versions neither served nor just
         replaced: a `?v=` for them is a redirect anyway), so old versions' answers do not sit
-        in memory until the byte budget pushes them out. The warmed ones go in one step and
-        are returned, for the caller to free off the loop (10^5 answers freed at once would
-        stall it); the computed ones a chunk at a time between requests."""
-        dropped = []
-        for t in [t for t in self._warm if t not in live]:
-            dropped.append(self._warm.pop(t))
-            self.warm_bytes -= self._warm_bytes.pop(t)
-            self.pruned += len(dropped[-1])
+        on disk and in memory until the byte budget pushes them out. Their answers files are
+        closed and removed; the computed ones go a chunk at a time between requests."""
+        for t in [t for t in self._files if t not in live]:
+            answers = self._files.pop(t)
+            self.pruned += len(answers)
+            answers.close()
+            remove(answers.path)
+            self.warm_bytes -= self._warm_bytes.pop(t, 0)
         keys = list(self._lru)
         for start in range(0, len(keys), chunk):
             n = 0
@@ -118,11 +120,15 @@ class ResponseCache:
             # A real pause, not sleep(0): the loop then waits in select() without the GIL,
             # so the query threads get it (they wait a whole switch interval otherwise).
             await asyncio.sleep(pause)
-        return dropped
+
+    def close(self) -> None:
+        for answers in self._files.values():
+            answers.close()
+        self._files.clear()
 
     def tokens(self) -> set[str]:
         """The version tokens that have entries."""
-        return {key[0] for key in self._lru} | {t for t, a in self._warm.items() if a}
+        return {key[0] for key in self._lru} | {t for t, a in self._files.items() if len(a)}
 
     def __contains__(self, key: Key) -> bool:
         return self._find(key) is not None
@@ -132,7 +138,7 @@ class ResponseCache:
         return int(self._lru.currsize) + self.warm_bytes
 
     def __len__(self) -> int:
-        return len(self._lru) + sum(len(a) for a in self._warm.values())
+        return len(self._lru) + sum(len(a) for a in self._files.values())
 
 
 class Popularity:

@@ -1,5 +1,6 @@
 """The warm's half in the builder process: answer the keys of a staged Snapshot on its version
-files and spool the encoded answers to a file, for the server's loader thread to read back.
+files and write the encoded answers into each endpoint version's answers file
+(`serving.answers`), which the server reads from there.
 
 Runs in the builder process (lower priority, its own GIL): every hot key first, whatever the
 time, then the declared and enumerated keys in growing batched rounds until the time budget
@@ -16,12 +17,14 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import Any, BinaryIO
+from pathlib import Path
+from typing import Any
 
 import duckdb
 
 from loaders.build import lock_down
 from loaders.snapshot import QUERY_CONFIG, attach_sql, view_sql
+from serving.answers import AnswersWriter, path_of
 from serving.endpoints import EndpointSpec
 from serving.fold import Folded, binding, evaluate
 from serving.keys import Want, hot_wants, warm_wants
@@ -94,9 +97,8 @@ class WarmReport:
     # requests a second, in the interval before the warm, for answers the old version had
     # warmed beyond the hot keys the warm before chose: what an early publish met with misses
     would_miss: float = 0.0
-    read_seconds: float = 0.0  # reading the answers back here (the loader thread), wall
-    read_cpu: float = 0.0  # ... and the CPU that thread spent on it
     per_endpoint: dict[str, int] = field(default_factory=dict)
+    added: dict[str, tuple[int, int]] = field(default_factory=dict)  # token -> (answers, bytes)
 
 
 @dataclass(frozen=True)
@@ -113,59 +115,53 @@ class WarmTask:
 
 WarmItem = tuple[tuple[Any, ...], bytes, str]  # (cache key, body, ETag)
 
-SPOOL_CHUNK = 250  # entries per pickled chunk: what the loader thread reads between yields
-INPUT_SLICE = 2000  # hot or skipped keys per pickled slice of a warm's inputs (~0.5 ms of CPU)
+WRITE_CHUNK = 1000  # answers per transaction of an answers file (visible to readers at once)
+INPUT_SLICE = 2000  # hot keys per pickled slice of a warm's inputs (~0.5 ms of CPU)
 ROUND = 4096  # keys of the first round (one batched query per endpoint); each round doubles
 
 
-def write_inputs(path: str, tasks: list[WarmTask], skip: list[set[tuple[Any, ...]]],
-                 pause: Callable[[], None]) -> list[WarmTask]:
-    """In the server: the warm's bulky inputs (each task's hot keys and the keys to skip,
-    10^4 of each) to the file `path` a slice at a time, `pause()` between slices; returns the
-    tasks without their hot keys, for `compute(..., inputs=path)`. Handed to the builder
-    process as arguments, they were pickled in one C call holding the GIL: the event loop
-    stalled 5-17 ms at the start of each warm (2000 req/s)."""
+def write_inputs(path: str, tasks: list[WarmTask], pause: Callable[[], None]) -> list[WarmTask]:
+    """In the server: each task's hot keys (10^4 of them) to the file `path` a slice at a
+    time, `pause()` between slices; returns the tasks without them, for
+    `compute(..., inputs=path)`. Handed to the builder process as arguments, they were pickled
+    in one C call holding the GIL: the event loop stalled 5-17 ms at the start of each warm
+    (2000 req/s)."""
     with open(path, "wb") as out:
         for i, task in enumerate(tasks):
-            for kind, keys in ((0, task.hot), (1, list(skip[i]))):
-                for start in range(0, len(keys), INPUT_SLICE):
-                    pickle.dump((i, kind, keys[start:start + INPUT_SLICE]), out,
-                                pickle.HIGHEST_PROTOCOL)
-                    pause()
+            for start in range(0, len(task.hot), INPUT_SLICE):
+                pickle.dump((i, task.hot[start:start + INPUT_SLICE]), out,
+                            pickle.HIGHEST_PROTOCOL)
+                pause()
     return [replace(task, hot=[]) for task in tasks]
 
 
-def read_inputs(path: str, tasks: list[WarmTask]
-                ) -> tuple[list[WarmTask], list[set[tuple[Any, ...]]]]:
-    """In the builder process: `tasks` with their hot keys back, and the keys to skip."""
+def read_inputs(path: str, tasks: list[WarmTask]) -> list[WarmTask]:
+    """In the builder process: `tasks` with their hot keys back."""
     hot: list[list[tuple[tuple[Any, ...], int]]] = [[] for _ in tasks]
-    skip: list[set[tuple[Any, ...]]] = [set() for _ in tasks]
     with open(path, "rb") as f:
         while True:
             try:
-                i, kind, keys = pickle.load(f)
+                i, keys = pickle.load(f)
             except EOFError:
                 break
-            if kind == 0:
-                hot[i].extend(keys)
-            else:
-                skip[i].update(keys)
-    return [replace(task, hot=h) for task, h in zip(tasks, hot, strict=True)], skip
+            hot[i].extend(keys)
+    return [replace(task, hot=h) for task, h in zip(tasks, hot, strict=True)]
 
 
 def compute(files: dict[str, str], tasks: list[WarmTask], seconds: float, threads: int,
-            max_bytes: int, spool: str, skip: list[set[tuple[Any, ...]]] | None = None,
-            busy_seconds: float = 0.0, busy_share: float = BUSY_SHARE,
-            inputs: str | None = None, stop: str | None = None) -> WarmReport:
+            max_bytes: int, answers: str, map_bytes: int, busy_seconds: float = 0.0,
+            busy_share: float = BUSY_SHARE, inputs: str | None = None,
+            stop: str | None = None) -> WarmReport:
     """In the warm (builder) process: answer the tasks' keys on the version files in rounds
     (batched where the SQL allows): every most-requested key first, whatever the time, then
     the declared and enumerated ones until `seconds` (up to `busy_seconds` on a busy machine,
-    see `Budget`); all within `max_bytes` of answers. Spool (task index, {cache key: cache
-    entry}, bytes of the entries) chunks to `spool`. Keys in `skip[i]` (already warmed) are
-    left out. `inputs`: a file from `write_inputs` with the hot keys and the keys to skip.
+    see `Budget`); all within `max_bytes` of answers. Each task's answers go to its token's
+    answers file in the folder `answers` (maps of `map_bytes`: the cache's whole budget, so
+    every writer of a file maps it alike); keys already there are left out.
+    `inputs`: a file from `write_inputs` with the hot keys.
     `stop`: a file whose existence ends the warm after the hot keys (see `Budget`)."""
     if inputs is not None:
-        tasks, skip = read_inputs(inputs, tasks)
+        tasks = read_inputs(inputs, tasks)
     budget = Budget(seconds, busy_seconds, busy_share, stop=stop)
     report = WarmReport(0)
     con = duckdb.connect(config={"threads": threads, **QUERY_CONFIG})
@@ -182,17 +178,16 @@ def compute(files: dict[str, str], tasks: list[WarmTask], seconds: float, thread
         for job in jobs:
             job.bind(con)
         ahead = _Ahead(con.cursor(), jobs)
-        with ahead, open(spool, "wb") as out:
-            spooler = _Spooler(out, max_bytes, report)
+        with ahead, _Spooler(Path(answers), jobs, max_bytes, map_bytes, report) as spooler:
             # The most requested keys first, hottest first, before anything is enumerated, and
             # all of them whatever the deadline: they are what the first requests after the
             # publish ask for, and a publish without them is a miss storm.
             hot: list[tuple[int, int, int, Want]] = []
             hot_keys = [hot_wants(job.task.spec, job.task.hot) for job in jobs]
             for job in jobs:
-                done = skip[job.index] if skip else set()
+                done = spooler.has(job)
                 hot.extend((-w[2], pos, job.index, w)
-                           for pos, w in enumerate(hot_keys[job.index]) if w[1] not in done)
+                           for pos, w in enumerate(hot_keys[job.index]) if not done(w[1]))
             hot.sort(key=lambda w: (w[0], w[1]))
             _rounds(con, jobs, hot, None, spooler, ahead)
             # Then the rest (`warm_sql` rows and small parameter spaces), round-robin across
@@ -200,10 +195,10 @@ def compute(files: dict[str, str], tasks: list[WarmTask], seconds: float, thread
             rest: list[tuple[int, int, int, Want]] = []
             if not budget.expired() and not spooler.full:
                 for job in jobs:
-                    done = skip[job.index] if skip else set()
+                    done = spooler.has(job)
                     seen = {w[1] for w in hot_keys[job.index]}
                     left = (w for w in warm_wants(con, job.task.spec)
-                            if w[1] not in done and w[1] not in seen)
+                            if w[1] not in seen and not done(w[1]))
                     rest.extend((0, pos, job.index, w) for pos, w in enumerate(left))
                 rest.sort(key=lambda w: w[1])
                 _rounds(con, jobs, rest, budget, spooler, ahead)
@@ -353,17 +348,32 @@ class _Job:
 
 
 class _Spooler:
-    """Encodes answers and writes them to the spool file in chunks, within a byte budget."""
+    """Encodes answers and writes them to their tokens' answers files in batches, within a
+    byte budget."""
 
-    def __init__(self, out: BinaryIO, max_bytes: int, report: WarmReport) -> None:
-        self.out = out
+    def __init__(self, folder: Path, jobs: list[_Job], max_bytes: int, map_bytes: int,
+                 report: WarmReport) -> None:
         self.max_bytes = max_bytes
         self.report = report
         self.bytes = 0
+        self.writers = [AnswersWriter(path_of(folder, job.task.token), job.header, map_bytes)
+                        for job in jobs]
+        self._full = False
+
+    def __enter__(self) -> _Spooler:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for writer in self.writers:
+            writer.close()
 
     @property
     def full(self) -> bool:
-        return self.bytes >= self.max_bytes
+        return self._full or self.bytes >= self.max_bytes
+
+    def has(self, job: _Job) -> Callable[[tuple[Any, ...]], bool]:
+        """Whether a key of `job` is in its answers file already (an earlier pass)."""
+        return self.writers[job.index].has
 
     def add(self, job: _Job, ck: tuple[Any, ...], result: Result) -> None:
         body = job.encode(result.columns, result.rows, result.truncated)
@@ -371,17 +381,19 @@ class _Spooler:
         self.bytes += entry_size((body, tag, ""))
         pending = job.pending
         pending.append((ck, body, tag))
-        if len(pending) >= SPOOL_CHUNK:
+        if len(pending) >= WRITE_CHUNK:
             self.flush(job)
 
     def flush(self, job: _Job) -> None:
-        if job.pending:
-            n = len(job.pending)
-            report, name = self.report, job.task.spec.name
-            report.entries += n
-            report.per_endpoint[name] = report.per_endpoint.get(name, 0) + n
-            # Finished cache entries, keyed: the server merges the dict in one call
-            chunk = {ck: (body, tag, job.header) for ck, body, tag in job.pending}
-            nbytes = sum(entry_size(entry) for entry in chunk.values())
-            pickle.dump((job.index, chunk, nbytes), self.out, protocol=pickle.HIGHEST_PROTOCOL)
-            job.pending = []
+        if not job.pending:
+            return
+        items, job.pending = job.pending, []
+        if not self.writers[job.index].write(items):
+            self._full = True  # the map is full: the byte budget, however counted
+            return
+        n, nbytes = len(items), sum(entry_size((b, t, "")) for _, b, t in items)
+        report, name, token = self.report, job.task.spec.name, job.task.token
+        report.entries += n
+        report.per_endpoint[name] = report.per_endpoint.get(name, 0) + n
+        had = report.added.get(token, (0, 0))
+        report.added[token] = (had[0] + n, had[1] + nbytes)

@@ -1,8 +1,8 @@
 """Warm before publish: compute the responses a new Snapshot will be asked for first.
 
 Runs between `Store.stage` and `Store.commit`: the updater's thread asks the builder process
-(lower priority, its own GIL) to answer and encode on the staged version files, then reads
-the answers into one dict per endpoint, which the event loop adopts in one step.
+(lower priority, its own GIL) to answer and encode on the staged version files into each
+endpoint version's answers file (`serving.answers`), which the event loop then opens.
 Which keys: the most requested parameters of each affected endpoint (replayed from the current
 version), every key of a small parameter space (enums, bools and narrow int ranges) and the
 rows of the endpoint's `warm_sql`. How: one batched query per endpoint when the SQL allows it
@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import math
-import pickle
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence, Set
+from collections.abc import Callable, Mapping, Set
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
@@ -29,11 +29,12 @@ from typing import Any, TypeVar
 from loaders.builder import Builder
 from loaders.schema import Unavailable
 from loaders.snapshot import Snapshot, Store
-from serving.cache import Answers, Popularity, ResponseCache, hottest
+from serving.answers import AnswersFile, path_of
+from serving.cache import Popularity, ResponseCache, hottest
 from serving.endpoints import EndpointSpec
 from serving.fold import Folded
 from serving.plan import BatchPlan
-from serving.responses import endpoint_tokens, entry_size
+from serving.responses import endpoint_tokens
 from serving.spool import BUSY_SHARE, WarmReport, WarmTask, compute, write_inputs
 
 log = logging.getLogger("duckswap.warm")
@@ -49,15 +50,14 @@ class Warmer:
     """Called by the updater with a staged Snapshot; fills the cache for it before commit.
 
     The queries and the encoding run in the builder process (lower priority, its own GIL), on
-    the Snapshot's version files attached read-only there; this process only reads the answers
-    back from a spool file into one dict per endpoint (on the loader thread), and the event
-    loop adopts each dict in one step (`ResponseCache.adopt`).
+    the Snapshot's version files attached read-only there, and the answers go straight into
+    the answers files in `answers`; the event loop then opens them (`ResponseCache.adopt`).
     """
 
     def __init__(self, store: Store, cache: ResponseCache, popularity: Popularity,
                  endpoints: Mapping[str, EndpointSpec], fingerprints: Mapping[str, bytes],
                  batch: Mapping[str, BatchPlan | None], seconds: float, keys: int,
-                 builder: Builder, threads: int = 2, tail_seconds: float = 0.0,
+                 builder: Builder, answers: Path, threads: int = 2, tail_seconds: float = 0.0,
                  busy_seconds: float = 0.0, folded: Mapping[str, Folded] | None = None,
                  busy_share: float = BUSY_SHARE, miss_rate: float = MISS_RATE) -> None:
         self.store = store
@@ -69,14 +69,15 @@ class Warmer:
         self.seconds = seconds
         self.keys = keys
         self.builder = builder
+        self.answers = answers
         self.threads = threads
         self.tail_seconds = tail_seconds
         self.busy_seconds = busy_seconds
         self.busy_share = busy_share
         self.miss_rate = miss_rate
         self._hot: dict[str, frozenset[tuple[Any, ...]]] = {}  # each endpoint's last hot keys
-        # (the Snapshot, its tasks, the keys already warmed per task, the busy share used)
-        self._tail: tuple[Snapshot, list[WarmTask], list[set[tuple[Any, ...]]], float] | None = None
+        # (the Snapshot, its tasks, the busy share used)
+        self._tail: tuple[Snapshot, list[WarmTask], float] | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self._stop: Path | None = None  # the stop file of the after-publish warm running now
         self._cutting = False  # `cut_short` called, the after-publish warm not ended since
@@ -116,8 +117,7 @@ class Warmer:
         # Only the served version and this one keep their answers: the version `old` replaced
         # loses them now, before anything is inserted, so a swap holds two versions' answers at
         # its peak, not three (and this one pass, on every publish, is the only prune).
-        dropped = self._drop_others(frozenset(old_tokens.values())
-                                    | frozenset(new_tokens.values()))
+        self._drop_others(frozenset(old_tokens.values()) | frozenset(new_tokens.values()))
         tasks: list[WarmTask] = []
         # Picking the hot keys is ~25 ms of GIL at 2000 req/s (a sort of up to 20,000 counts
         # per endpoint, the window's count of would-be misses): paced, a step at a time.
@@ -134,17 +134,15 @@ class Warmer:
             # warm had none to choose from: every such request counts.
             earlier, self._hot[name] = self._hot.get(name, hot_now), hot_now
             if name in window and old_tok is not None:
-                missed += would_miss(window[name], earlier, self.cache.warmed_answers(old_tok))
-                pacer.pause()
+                missed += would_miss(window[name], earlier, self.cache.answers(old_tok),
+                                     pacer.pause)
             tasks.append(WarmTask(
                 replace(spec, params=dict(spec.params)),
                 tok, snap.version_ids(spec.datasets), self._batch.get(name), hot,
                 self.folded.get(name),
             ))
         if not tasks:
-            _free(dropped)
             return WarmReport(snap.id)
-        done: list[set[tuple[Any, ...]]] = [set() for _ in tasks]
         # Waiting on a busy machine trades freshness for fewer misses; an endpoint not served
         # yet has no misses to spare, only 503s: publish it as soon as possible.
         wait = all(old_tokens.get(t.spec.name) for t in tasks)
@@ -153,22 +151,20 @@ class Warmer:
         # needs. Many of them make the machine busy whatever the CPU the warm gets now.
         rate = missed / max(window_seconds, 1.0)
         share = math.inf if rate >= self.miss_rate else self.busy_share
-        report = self._run(snap, tasks, self.seconds, done, self.busy_seconds if wait else 0,
-                           share, dropped)
+        report = self._run(snap, tasks, self.seconds, self.busy_seconds if wait else 0, share)
         if report is None:
             return WarmReport(snap.id)
         report.would_miss = round(rate, 1)
         if (report.skipped or report.unlisted) and self.tail_seconds > 0:
-            self._tail = (snap, tasks, done, share)
+            self._tail = (snap, tasks, share)
         report.seconds = time.perf_counter() - start
         self.last = report
         log.info(
             "warmed snapshot %d: %d responses (%d batched, %d single, %s left for after the "
-            "publish) in %.3fs on %.2f cores, read back in %.3fs (%.3fs of CPU)%s", snap.id,
+            "publish) in %.3fs on %.2f cores%s", snap.id,
             report.entries, report.batched, report.single,
             f"{report.skipped}{' + declared keys' if report.unlisted else ''}", report.seconds,
-            report.cpu_share, report.read_seconds, report.read_cpu,
-            _extension(report, self.miss_rate),
+            report.cpu_share, _extension(report, self.miss_rate),
         )
         return report
 
@@ -186,14 +182,14 @@ class Warmer:
         if pending is None or pending[0].id != snap.id:
             return None
         start = time.perf_counter()
-        _, tasks, done, share = pending
+        _, tasks, share = pending
         stop = self.store.data_dir / f"warm-{snap.id}.stop"
         self._stop = stop
         try:
             if self._cutting:  # cut before it began: resumed if nothing replaces `snap`
                 self._tail = pending
                 return None
-            report = self._run(snap, tasks, self.tail_seconds, done, self.busy_seconds, share,
+            report = self._run(snap, tasks, self.tail_seconds, self.busy_seconds, share,
                                stop=stop)
         finally:
             self._stop, self._cutting = None, False
@@ -205,11 +201,10 @@ class Warmer:
             if report.stopped and self.store.current is snap:
                 self._tail = pending  # cut short for a load that published nothing: resumable
             log.info("warmed snapshot %d after its publish: %d more responses (%d left%s) in "
-                     "%.3fs on %.2f cores, read back in %.3fs (%.3fs of CPU)%s", snap.id,
+                     "%.3fs on %.2f cores%s", snap.id,
                      report.entries, report.skipped,
                      ", cut short for a newer export" if report.stopped else "",
-                     report.seconds, report.cpu_share, report.read_seconds, report.read_cpu,
-                     _extension(report, self.miss_rate))
+                     report.seconds, report.cpu_share, _extension(report, self.miss_rate))
         return report
 
     def cut_short(self) -> None:
@@ -222,113 +217,66 @@ class Warmer:
             stop.touch()
 
     def _run(self, snap: Snapshot, tasks: list[WarmTask], seconds: float,
-             done: list[set[tuple[Any, ...]]], busy_seconds: float = 0.0,
-             busy_share: float = BUSY_SHARE,
-             dropped: Sequence[Answers] = (), stop: Path | None = None) -> WarmReport | None:
-        """Answer in the builder process, then insert the spooled answers on the loop.
-        None when the Snapshot's versions have no files (nothing to attach there).
-        `dropped`: answers to free meanwhile (see `_drop_others`)."""
+             busy_seconds: float = 0.0, busy_share: float = BUSY_SHARE,
+             stop: Path | None = None) -> WarmReport | None:
+        """Answer in the builder process into the answers files, then have the event loop
+        serve them. None when the Snapshot's versions have no files (nothing to attach there)."""
         files = {d: str(v.path) for d, v in snap.versions.items() if v.path is not None}
         if len(files) != len(snap.versions):
-            _free(dropped)
             return None
-        spool = self.store.data_dir / f"warm-{snap.id}.spool"
+        inputs = self.store.data_dir / f"warm-{snap.id}.in"
         try:
-            return self._answer(snap, tasks, seconds, done, busy_seconds, busy_share, files,
-                                spool, dropped, stop)
+            light = write_inputs(str(inputs), tasks, _GilPacer().pause)
+            report: WarmReport = self.builder.run(
+                compute, files, light, seconds, self.threads,
+                max(0, self.cache.max_bytes - self.cache.warm_bytes), str(self.answers),
+                self.cache.max_bytes, busy_seconds, busy_share, str(inputs),
+                str(stop) if stop else None)
         except (concurrent.futures.CancelledError, Unavailable):  # the server is stopping
             log.info("warm of snapshot %d ended: the server is stopping", snap.id)
             return None
         finally:
-            spool.unlink(missing_ok=True)
-
-    def _answer(self, snap: Snapshot, tasks: list[WarmTask], seconds: float,
-                done: list[set[tuple[Any, ...]]], busy_seconds: float, busy_share: float,
-                files: dict[str, str], spool: Path, dropped: Sequence[Answers],
-                stop: Path | None) -> WarmReport:
-        inputs = spool.with_suffix(".in")
-        try:
-            light = write_inputs(str(inputs), tasks, done, _GilPacer().pause)
-            report: WarmReport = self.builder.run(
-                compute, files, light, seconds, self.threads,
-                max(0, self.cache.max_bytes - self.cache.warm_bytes), str(spool),
-                None, busy_seconds, busy_share, str(inputs), str(stop) if stop else None,
-                meanwhile=lambda: _free(dropped))
-        finally:
             inputs.unlink(missing_ok=True)
         report.snapshot = snap.id
-        read_start, read_cpu = time.perf_counter(), time.thread_time()
-        # Each task's answers go into a dict of their own here, off the loop, which then
-        # adopts each dict in one step (a copy of what the token had plus the new answers).
-        # A chunk arrives as a dict of finished entries with its size: merging it is a few C
-        # calls, and unpickling is most of the work (a demo warm's ~96,000 answers: ~0.13 s
-        # of CPU idle, 0.2-0.5 s at 2000 req/s). The pacer keeps this thread to a quarter of
-        # the GIL, so the requests do not queue behind it.
-        pacer = _GilPacer()
-        answers: dict[int, Answers] = {}
-        had: dict[int, int] = {}
-        sizes: dict[int, int] = {}
-        with spool.open("rb") as f:
-            while True:
-                try:
-                    i, chunk, nbytes = pickle.load(f)
-                except EOFError:
-                    break
-                into = answers.get(i)
-                if into is None:
-                    token = tasks[i].token
-                    before = self.cache.warmed_answers(token) or {}
-                    into = answers[i] = dict(before)
-                    had[i], sizes[i] = len(before), self.cache.warmed_bytes(token)
-                replaced = into.keys() & chunk.keys()
-                sizes[i] += nbytes - sum(entry_size(into[k]) for k in replaced)
-                into.update(chunk)
-                done[i].update(chunk)
-                pacer.pause()
-        adopt = [(tasks[i].token, a, sizes[i], len(a) - had[i]) for i, a in answers.items()]
-        report.read_seconds = time.perf_counter() - read_start
-        report.read_cpu = time.thread_time() - read_cpu
+        adopt = []
+        for task in tasks:
+            added, nbytes = report.added.get(task.token, (0, 0))
+            adopt.append((task.token, path_of(self.answers, task.token), nbytes, added))
 
         def adopt_all() -> None:
-            for args in adopt:
-                self.cache.adopt(*args)
+            for token, path, nbytes, added in adopt:
+                self.cache.adopt(token, path, self.cache.warm_bytes_of(token) + nbytes, added)
 
         self._on_loop(adopt_all)
         return report
 
-    def _drop_others(self, live: frozenset[str]) -> list[Answers]:
+    def _drop_others(self, live: frozenset[str]) -> None:
         """Have the event loop drop, between requests, the cached answers of every token
-        not in `live` (a `?v=` for them is the 307 anyway). Returns the warmed answers it
-        dropped, for `_free`: freeing ~10^5 of them at once would stall the loop."""
+        not in `live` (a `?v=` for them is the 307 anyway)."""
         loop = self.loop
         if loop is None:
-            return []
-        try:
-            return asyncio.run_coroutine_threadsafe(self.cache.retain(live), loop).result(
+            return
+        # CancelledError: the event loop stopped (shutting down)
+        with contextlib.suppress(concurrent.futures.CancelledError):
+            asyncio.run_coroutine_threadsafe(self.cache.retain(live), loop).result(
                 timeout=HANDOFF_TIMEOUT)
-        except concurrent.futures.CancelledError:  # the event loop stopped: shutting down
-            return []
-
-
-def _free(dropped: Sequence[Answers]) -> None:
-    """Free dropped answers on this thread, a slice at a time, at `FREE_SHARE` of the GIL.
-    A demo version's ~97,000 answers are 40-70 ms of CPU at 2000 req/s; a warm runs this
-    while the builder process computes (7-10 s there), so it can take its time."""
-    pacer = _GilPacer(FREE_SHARE)
-    for old in dropped:
-        while old:
-            for _ in range(min(FREE_SLICE, len(old))):
-                old.popitem()
-            pacer.pause()
 
 
 def would_miss(window: Mapping[tuple[Any, ...], int], hot: Set[tuple[Any, ...]],
-               warmed: Mapping[tuple[Any, ...], Any] | None) -> int:
+               warmed: AnswersFile | Set[tuple[Any, ...]] | None,
+               pause: Callable[[], None] = lambda: None) -> int:
     """Requests in `window` for keys `warmed` had an answer for that are not `hot`: each one
-    met by a cache miss had a version been published with the `hot` keys only."""
-    if not warmed:
+    met by a cache miss had a version been published with the `hot` keys only. `pause()`
+    after each slice of keys looked up."""
+    if warmed is None:
         return 0
-    return sum(n for k, n in window.items() if k in warmed and k not in hot)
+    n = 0
+    for i, (k, count) in enumerate(window.items()):
+        if k not in hot and k in warmed:
+            n += count
+        if i % LOOKUP_SLICE == LOOKUP_SLICE - 1:
+            pause()
+    return n
 
 
 def _extension(report: WarmReport, miss_rate: float) -> str:
@@ -341,7 +289,7 @@ def _extension(report: WarmReport, miss_rate: float) -> str:
 
 
 LOADER_SHARE = 0.25  # of the GIL, at most, for the loader thread's share of a warm (picking
-# the hot keys, reading the answers back)
+# the hot keys, handing them over)
 
 
 class _GilPacer:
@@ -365,6 +313,5 @@ class _GilPacer:
         self.mark = time.thread_time()
 
 YIELD_SECONDS = 0.001  # the loader thread's shortest pause between chunks (see `_GilPacer`)
-FREE_SLICE = 2000  # replaced answers freed between two pauses (~1 ms of work)
-FREE_SHARE = 0.1  # of the GIL, at most, for freeing a replaced version's answers
+LOOKUP_SLICE = 2000  # keys looked up between two pauses (~2-4 ms of work)
 HANDOFF_TIMEOUT = 60.0

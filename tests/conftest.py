@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import gc
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -145,14 +144,6 @@ def cache_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     home = tmp_path / "xdg-cache"
     monkeypatch.setenv("XDG_CACHE_HOME", str(home))
     return home
-
-
-@pytest.fixture(autouse=True)
-def unfreeze() -> Iterator[None]:
-    """A publish calls gc.freeze(); give tests' cyclic garbage back to the collector."""
-    yield
-    gc.unfreeze()
-    gc.collect()
 
 
 @pytest.fixture

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import datetime
 import pickle
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import replace
@@ -11,6 +13,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import lmdb
 import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -19,6 +22,7 @@ import serving.spool
 from bench.cli import loop_lag
 from conftest import DEMO_CONFIG, Running, demo_settings, wait_for, write_seq_export
 from data.generate import RANKS, REGIONS, ROLES, export_id, write_export
+from serving.answers import HEADER_KEY, AnswersWriter, path_of
 from serving.cache import WINDOW_KEYS, Popularity, ResponseCache, hottest
 from serving.endpoints import DEFAULT_CACHE_CONTROL
 from serving.keys import enumerate_keys
@@ -407,30 +411,48 @@ async def test_event_loop_lag_is_in_metrics(demo: Running) -> None:
     await wait_for(recorded, what="the stall in the lag histogram")
 
 
-async def test_warmed_answers_and_computed_ones_share_one_byte_budget() -> None:
-    """Warmed answers are adopted whole per token; computed ones get what they leave of the
-    budget; dropping a token hands its warmed answers back to the caller."""
+async def test_warmed_answers_and_computed_ones_share_one_byte_budget(tmp_path: Path) -> None:
+    """Warmed answers are served from their token's answers file, new ones as soon as they are
+    written; computed ones get what they leave of the budget; dropping a token removes its
+    file."""
     def entry(n: int) -> Entry:
-        return (b"x" * n, "tag", "")
+        return (b"x" * n, etag("t1", (n,)), "")
 
     cache = ResponseCache(10_000)
     for i in range(20):  # computed answers, ~1,360 bytes each: the LRU keeps what fits
-        cache.put(("t0", (i,)), entry(1000))
+        cache.put(("t0", (i,)), (b"x" * 1000, "tag", ""))
     assert 8_000 < cache.bytes <= 10_000
-    warmed = {(i,): entry(1000) for i in range(4)}
-    size = sum(map(entry_size, warmed.values()))
-    cache.adopt("t1", warmed, size, 4)
+    path = path_of(tmp_path, "t1")
+    # The builder process writes them (LMDB opens a file once per process).
+    _write_aside(path, "d=v1", [((i,), b"x" * 1000) for i in range(4)])
+    size = 4 * entry_size((b"x" * 1000, etag("t1", (0,)), ""))
+    cache.adopt("t1", path, size, 4)
     assert cache.warm_bytes == size and cache.bytes <= 10_000  # the LRU made room
-    assert cache.lookup(("t1", (2,)), "e") == entry(1000) and cache.hits == 1
-    assert cache.warmed_answers("t1") is warmed and len(cache) == 4 + len(cache._lru)
-    cache.adopt("t1", {**warmed, (9,): entry(10)}, size + entry_size(entry(10)), 1)
-    assert cache.warm_bytes == size + entry_size(entry(10)) and cache.warmed == 5
+    assert cache.lookup(("t1", (2,)), "e") == (b"x" * 1000, etag("t1", (2,)), "d=v1")
+    assert cache.hits == 1 and len(cache) == 4 + len(cache._lru)
+    assert cache.lookup(("t1", (9,)), "e") is None and cache.misses == 1
+    _write_aside(path, "d=v1", [((9,), b"y")])  # a later pass: served at once
+    assert cache.lookup(("t1", (9,)), "e") == (b"y", etag("t1", (9,)), "d=v1")
+    cache.adopt("t1", path, size + entry_size(entry(1)), 1)
+    assert cache.warm_bytes == size + entry_size(entry(1)) and cache.warmed == 5
     cache.put(("t0", (99,)), entry(20_000))  # over the budget: not kept
     assert ("t0", (99,)) not in cache
-    dropped = await cache.retain(frozenset({"t0"}), pause=0)
-    assert [set(d) for d in dropped] == [{(0,), (1,), (2,), (3,), (9,)}]
+    await cache.retain(frozenset({"t0"}), pause=0)
     assert cache.warm_bytes == 0 and cache.lookup(("t1", (2,)), "e") is None
-    assert "t1" not in cache.tokens() and cache.pruned == 5
+    assert "t1" not in cache.tokens() and cache.pruned == 5 and not path.exists()
+    cache.close()
+
+
+def _write_aside(path: Path, header: str, answers: list[tuple[tuple[Any, ...], bytes]]) -> None:
+    """Add answers to the answers file at `path` from another process, as a warm does."""
+    script = ("import sys, pickle; from pathlib import Path; "
+              "from serving.answers import AnswersWriter; from serving.responses import etag; "
+              "path, header, answers = pickle.loads(sys.stdin.buffer.read()); "
+              "w = AnswersWriter(Path(path), header, 10_000); "
+              "assert w.write([(k, b, etag(Path(path).stem, k)) for k, b in answers]); "
+              "w.close()")
+    subprocess.run([sys.executable, "-c", script], check=True,
+                   input=pickle.dumps((str(path), header, answers)))
 
 
 def test_body_encoder_writes_the_documented_json(tmp_path: Path) -> None:
@@ -574,56 +596,69 @@ async def test_busy_machine_warms_every_declared_key_before_the_publish(demo: Ru
     tasks = [WarmTask(spec, token(fingerprint(spec), snap.version_ids(spec.datasets)),
                       snap.version_ids(spec.datasets), batch_sql(spec), [])
              for spec in specs.values() if spec.warm_sql]
-    spool = str(tmp_path / "spool")
-    busy = compute(files, tasks, 1e-9, 1, 2**30, spool, busy_seconds=60, busy_share=1e9)
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "idle").mkdir()
+    busy = compute(files, tasks, 1e-9, 1, 2**30, str(tmp_path / "busy"), 2**20,
+                   busy_seconds=60, busy_share=1e9)
     assert busy.extended and busy.skipped == 0 and not busy.unlisted
     assert busy.per_endpoint["champion_stats"] == 12 * 5 * 5 * 2  # small size, latest patch
     assert busy.cpu_share > 0
-    idle = compute(files, tasks, 1e-9, 1, 2**30, spool, busy_seconds=60, busy_share=0)
+    assert len(_answered(tmp_path / "busy", tasks[0].token)) == busy.added[tasks[0].token][0]
+    idle = compute(files, tasks, 1e-9, 1, 2**30, str(tmp_path / "idle"), 2**20,
+                   busy_seconds=60, busy_share=0)
     assert not idle.extended and idle.entries == 0 and idle.unlisted
 
 
 async def test_warm_inputs_handed_over_a_slice_at_a_time(demo: Running, tmp_path: Path,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    """The hot keys and the keys to skip reach the builder process through a file written a
-    slice at a time (the loader thread pauses between slices): the same answers as when they
-    are passed as arguments, hot keys first whatever the time, skipped keys left out."""
+    """The hot keys reach the builder process through a file written a slice at a time (the
+    loader thread pauses between slices): the same answers as when they are passed as
+    arguments, hot keys first whatever the time; keys already in the answers file (an earlier
+    pass) are left out."""
     snap = demo.app[STORE].current
     files = {d: str(v.path) for d, v in snap.versions.items()}
     spec = demo.app[WARMER].endpoints["champion_stats"]
     versions = snap.version_ids(spec.datasets)
     bare = WarmTask(spec, token(fingerprint(spec), versions), versions, batch_sql(spec), [])
-    spool = tmp_path / "spool"
-    compute(files, [bare], 1e-9, 1, 2**30, str(spool), busy_seconds=60, busy_share=1e9)
-    declared = sorted(_spooled(spool))
+    folders = {name: tmp_path / name for name in ("all", "args", "file")}
+    for folder in folders.values():
+        folder.mkdir()
+    compute(files, [bare], 1e-9, 1, 2**30, str(folders["all"]), 2**20, busy_seconds=60,
+            busy_share=1e9)
+    everything = _answered(folders["all"], bare.token)
+    declared = sorted(everything)
     hot = [(k, 10 - n) for n, k in enumerate(declared[:7])]
-    skip = [{k for k, _ in hot[1:3]}]
+    done = [k for k, _ in hot[1:3]]
+    for folder in (folders["args"], folders["file"]):  # answered by an earlier pass
+        writer = AnswersWriter(path_of(folder, bare.token), "", 2**20)
+        assert writer.write([(k, b"earlier", etag(bare.token, k)) for k in done])
+        writer.close()
     task = replace(bare, hot=hot)
-    direct = compute(files, [task], 1e-9, 1, 2**30, str(spool), [set(skip[0])],
+    direct = compute(files, [task], 1e-9, 1, 2**30, str(folders["args"]), 2**20,
                      busy_seconds=0)  # an idle machine: the hot keys only
-    by_args = _spooled(spool)
+    by_args = _answered(folders["args"], bare.token)
     monkeypatch.setattr(serving.spool, "INPUT_SLICE", 2)
     pauses = []
     inputs = tmp_path / "inputs"
-    light = write_inputs(str(inputs), [task], skip, lambda: pauses.append(1))
-    assert light[0].hot == [] and len(pauses) == 4 + 1  # 7 hot keys, 2 skipped, 2 a slice
-    via_file = compute(files, light, 1e-9, 1, 2**30, str(spool), None, busy_seconds=0,
-                       inputs=str(inputs))
-    assert _spooled(spool) == by_args
-    assert set(by_args) == {k for k, _ in hot} - skip[0]
+    light = write_inputs(str(inputs), [task], lambda: pauses.append(1))
+    assert light[0].hot == [] and len(pauses) == 4  # 7 hot keys, 2 a slice
+    via_file = compute(files, light, 1e-9, 1, 2**30, str(folders["file"]), 2**20,
+                       busy_seconds=0, inputs=str(inputs))
+    assert _answered(folders["file"], bare.token) == by_args
+    assert set(by_args) == {k for k, _ in hot}
+    assert all(by_args[k] == b"earlier" for k in done)  # left as they were
+    assert all(by_args[k] == everything[k] for k in set(by_args) - set(done))
     assert via_file.entries == direct.entries == 5 and via_file.unlisted
 
 
-def _spooled(spool: Path) -> dict[tuple[Any, ...], Any]:
-    """The answers in a warm's spool file, by cache key."""
-    out: dict[tuple[Any, ...], Any] = {}
-    with spool.open("rb") as f:
-        while True:
-            try:
-                _, chunk, _ = pickle.load(f)
-            except EOFError:
-                return out
-            out.update(chunk)
+def _answered(folder: Path, tok: str) -> dict[tuple[Any, ...], bytes]:
+    """The answers in a token's answers file, by cache key (bodies after their ETag)."""
+    env = lmdb.open(str(path_of(folder, tok)), subdir=False, readonly=True, lock=False)
+    with env.begin() as txn:
+        out = {tuple(orjson.loads(k)): v[v.index(b'"', 1) + 1:] for k, v in txn.cursor()
+               if k != HEADER_KEY}
+    env.close()
+    return out
 
 
 def test_request_window_counts_what_a_publish_would_leave_to_misses() -> None:
@@ -678,7 +713,7 @@ async def test_requests_for_declared_keys_hold_the_publish_for_their_warm(
 
     async def declared_warmed() -> bool:
         tok = serving.tokens(store.current)["champion_stats"]
-        return len(serving.cache.warmed_answers(tok) or {}) >= declared
+        return len(serving.cache.answers(tok) or ()) >= declared
 
     write_export(tmp_path, 2, size="small", datasets=stats_only)  # nothing asked for
     await wait_for(lambda: published(2), what="export 2")
@@ -741,7 +776,7 @@ async def test_keys_left_to_warm_after_a_publish_are_answered_by_the_new_version
 
     async def warmed_all() -> bool:
         tok = serving.tokens(store.current)["champion_stats"]
-        return len(cache.warmed_answers(tok) or {}) >= 12 * 5 * 5 * 2  # small: declared keys
+        return len(cache.answers(tok) or ()) >= 12 * 5 * 5 * 2  # small: declared keys
 
     await wait_for(warmed_all, what="the after-publish warm of export 1")
     for _ in range(3):
@@ -772,7 +807,7 @@ async def test_keys_left_to_warm_after_a_publish_are_answered_by_the_new_version
         gate.set()
 
     async def warmed_new() -> bool:
-        return len(cache.warmed_answers(new_tok) or {}) >= 12 * 5 * 5 * 2
+        return len(cache.answers(new_tok) or ()) >= 12 * 5 * 5 * 2
 
     await wait_for(warmed_new, what="the after-publish warm of export 2")
     status, headers, _ = await _raw(demo, cold2)

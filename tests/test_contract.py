@@ -314,7 +314,7 @@ async def test_a_new_export_cuts_the_after_publish_warm_short(tmp_path: Path,
     token = serving.tokens(store.current)["row"]
 
     async def all_warmed() -> bool:  # resumed: every declared key answered in the end
-        return len(serving.cache.warmed_answers(token) or {}) >= keys
+        return len(serving.cache.answers(token) or ()) >= keys
 
     await wait_for(all_warmed, 120, "the cut warm of export 2 to go on")
     assert store.current.versions["seqdata"].export_id == "export-000002"
