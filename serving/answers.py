@@ -12,6 +12,7 @@ a write of 10^5 answers ~0.7-1.0 s against ~1.7 s (docs/benchmarks.md).
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -21,10 +22,18 @@ import lmdb
 
 from serving.responses import Entry, dumps
 
+log = logging.getLogger("duckswap.cache")
+
 HEADER_KEY = b"\0versions"  # the X-Duckswap-Versions header of every answer in the file
 # Keys are tiny; LMDB keeps its map's pages for values plus ~40% (page fill, branch pages).
 MAP_FACTOR = 3
 MAP_MIN = 64 << 20
+
+
+def map_size(budget: int) -> int:
+    """The map of every writer and reader of an answers file: LMDB refuses a read beyond the
+    map a reader opened with (MDB_MAP_RESIZED), and a file grows while it is read."""
+    return max(MAP_MIN, budget * MAP_FACTOR)
 
 
 def path_of(folder: Path, token: str) -> Path:
@@ -45,11 +54,9 @@ def remove(path: Path) -> None:
 class AnswersWriter:
     """Appends one token's answers (the build process's side)."""
 
-    def __init__(self, path: Path, header: str, map_bytes: int) -> None:
+    def __init__(self, path: Path, header: str, budget: int) -> None:
         self.path = path
-        # Every writer of a file maps it alike (readers take the size from the file).
-        self.env = lmdb.open(str(path), subdir=False,
-                             map_size=max(MAP_MIN, map_bytes * MAP_FACTOR),
+        self.env = lmdb.open(str(path), subdir=False, map_size=map_size(budget),
                              sync=False, metasync=False, readahead=False, max_dbs=0)
         with self.env.begin(write=True) as txn:
             txn.put(HEADER_KEY, header.encode(), overwrite=False)
@@ -76,25 +83,41 @@ class AnswersWriter:
 class AnswersFile:
     """Reads one token's answers (the request path's side)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, budget: int) -> None:
         self.path = path
+        self.failed = False
         self.env = lmdb.open(str(path), subdir=False, readonly=True, lock=True,
-                             readahead=False, max_dbs=0)
-        with self.env.begin() as txn:
-            header = txn.get(HEADER_KEY)
+                             map_size=map_size(budget), readahead=False, max_dbs=0)
+        header = self._get(HEADER_KEY)
         self.header = header.decode() if header is not None else ""
 
+    def _get(self, key: bytes) -> bytes | None:
+        try:
+            with self.env.begin() as txn:
+                return txn.get(key)
+        except lmdb.MapResizedError:  # written with a larger map: adopt it (no txn open)
+            self.env.set_mapsize(0)
+            with self.env.begin() as txn:
+                return txn.get(key)
+
     def get(self, key: tuple[Any, ...]) -> Entry | None:
-        with self.env.begin() as txn:
-            raw = txn.get(key_bytes(key))
+        """The answer of `key`, or None: not warmed, or the file cannot be read (logged
+        once; the request is then answered by a query, as a miss)."""
+        try:
+            raw = self._get(key_bytes(key))
+        except lmdb.Error as exc:
+            if not self.failed:
+                self.failed = True
+                log.error("answers file %s cannot be read (%s); its keys are answered by "
+                          "queries", self.path.name, exc)
+            return None
         if raw is None:
             return None
         end = raw.index(b'"', 1) + 1  # a value is the ETag (quoted, no quote inside), the body
         return raw[end:], raw[:end].decode(), self.header
 
     def __contains__(self, key: tuple[Any, ...]) -> bool:
-        with self.env.begin() as txn:
-            return txn.get(key_bytes(key)) is not None
+        return self.get(key) is not None
 
     def __len__(self) -> int:
         return max(0, int(self.env.stat()["entries"]) - 1)  # the header is no answer

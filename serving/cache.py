@@ -91,7 +91,7 @@ class ResponseCache:
         in all now, `added` of them new). The file may grow later: its new answers are
         served as soon as they are written."""
         if token not in self._files:
-            self._files[token] = AnswersFile(path)
+            self._files[token] = AnswersFile(path, self.max_bytes)
         self.warm_bytes += nbytes - self._warm_bytes.get(token, 0)
         self._warm_bytes[token] = nbytes
         self.warmed += added

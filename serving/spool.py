@@ -149,15 +149,15 @@ def read_inputs(path: str, tasks: list[WarmTask]) -> list[WarmTask]:
 
 
 def compute(files: dict[str, str], tasks: list[WarmTask], seconds: float, threads: int,
-            max_bytes: int, answers: str, map_bytes: int, busy_seconds: float = 0.0,
+            max_bytes: int, answers: str, cache_bytes: int, busy_seconds: float = 0.0,
             busy_share: float = BUSY_SHARE, inputs: str | None = None,
             stop: str | None = None) -> WarmReport:
     """In the warm (builder) process: answer the tasks' keys on the version files in rounds
     (batched where the SQL allows): every most-requested key first, whatever the time, then
     the declared and enumerated ones until `seconds` (up to `busy_seconds` on a busy machine,
     see `Budget`); all within `max_bytes` of answers. Each task's answers go to its token's
-    answers file in the folder `answers` (maps of `map_bytes`: the cache's whole budget, so
-    every writer of a file maps it alike); keys already there are left out.
+    answers file in the folder `answers` (mapped for `cache_bytes`, the cache's whole byte budget,
+    as the server maps it); keys already there are left out.
     `inputs`: a file from `write_inputs` with the hot keys.
     `stop`: a file whose existence ends the warm after the hot keys (see `Budget`)."""
     if inputs is not None:
@@ -178,7 +178,7 @@ def compute(files: dict[str, str], tasks: list[WarmTask], seconds: float, thread
         for job in jobs:
             job.bind(con)
         ahead = _Ahead(con.cursor(), jobs)
-        with ahead, _Spooler(Path(answers), jobs, max_bytes, map_bytes, report) as spooler:
+        with ahead, _Spooler(Path(answers), jobs, max_bytes, cache_bytes, report) as spooler:
             # The most requested keys first, hottest first, before anything is enumerated, and
             # all of them whatever the deadline: they are what the first requests after the
             # publish ask for, and a publish without them is a miss storm.
@@ -351,12 +351,12 @@ class _Spooler:
     """Encodes answers and writes them to their tokens' answers files in batches, within a
     byte budget."""
 
-    def __init__(self, folder: Path, jobs: list[_Job], max_bytes: int, map_bytes: int,
+    def __init__(self, folder: Path, jobs: list[_Job], max_bytes: int, budget: int,
                  report: WarmReport) -> None:
         self.max_bytes = max_bytes
         self.report = report
         self.bytes = 0
-        self.writers = [AnswersWriter(path_of(folder, job.task.token), job.header, map_bytes)
+        self.writers = [AnswersWriter(path_of(folder, job.task.token), job.header, budget)
                         for job in jobs]
         self._full = False
 

@@ -433,14 +433,28 @@ async def test_warmed_answers_and_computed_ones_share_one_byte_budget(tmp_path: 
     assert cache.lookup(("t1", (9,)), "e") is None and cache.misses == 1
     _write_aside(path, "d=v1", [((9,), b"y")])  # a later pass: served at once
     assert cache.lookup(("t1", (9,)), "e") == (b"y", etag("t1", (9,)), "d=v1")
+    # The file grows past the map a reader opens with by default (10 MB): still read.
+    _write_aside(path, "d=v1", [((100 + i,), b"z" * 2**20) for i in range(12)])
+    assert cache.peek(("t1", (111,))) == (b"z" * 2**20, etag("t1", (111,)), "d=v1")
+    answers = cache.answers("t1")
+    assert answers is not None
+    with pytest.MonkeyPatch.context() as mp:  # a fault LMDB raises (not made for real here)
+        mp.setattr(answers, "_get", _raise(lmdb.ReadersFullError("readers full")))
+        assert cache.peek(("t1", (2,))) is None and answers.failed  # a miss, not a 500
     cache.adopt("t1", path, size + entry_size(entry(1)), 1)
     assert cache.warm_bytes == size + entry_size(entry(1)) and cache.warmed == 5
     cache.put(("t0", (99,)), entry(20_000))  # over the budget: not kept
     assert ("t0", (99,)) not in cache
     await cache.retain(frozenset({"t0"}), pause=0)
     assert cache.warm_bytes == 0 and cache.lookup(("t1", (2,)), "e") is None
-    assert "t1" not in cache.tokens() and cache.pruned == 5 and not path.exists()
+    assert "t1" not in cache.tokens() and cache.pruned == 5 + 12 and not path.exists()
     cache.close()
+
+
+def _raise(exc: Exception) -> Any:
+    def fail(*args: Any) -> Any:
+        raise exc
+    return fail
 
 
 def _write_aside(path: Path, header: str, answers: list[tuple[tuple[Any, ...], bytes]]) -> None:
