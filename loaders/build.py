@@ -6,7 +6,6 @@ import base64
 import hashlib
 import json
 import time
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -14,35 +13,14 @@ import duckdb
 import google_crc32c
 import pyarrow.parquet as pq
 
-from loaders.schema import DatasetSchema, LoadError
+from engine.schema import DatasetSchema
+from engine.sql import lock_down, quote_ident
+from engine.store import remove_version_file
+from loaders.errors import LoadError
 from loaders.source import Export
 
 Crc32c: Any = google_crc32c.Checksum  # untyped upstream
 TOTAL = "\0total"  # expected_rows key of the manifest's whole-export row count
-
-
-def quote_ident(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
-
-
-def quote_literal(text: str) -> str:
-    return "'" + text.replace("'", "''") + "'"
-
-
-def lock_down(con: duckdb.DuckDBPyConnection, readable: Iterable[str | Path] = (),
-              files: Iterable[str | Path] = ()) -> None:
-    """From now on `con` and its cursors read no file or URL but those under the folders
-    `readable` and the `files` named: no `read_*` of anything else, no ATTACH elsewhere, no
-    COPY, no extension installed or loaded; and the configuration is locked, so SQL cannot
-    turn any of it back on. Every connection that runs endpoint SQL, and every build, runs so."""
-    folders = [str(p).rstrip("/") + "/" for p in readable]
-    if folders:
-        con.execute(f"SET allowed_directories = [{', '.join(map(quote_literal, folders))}]")
-    named = [str(p) for p in files]
-    if named:
-        con.execute(f"SET allowed_paths = [{', '.join(map(quote_literal, named))}]")
-    con.execute("SET enable_external_access = false")
-    con.execute("SET lock_configuration = true")
 
 
 def _digests(path: Path) -> tuple[str, str, str]:
@@ -261,8 +239,3 @@ def check_content(con: duckdb.DuckDBPyConnection, schema: DatasetSchema, rows: i
             key = ", ".join(f"{c}={v!r}" for c, v in zip(schema.unique_key, dup, strict=False))
             raise LoadError(f"unique_key ({', '.join(schema.unique_key)}) is not unique: "
                             f"{dup[-1]} rows have {key}")
-
-
-def remove_version_file(path: Path) -> None:
-    for p in (path, path.with_name(path.name + ".wal")):
-        p.unlink(missing_ok=True)

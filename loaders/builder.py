@@ -20,8 +20,10 @@ from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any, TypeVar
 
-from loaders.build import build_file, remove_version_file
-from loaders.schema import DatasetSchema, LoadError, Unavailable
+from engine.schema import DatasetSchema
+from engine.store import remove_version_file
+from loaders.build import build_file
+from loaders.errors import LoadError, Unavailable
 from loaders.source import Export
 
 log = logging.getLogger("duckswap.loader")

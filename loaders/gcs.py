@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from loaders.build import Crc32c
-from loaders.schema import LoadError, Unavailable
+from loaders.errors import LoadError, Unavailable
 from loaders.source import MARKERS, PART_GLOB, Export, is_ignored, quiet_since
 
 # gcsfs 2026.10 asks a gRPC bucket-layout service on every call unless told not to (against an

@@ -16,10 +16,11 @@ from typing import Any, TypeVar
 
 import duckdb
 
-from loaders.build import check_export, remove_version_file
+from engine.schema import DatasetSchema, RunGroup
+from engine.store import Snapshot, Store, Version, remove_version_file
+from loaders.build import check_export
 from loaders.builder import BuildDied, Builder
-from loaders.schema import DatasetSchema, LoadError, RunGroup, Unavailable
-from loaders.snapshot import Snapshot, Store, Version
+from loaders.errors import LoadError, Unavailable
 from loaders.source import Export, Source
 from loaders.state import DataDir, DatasetState, Refusal, State, VersionRecord, checks_digest
 from loaders.watcher import Watcher

@@ -17,9 +17,9 @@ from typing import Any
 
 from aiohttp import web
 
+from engine.errors import BadParameter, Conflict, NotFound, SourceUnavailable, Unauthorized
 from loaders.state import Refusal, VersionRecord
 from loaders.updater import LoadEvent, NotKept, Updater
-from serving.errors import BadParameter, Conflict, NotFound, SourceUnavailable, Unauthorized
 
 log = logging.getLogger("duckswap.admin")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]

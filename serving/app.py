@@ -10,8 +10,10 @@ from pathlib import Path
 
 from aiohttp import web
 
+from engine.query import QueryRunner
+from engine.settings import Settings
+from engine.store import Store
 from loaders.builder import Builder
-from loaders.snapshot import Store
 from loaders.source import LocalSource, Source
 from loaders.state import DataDir
 from loaders.updater import Updater
@@ -25,9 +27,7 @@ from serving.handlers import (
     version_pointer,
 )
 from serving.metrics import CollectorRegistry, LoopLag, Metrics
-from serving.query import QueryRunner
 from serving.remote import QueryProcess
-from serving.settings import Settings
 from serving.state import (
     DATA,
     LOOP_LAG,
@@ -44,7 +44,7 @@ from serving.warm import Warmer
 
 log = logging.getLogger("duckswap.server")
 # What the forkserver imports once, for the build process and the query process alike.
-PRELOAD = ("loaders.build", "serving.spool", "serving.qworker")
+PRELOAD = ("loaders.build", "engine.precompute", "serving.qworker")
 # The longest the event loop waits for the GIL while another thread of this process runs
 # Python (picking hot keys, reading warm answers back, freeing a replaced version's answers).
 # At CPython's default 5 ms, the loop stalled 3-6 ms at a time while a warm picked its keys

@@ -13,12 +13,12 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, Any
 
-from loaders.snapshot import Snapshot
-from serving.endpoints import EndpointSpec
-from serving.errors import QueryFailed
-from serving.fold import Constants
-from serving.plan import BatchPlan
-from serving.query import QueryRunner, Result
+from engine.endpoints import EndpointSpec
+from engine.errors import QueryFailed
+from engine.fold import Constants
+from engine.plan import BatchPlan
+from engine.query import QueryRunner, Result
+from engine.store import Snapshot
 
 if TYPE_CHECKING:
     from serving.remote import QueryProcess

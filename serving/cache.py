@@ -3,7 +3,7 @@
 Only the event loop touches these objects; the warmer reaches them through the loop.
 Entries are keyed by the endpoint's version token, so a swap of a dataset an endpoint does not
 read leaves its entries valid. Two stores, within one byte budget: the answers warmed for a
-token, in its answers file (`serving.answers`: written by the build process, memory-mapped
+token, in its answers file (`engine.answers`: written by the build process, memory-mapped
 here, so they cost this heap and its collector nothing), and an LRU of the answers computed for
 cache misses, which gets what the warmed answers leave of the budget.
 """
@@ -19,8 +19,8 @@ from typing import Any
 
 from cachetools import LRUCache
 
-from serving.answers import AnswersFile, remove
-from serving.responses import Entry, entry_size
+from engine.answers import AnswersFile, remove
+from engine.responses import Entry, entry_size
 
 Key = tuple[str, tuple[Any, ...]]  # (version token, normalised parameters)
 

@@ -16,15 +16,15 @@ from aiohttp import web
 from aiohttp.log import access_logger
 
 if TYPE_CHECKING:
-    from serving.settings import Settings
+    from engine.settings import Settings
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "data" / "demo.toml"
 DEMO_ROOT_ENV = "DUCKSWAP_SOURCE__URL"
 
 
 def _load(config: str | None) -> Settings:
-    from serving.settings import load_settings
-    from serving.sqlcheck import check_sql
+    from engine.settings import load_settings
+    from engine.sqlcheck import check_sql
 
     if config is None:
         # The bundled demo, with its source in ./duckswap-demo unless the env says otherwise.
@@ -41,13 +41,28 @@ def _load(config: str | None) -> Settings:
                 write_first_demo(root, missing)
     else:
         settings = load_settings(config)
+    check_routes(settings)
     check_sql(settings)
     return settings
 
 
+def check_routes(settings: Settings) -> None:
+    """Each endpoint's path is a route template the server's router takes (aiohttp's own
+    check, so whatever `serve` would refuse is refused by `check-config` too)."""
+    from engine.config import ConfigError
+
+    router = web.UrlDispatcher()
+    for spec in settings.endpoints.values():
+        try:
+            router.add_resource(spec.path)
+        except ValueError as exc:
+            raise ConfigError(settings.file, f"endpoints.{spec.name}.path",
+                              f"not a valid route template: {exc}") from None
+
+
 def _settings_or_none(config: str | None) -> Settings | None:
     """The validated settings, or None after printing the config error."""
-    from serving.config import ConfigError
+    from engine.config import ConfigError
 
     try:
         return _load(config)

@@ -11,9 +11,8 @@ from typing import Any
 
 from aiohttp import web
 
-from loaders.snapshot import Snapshot
-from serving.endpoints import EndpointSpec
-from serving.errors import (
+from engine.endpoints import EndpointSpec
+from engine.errors import (
     ApiError,
     BadParameter,
     MethodNotAllowed,
@@ -21,9 +20,8 @@ from serving.errors import (
     NotReady,
     QueryFailed,
 )
-from serving.metrics import CONTENT_TYPE, render
-from serving.params import ParamError, bind_params, cache_key
-from serving.responses import (
+from engine.params import ParamError, bind_params, cache_key
+from engine.responses import (
     IMMUTABLE,
     NO_STORE,
     TOKEN_LENGTH,
@@ -34,6 +32,8 @@ from serving.responses import (
     if_none_match,
     versions_header,
 )
+from engine.store import Snapshot
+from serving.metrics import CONTENT_TYPE, render
 from serving.state import REGISTRY, SERVING, SETTINGS, STORE, UPDATER, WARMER
 
 log = logging.getLogger("duckswap.server")

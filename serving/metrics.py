@@ -15,7 +15,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from loaders.snapshot import Store
+from engine.store import Store
 from loaders.updater import Updater
 
 if TYPE_CHECKING:

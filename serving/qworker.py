@@ -33,13 +33,13 @@ from typing import Any
 
 import duckdb
 
-from loaders.build import lock_down
+from engine.endpoints import EndpointSpec
+from engine.fold import Binding, Constants, Folded, binding
+from engine.plan import BatchPlan
+from engine.query import execute, execute_batch, thread_cursor
+from engine.sql import lock_down
+from engine.store import QUERY_CONFIG, attach_sql, view_sql
 from loaders.builder import exit_with
-from loaders.snapshot import QUERY_CONFIG, attach_sql, view_sql
-from serving.endpoints import EndpointSpec
-from serving.fold import Binding, Constants, Folded, binding
-from serving.plan import BatchPlan
-from serving.query import execute, execute_batch, thread_cursor
 
 FRAME = struct.Struct("!I")
 NAME = "duckswap-query"  # what `ps` and `top` show
@@ -154,7 +154,7 @@ class Worker:
                 del self._attached[path]
 
     def _bind(self, cur: duckdb.DuckDBPyConnection, snap_id: int, endpoint: str) -> Binding:
-        """The endpoint's SQL with its constants on this Snapshot (`serving.fold`)."""
+        """The endpoint's SQL with its constants on this Snapshot (`engine.fold`)."""
         c = self.constants
         return binding(self.endpoints[endpoint].sql, c.folded.get(endpoint),
                        c.values(cur, snap_id, endpoint))

@@ -23,14 +23,14 @@ from collections.abc import Mapping
 from multiprocessing.process import BaseProcess
 from typing import Any
 
+from engine.endpoints import EndpointSpec
+from engine.errors import QueryFailed, QueryTimeout
+from engine.fold import Constants, Folded
+from engine.plan import BatchPlan
+from engine.query import QueryRunner, Result
+from engine.store import Snapshot
 from loaders.builder import process_context
-from loaders.snapshot import Snapshot
 from serving import qworker
-from serving.endpoints import EndpointSpec
-from serving.errors import QueryFailed, QueryTimeout
-from serving.fold import Constants, Folded
-from serving.plan import BatchPlan
-from serving.query import QueryRunner, Result
 
 log = logging.getLogger("duckswap.server")
 RESTART_MAX = 30.0  # seconds between restarts of a process that keeps dying

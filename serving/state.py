@@ -8,18 +8,18 @@ from dataclasses import replace
 
 from aiohttp import web
 
-from loaders.snapshot import Snapshot, Store
+from engine.fold import Constants, fold_endpoints
+from engine.plan import batch_sql
+from engine.query import QueryRunner
+from engine.responses import dumps, endpoint_tokens, fingerprint
+from engine.settings import Settings
+from engine.store import Snapshot, Store
 from loaders.state import DataDir
 from loaders.updater import Updater
 from serving.batcher import Batcher
 from serving.cache import Popularity, ResponseCache
-from serving.fold import Constants, fold_endpoints
 from serving.metrics import CollectorRegistry, LoopLag
-from serving.plan import batch_sql
-from serving.query import QueryRunner
 from serving.remote import QueryProcess
-from serving.responses import dumps, endpoint_tokens, fingerprint
-from serving.settings import Settings
 from serving.warm import Warmer
 
 SETTINGS = web.AppKey("settings", Settings)
@@ -43,7 +43,7 @@ class Serving:
         self.popularity = Popularity(settings.warm_keys)
         self._tokens: dict[int, dict[str, str]] = {}
         self._pointer: tuple[int, bytes, str] | None = None
-        # Constant subqueries run once per version, not per query (see `serving.fold`); the
+        # Constant subqueries run once per version, not per query (see `engine.fold`); the
         # batched plans are of the folded SQL.
         self.constants = Constants(fold_endpoints(settings))
         folded = self.constants.folded

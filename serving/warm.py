@@ -2,14 +2,14 @@
 
 Runs between `Store.stage` and `Store.commit`: the updater's thread asks the builder process
 (lower priority, its own GIL) to answer and encode on the staged version files into each
-endpoint version's answers file (`serving.answers`), which the event loop then opens.
+endpoint version's answers file (`engine.answers`), which the event loop then opens.
 Which keys: the most requested parameters of each affected endpoint (replayed from the current
 version), every key of a small parameter space (enums, bools and narrow int ranges) and the
 rows of the endpoint's `warm_sql`. How: one batched query per endpoint when the SQL allows it
 (the endpoint's SQL run LATERAL against a table of keys), else one query per key: every hot key
 first, then the rest until the time budget is spent (see `spool.Budget`: longer on a busy
-machine). This module is the server's side; `serving.spool` the builder's, `serving.keys` which
-keys, `serving.plan` the batched SQL.
+machine). This module is the server's side; `engine.precompute` the builder's, `engine.keys` which
+keys, `engine.plan` the batched SQL.
 """
 
 from __future__ import annotations
@@ -26,16 +26,16 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
+from engine.answers import AnswersFile, path_of
+from engine.endpoints import EndpointSpec
+from engine.fold import Folded
+from engine.plan import BatchPlan
+from engine.precompute import BUSY_SHARE, WarmReport, WarmTask, compute, write_inputs
+from engine.responses import endpoint_tokens
+from engine.store import Snapshot, Store
 from loaders.builder import Builder
-from loaders.schema import Unavailable
-from loaders.snapshot import Snapshot, Store
-from serving.answers import AnswersFile, path_of
+from loaders.errors import Unavailable
 from serving.cache import Popularity, ResponseCache, hottest
-from serving.endpoints import EndpointSpec
-from serving.fold import Folded
-from serving.plan import BatchPlan
-from serving.responses import endpoint_tokens
-from serving.spool import BUSY_SHARE, WarmReport, WarmTask, compute, write_inputs
 
 log = logging.getLogger("duckswap.warm")
 

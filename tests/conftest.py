@@ -14,8 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 from aiohttp.test_utils import TestServer
 
+from engine.settings import Settings, load_settings, parse_settings
 from serving.app import create_app
-from serving.settings import Settings, load_settings, parse_settings
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_CONFIG = REPO / "data" / "demo.toml"

@@ -18,16 +18,16 @@ import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-import serving.spool
+import engine.precompute
 from bench.cli import loop_lag
 from conftest import DEMO_CONFIG, Running, demo_settings, wait_for, write_seq_export
 from data.generate import RANKS, REGIONS, ROLES, export_id, write_export
-from serving.answers import HEADER_KEY, AnswersWriter, path_of
-from serving.cache import WINDOW_KEYS, Popularity, ResponseCache, hottest
-from serving.endpoints import DEFAULT_CACHE_CONTROL
-from serving.keys import enumerate_keys
-from serving.plan import batch_sql
-from serving.responses import (
+from engine.answers import HEADER_KEY, AnswersWriter, path_of
+from engine.endpoints import DEFAULT_CACHE_CONTROL
+from engine.keys import enumerate_keys
+from engine.plan import batch_sql
+from engine.precompute import Budget, WarmTask, compute, write_inputs
+from engine.responses import (
     IMMUTABLE,
     BodyEncoder,
     Entry,
@@ -37,8 +37,8 @@ from serving.responses import (
     fingerprint,
     token,
 )
-from serving.settings import Settings, load_settings, parse_settings
-from serving.spool import Budget, WarmTask, compute, write_inputs
+from engine.settings import Settings, load_settings, parse_settings
+from serving.cache import WINDOW_KEYS, Popularity, ResponseCache, hottest
 from serving.state import SERVING, STORE, WARMER
 from serving.warm import would_miss
 
@@ -460,7 +460,7 @@ def _raise(exc: Exception) -> Any:
 def _write_aside(path: Path, header: str, answers: list[tuple[tuple[Any, ...], bytes]]) -> None:
     """Add answers to the answers file at `path` from another process, as a warm does."""
     script = ("import sys, pickle; from pathlib import Path; "
-              "from serving.answers import AnswersWriter; from serving.responses import etag; "
+              "from engine.answers import AnswersWriter; from engine.responses import etag; "
               "path, header, answers = pickle.loads(sys.stdin.buffer.read()); "
               "w = AnswersWriter(Path(path), header, 10_000); "
               "assert w.write([(k, b, etag(Path(path).stem, k)) for k, b in answers]); "
@@ -651,7 +651,7 @@ async def test_warm_inputs_handed_over_a_slice_at_a_time(demo: Running, tmp_path
     direct = compute(files, [task], 1e-9, 1, 2**30, str(folders["args"]), 2**20,
                      busy_seconds=0)  # an idle machine: the hot keys only
     by_args = _answered(folders["args"], bare.token)
-    monkeypatch.setattr(serving.spool, "INPUT_SLICE", 2)
+    monkeypatch.setattr(engine.precompute, "INPUT_SLICE", 2)
     pauses = []
     inputs = tmp_path / "inputs"
     light = write_inputs(str(inputs), [task], lambda: pauses.append(1))

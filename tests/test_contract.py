@@ -14,9 +14,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import Running, seq_config, wait_for, write_seq_export
-from serving.config import ConfigError
-from serving.settings import Settings, parse_settings
-from serving.sqlcheck import check_sql
+from engine.config import ConfigError
+from engine.settings import Settings, parse_settings
+from engine.sqlcheck import check_sql
 from serving.state import SERVING, STORE, UPDATER, WARMER
 
 KEYS = 4000  # rows of each export, one key each: far more than a client reads between swaps
@@ -451,7 +451,7 @@ def test_serving_warming_and_query_process_connections_are_locked_down(tmp_path:
     refuse files, URLs, ATTACH and turning external access back on; version files attach."""
     import socket
 
-    from loaders.snapshot import Store
+    from engine.store import Store
     from serving.qworker import Worker
 
     state = tmp_path / "state.json"
@@ -501,7 +501,7 @@ def test_a_build_connection_reads_its_exports_files_and_nothing_else(tmp_path: P
     folder) are readable, another export's are not, and nothing can turn that back."""
     import duckdb
 
-    from loaders.build import lock_down
+    from engine.sql import lock_down
 
     parts = sorted(str(p) for p in write_seq_export(tmp_path, 1).glob("part-*.parquet"))
     other = sorted(str(p) for p in write_seq_export(tmp_path, 2).glob("part-*.parquet"))

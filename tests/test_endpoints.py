@@ -10,7 +10,7 @@ import pytest
 
 from conftest import Running, demo_settings, seq_config, write_seq_export
 from data.generate import write_export
-from serving.params import bind_params
+from engine.params import bind_params
 
 # (endpoint name, URL, path values, query)
 DEMO_CALLS = [

@@ -11,9 +11,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from conftest import Running, demo_settings, wait_for
-from serving.fold import Constant, Folded, evaluate, fold, fold_endpoints
-from serving.settings import Settings, parse_settings
-from serving.sqlcheck import declared_tables, only
+from engine.fold import Constant, Folded, evaluate, fold, fold_endpoints
+from engine.settings import Settings, parse_settings
+from engine.sqlcheck import declared_tables, only
 from serving.state import SERVING
 
 

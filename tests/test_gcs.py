@@ -20,8 +20,8 @@ import pytest
 from gcs_emulator import BUCKET, Emulator, SlowProxy, free_port
 
 from conftest import Running, descendants, running, seq_config, wait_for, write_seq_export
+from engine.settings import Settings, parse_settings
 from loaders.gcs import GcsSource
-from serving.settings import Settings, parse_settings
 from serving.state import UPDATER
 
 PREFIX = "prod"

@@ -15,12 +15,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import Running, seq_config, seq_config_file, wait_for, write_seq_export
+from engine.schema import DatasetSchema
+from engine.settings import parse_settings
+from engine.store import Store
 from loaders.build import build_file, in_key_order
-from loaders.schema import DatasetSchema
-from loaders.snapshot import Store
 from loaders.source import LocalSource
 from loaders.updater import Updater
-from serving.settings import parse_settings
 from serving.state import UPDATER
 
 TOKEN = "lifecycle-admin-token-0123456789"

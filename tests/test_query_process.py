@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 
 from conftest import Running, seq_config, wait_for, write_seq_export
+from engine.responses import encode_body
 from serving import remote
 from serving.remote import QueryProcess
-from serving.responses import encode_body
 from serving.state import RUNNER, SERVING, STORE
 
 

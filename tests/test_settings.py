@@ -18,9 +18,9 @@ import pytest
 
 from bench.ports import free_port
 from conftest import DEMO_CONFIG, REPO, seq_config_file, write_seq_export
-from serving.config import ConfigError
-from serving.settings import SETTING_KEYS, load_settings, parse_settings, reference_table
-from serving.sqlcheck import check_sql
+from engine.config import ConfigError
+from engine.settings import SETTING_KEYS, load_settings, parse_settings, reference_table
+from engine.sqlcheck import check_sql
 
 BASE: dict[str, Any] = {
     "source": {"url": "file:///tmp/x"},
@@ -186,7 +186,7 @@ def test_bad_toml_names_the_file(tmp_path: Path) -> None:
 
 def test_the_readme_holds_the_config_reference_as_generated() -> None:
     """One source of truth: README's config table is `reference_table()` of `SETTING_KEYS`
-    (regenerate it with `python -m serving.settings`)."""
+    (regenerate it with `python -m engine.settings`)."""
     readme = (REPO / "README.md").read_text()
     start = readme.index("<!-- config reference:")
     block = readme[readme.index("\n", start) + 1:readme.index("<!-- end of config reference")]

@@ -9,11 +9,11 @@ from dataclasses import replace
 from pathlib import Path
 
 from conftest import seq_config, write_seq_export
-from loaders.snapshot import Store
+from engine.fold import Constants
+from engine.query import QueryRunner
+from engine.store import Store
 from loaders.source import LocalSource
 from loaders.updater import Updater
-from serving.fold import Constants
-from serving.query import QueryRunner
 
 
 def test_threads_query_while_swapping(tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from conftest import Running, demo_settings, seq_config, wait_for, write_seq_export
-from loaders.snapshot import Store
+from engine.store import Store
 from loaders.source import LocalSource
 from loaders.updater import Updater
 from serving.app import SWITCH_INTERVAL

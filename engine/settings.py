@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from loaders.schema import EXTRA_COLUMNS, DatasetSchema, RunGroup
-from serving.config import ConfigError, Reader, positive
-from serving.endpoints import EndpointSpec, parse_endpoint
+from engine.config import ConfigError, Reader, positive
+from engine.endpoints import EndpointSpec, parse_endpoint
+from engine.schema import EXTRA_COLUMNS, DatasetSchema, RunGroup
 
 ENV_PREFIX = "DUCKSWAP_"
 EVENT_LOOPS = ("auto", "uvloop", "asyncio")
@@ -395,5 +395,5 @@ def reference_table() -> str:
     return "\n".join(["| key | meaning |", "| --- | --- |", *rows])
 
 
-if __name__ == "__main__":  # python -m serving.settings > the table to paste into the README
+if __name__ == "__main__":  # python -m engine.settings > the table to paste into the README
     print(reference_table())

@@ -7,30 +7,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from aiohttp import web
+from engine.config import ConfigError, Reader, positive
+from engine.params import ParamSpec, parse_param
+from engine.schema import DatasetSchema
 
-from loaders.schema import DatasetSchema
-from serving.config import ConfigError, Reader, positive
-
-PARAM_TYPES = ("int", "float", "string", "enum", "bool")
 PATH_PARAM_RE = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
-
-
-@dataclass(frozen=True)
-class ParamSpec:
-    name: str
-    type: str
-    is_list: bool = False
-    max_items: int = 50
-    required: bool = True
-    default: Any = None
-    min: float | None = None
-    max: float | None = None
-    max_length: int = 200
-    pattern: str | None = None
-    values: tuple[str, ...] = ()
-    ignore_case: bool = False
-    unordered: bool = False
 
 
 DEFAULT_CACHE_CONTROL = "public, max-age=5, stale-while-revalidate=30"
@@ -50,58 +31,6 @@ class EndpointSpec:
     warm_sql: str | None = None
 
 
-def parse_param(r: Reader, name: str) -> ParamSpec:
-    p = r.sub(name)
-    ptype = p.get("type", str)
-    if ptype not in PARAM_TYPES:
-        raise p.fail("type", f"must be one of {', '.join(PARAM_TYPES)}, got {ptype!r}")
-    values = tuple(p.get("values", list, [] if ptype != "enum" else ...))
-    if ptype == "enum" and (not values or not all(isinstance(v, str) for v in values)):
-        raise p.fail("values", "an enum needs a non-empty list of strings")
-    pattern = p.get("pattern", str, None)
-    if pattern is not None:
-        try:
-            re.compile(pattern)
-        except re.error as exc:
-            raise p.fail("pattern", f"invalid regular expression: {exc}") from None
-    has_default = "default" in p.table
-    default = p.get("default", (int, float, str, bool, list), None)
-    spec = ParamSpec(
-        name=name,
-        type=ptype,
-        is_list=p.get("list", bool, False),
-        max_items=p.get("max_items", int, 50),
-        required=p.get("required", bool, not has_default),
-        default=default,
-        min=p.get("min", (int, float), None),
-        max=p.get("max", (int, float), None),
-        max_length=p.get("max_length", int, 200),
-        pattern=pattern,
-        values=values,
-        ignore_case=p.get("ignore_case", bool, False),
-        unordered=p.get("unordered", bool, False),
-    )
-    p.finish()
-    if spec.ignore_case and ptype not in ("enum", "string"):
-        raise p.fail("ignore_case", "applies to enum and string parameters only")
-    if spec.unordered and not spec.is_list:
-        raise p.fail("unordered", "applies to list parameters only")
-    if spec.ignore_case and ptype == "enum" and len({v.lower() for v in values}) != len(values):
-        raise p.fail("values", "values differ only in case, so ignore_case is ambiguous")
-    if spec.required and has_default:
-        raise p.fail("default", "a required parameter cannot have a default")
-    if has_default:
-        # Late import: params imports ParamSpec from here; it validates the default itself.
-        from serving.params import ParamError, parse_value
-
-        raw = default if isinstance(default, list) else [default]
-        try:
-            parse_value(spec, [str(v).lower() if isinstance(v, bool) else str(v) for v in raw])
-        except ParamError as exc:
-            raise p.fail("default", exc.message) from None
-    return spec
-
-
 def parse_endpoint(r: Reader, name: str, datasets: Mapping[str, DatasetSchema]) -> EndpointSpec:
     e = r.sub(name)
     path = e.get("path", str)
@@ -110,10 +39,6 @@ def parse_endpoint(r: Reader, name: str, datasets: Mapping[str, DatasetSchema]) 
     for reserved in RESERVED_PATHS:
         if path == reserved or path.startswith(reserved + "/"):
             raise e.fail("path", f"{reserved} is reserved by the server")
-    try:  # the router `serve` builds: whatever it refuses is refused here
-        web.UrlDispatcher().add_resource(path)
-    except ValueError as exc:
-        raise e.fail("path", f"not a valid route template: {exc}") from None
     sql = e.get("sql", str).strip().rstrip(";").strip()
     if not sql:
         raise e.fail("sql", "must not be empty")

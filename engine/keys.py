@@ -10,8 +10,8 @@ from typing import Any
 
 import duckdb
 
-from serving.endpoints import EndpointSpec, ParamSpec
-from serving.params import ParamError, cache_key, default_value, parse_value
+from engine.endpoints import EndpointSpec
+from engine.params import ParamError, ParamSpec, cache_key, default_value, parse_value
 
 log = logging.getLogger("duckswap.warm")
 

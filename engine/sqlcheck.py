@@ -9,10 +9,11 @@ from typing import Any
 
 import duckdb
 
-from loaders.build import lock_down, quote_ident
-from serving.config import ConfigError
-from serving.endpoints import EndpointSpec, ParamSpec
-from serving.settings import Settings
+from engine.config import ConfigError
+from engine.endpoints import EndpointSpec
+from engine.params import ParamSpec
+from engine.settings import Settings
+from engine.sql import lock_down, quote_ident
 
 
 @contextmanager

@@ -12,13 +12,13 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 import duckdb
 import pyarrow as pa
 
-from loaders.snapshot import Snapshot, Store
-from serving.endpoints import EndpointSpec
-from serving.errors import NotReady, QueryFailed, QueryTimeout
+from engine.endpoints import EndpointSpec
+from engine.errors import NotReady, QueryFailed, QueryTimeout
+from engine.store import Snapshot, Store
 
 if TYPE_CHECKING:
-    from serving.fold import Constants
-    from serving.plan import BatchPlan
+    from engine.fold import Constants
+    from engine.plan import BatchPlan
 
 T = TypeVar("T")
 
@@ -60,7 +60,7 @@ class QueryRunner:
                            constants: Constants, snapshot: Snapshot | None = None) -> Result:
         """Run an endpoint's SQL on `snapshot` (default: the current one, held until the query
         ends, even past its deadline), with its constant subqueries bound to their values on
-        the Snapshot (see `serving.fold`), or as written where they fail there."""
+        the Snapshot (see `engine.fold`), or as written where they fail there."""
 
         def work(cur: duckdb.DuckDBPyConnection, snap: Snapshot) -> Result:
             b = constants.bind(cur, snap.id, spec)
@@ -163,7 +163,7 @@ def execute_batch(
     keys: list[dict[str, Any]], fixed: Mapping[str, Any] | None = None,
 ) -> list[Result | None]:
     """Answer many parameter sets of one endpoint in one query per group of LIMIT values.
-    `fixed`: parameters bound alike for every key (constants, see `serving.fold`).
+    `fixed`: parameters bound alike for every key (constants, see `engine.fold`).
     A key whose answer has more rows than the row limit gets None: which rows are kept is the
     single query's business."""
     groups: dict[tuple[Any, ...], list[int]] = {}

@@ -27,10 +27,10 @@ from typing import Any
 
 import duckdb
 
-from serving.config import ConfigError
-from serving.endpoints import EndpointSpec
-from serving.settings import Settings
-from serving.sqlcheck import declared_tables, only
+from engine.config import ConfigError
+from engine.endpoints import EndpointSpec
+from engine.settings import Settings
+from engine.sqlcheck import declared_tables, only
 
 log = logging.getLogger("duckswap.fold")
 

@@ -1,17 +1,40 @@
-"""Parameter validation and normalisation. Values are bound, never pasted into SQL."""
+"""Parameters: their specs (parsed from `params.*` config tables), and the validation and
+normalisation of request values. Values are bound, never pasted into SQL."""
 
 from __future__ import annotations
 
 import math
 import re
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from serving.endpoints import ParamSpec
+from engine.config import Reader
 
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
 Scalar = int | float | str | bool
+
+
+PARAM_TYPES = ("int", "float", "string", "enum", "bool")
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    name: str
+    type: str
+    is_list: bool = False
+    max_items: int = 50
+    required: bool = True
+    default: Any = None
+    min: float | None = None
+    max: float | None = None
+    max_length: int = 200
+    pattern: str | None = None
+    values: tuple[str, ...] = ()
+    ignore_case: bool = False
+    unordered: bool = False
+
 
 
 class ParamError(ValueError):
@@ -115,3 +138,52 @@ def bind_params(
 def cache_key(bound: Mapping[str, Any]) -> tuple[Any, ...]:
     """Hashable normalised form of bound values (spec order, so spelling does not matter)."""
     return tuple(tuple(v) if isinstance(v, list) else v for v in bound.values())
+
+
+def parse_param(r: Reader, name: str) -> ParamSpec:
+    p = r.sub(name)
+    ptype = p.get("type", str)
+    if ptype not in PARAM_TYPES:
+        raise p.fail("type", f"must be one of {', '.join(PARAM_TYPES)}, got {ptype!r}")
+    values = tuple(p.get("values", list, [] if ptype != "enum" else ...))
+    if ptype == "enum" and (not values or not all(isinstance(v, str) for v in values)):
+        raise p.fail("values", "an enum needs a non-empty list of strings")
+    pattern = p.get("pattern", str, None)
+    if pattern is not None:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise p.fail("pattern", f"invalid regular expression: {exc}") from None
+    has_default = "default" in p.table
+    default = p.get("default", (int, float, str, bool, list), None)
+    spec = ParamSpec(
+        name=name,
+        type=ptype,
+        is_list=p.get("list", bool, False),
+        max_items=p.get("max_items", int, 50),
+        required=p.get("required", bool, not has_default),
+        default=default,
+        min=p.get("min", (int, float), None),
+        max=p.get("max", (int, float), None),
+        max_length=p.get("max_length", int, 200),
+        pattern=pattern,
+        values=values,
+        ignore_case=p.get("ignore_case", bool, False),
+        unordered=p.get("unordered", bool, False),
+    )
+    p.finish()
+    if spec.ignore_case and ptype not in ("enum", "string"):
+        raise p.fail("ignore_case", "applies to enum and string parameters only")
+    if spec.unordered and not spec.is_list:
+        raise p.fail("unordered", "applies to list parameters only")
+    if spec.ignore_case and ptype == "enum" and len({v.lower() for v in values}) != len(values):
+        raise p.fail("values", "values differ only in case, so ignore_case is ambiguous")
+    if spec.required and has_default:
+        raise p.fail("default", "a required parameter cannot have a default")
+    if has_default:
+        raw = default if isinstance(default, list) else [default]
+        try:
+            parse_value(spec, [str(v).lower() if isinstance(v, bool) else str(v) for v in raw])
+        except ParamError as exc:
+            raise p.fail("default", exc.message) from None
+    return spec

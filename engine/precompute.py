@@ -1,6 +1,6 @@
 """The warm's half in the builder process: answer the keys of a staged Snapshot on its version
 files and write the encoded answers into each endpoint version's answers file
-(`serving.answers`), which the server reads from there.
+(`engine.answers`), which the server reads from there.
 
 Runs in the builder process (lower priority, its own GIL): every hot key first, whatever the
 time, then the declared and enumerated keys in growing batched rounds until the time budget
@@ -22,15 +22,15 @@ from typing import Any
 
 import duckdb
 
-from loaders.build import lock_down
-from loaders.snapshot import QUERY_CONFIG, attach_sql, view_sql
-from serving.answers import AnswersWriter, path_of
-from serving.endpoints import EndpointSpec
-from serving.fold import Folded, binding, evaluate
-from serving.keys import Want, hot_wants, warm_wants
-from serving.plan import BatchPlan
-from serving.query import Result, execute, execute_batch
-from serving.responses import BodyEncoder, entry_size, etag, versions_header
+from engine.answers import AnswersWriter, path_of
+from engine.endpoints import EndpointSpec
+from engine.fold import Folded, binding, evaluate
+from engine.keys import Want, hot_wants, warm_wants
+from engine.plan import BatchPlan
+from engine.query import Result, execute, execute_batch
+from engine.responses import BodyEncoder, entry_size, etag, versions_header
+from engine.sql import lock_down
+from engine.store import QUERY_CONFIG, attach_sql, view_sql
 
 log = logging.getLogger("duckswap.warm")
 
@@ -110,7 +110,7 @@ class WarmTask:
     versions: dict[str, str]
     plan: BatchPlan | None  # of `folded`'s SQL where there is one
     hot: list[tuple[tuple[Any, ...], int]]  # the most requested cache keys, with counts
-    folded: Folded | None = None  # its constant subqueries as parameters (`serving.fold`)
+    folded: Folded | None = None  # its constant subqueries as parameters (`engine.fold`)
 
 
 WarmItem = tuple[tuple[Any, ...], bytes, str]  # (cache key, body, ETag)
@@ -339,7 +339,7 @@ class _Job:
         self.header = versions_header(t.versions)
 
     def bind(self, con: duckdb.DuckDBPyConnection) -> None:
-        """Compute the endpoint's constants on this version (`serving.fold`); where they
+        """Compute the endpoint's constants on this version (`engine.fold`); where they
         fail, run its SQL as written, key by key."""
         folded = self.task.folded
         b = binding(self.task.spec.sql, folded, evaluate(con, folded) if folded else None)

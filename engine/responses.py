@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from serving.endpoints import EndpointSpec
+from engine.endpoints import EndpointSpec
 
 if TYPE_CHECKING:
-    from loaders.snapshot import Snapshot
+    from engine.store import Snapshot
 
 IMMUTABLE = "public, max-age=31536000, immutable"
 NO_STORE = "no-store"

@@ -20,7 +20,7 @@ from typing import Any
 
 import lmdb
 
-from serving.responses import Entry, dumps
+from engine.responses import Entry, dumps
 
 log = logging.getLogger("duckswap.cache")
 

@@ -1,6 +1,6 @@
 """Planning batched queries: an endpoint's SQL rewritten to answer many parameter sets at once.
 
-The warm (`serving.spool`) and the miss storms of the request path (`serving.batcher`) both run
+The warm (`engine.precompute`) and the miss storms of the request path (`serving.batcher`) both run
 the plan; `batch_sql` makes it once per endpoint at start-up.
 """
 
@@ -12,8 +12,8 @@ from typing import Any
 
 import duckdb
 
-from loaders.build import quote_ident
-from serving.endpoints import EndpointSpec
+from engine.endpoints import EndpointSpec
+from engine.sql import quote_ident
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,7 @@ def batch_sql(spec: EndpointSpec) -> BatchPlan | None:
             return None
         order = "".join(", " + o for o in orders)
     text = spec.sql.encode()
-    # A parameter that is not a request's (a constant, see `serving.fold`) stays bound: it
+    # A parameter that is not a request's (a constant, see `engine.fold`) stays bound: it
     # is the same for every key.
     bound = sorted({name for _, _, name, in_limit in found if in_limit and name in spec.params})
     for loc, length, name, in_limit in sorted(found, reverse=True):

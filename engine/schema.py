@@ -40,12 +40,3 @@ class RunGroup:
     name: str
     datasets: tuple[str, ...]
     incomplete_seconds: float = 0.0  # a run complete in some members only is reported after
-
-
-class LoadError(Exception):
-    """An export that cannot become a version; the message is the reason shown to operators."""
-
-
-class Unavailable(Exception):
-    """The source could not be read right now (an outage, an export still changing): not the
-    export's fault, so it is tried again later instead of being refused."""

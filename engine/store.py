@@ -21,7 +21,7 @@ from types import MappingProxyType
 
 import duckdb
 
-from loaders.build import lock_down, quote_ident, quote_literal, remove_version_file
+from engine.sql import lock_down, quote_ident, quote_literal
 
 
 @dataclass(frozen=True)
@@ -237,3 +237,8 @@ class Store:
         self.db.close()
         if self._own_dir:
             shutil.rmtree(self.data_dir, ignore_errors=True)
+
+
+def remove_version_file(path: Path) -> None:
+    for p in (path, path.with_name(path.name + ".wal")):
+        p.unlink(missing_ok=True)
