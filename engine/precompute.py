@@ -14,11 +14,12 @@ import logging
 import os
 import pickle
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import duckdb
 
@@ -116,41 +117,42 @@ class WarmTask:
 WarmItem = tuple[tuple[Any, ...], bytes, str]  # (cache key, body, ETag)
 
 WRITE_CHUNK = 1000  # answers per transaction of an answers file (visible to readers at once)
-INPUT_SLICE = 2000  # hot keys per pickled slice of a warm's inputs (~0.5 ms of CPU)
+HOT_SLICE = 2000  # hot keys per pickled slice of a worker's hot keys file (~0.5 ms of CPU)
 ROUND = 4096  # keys of the first round (one batched query per endpoint); each round doubles
 
 
-def write_inputs(path: str, tasks: list[WarmTask], pause: Callable[[], None]) -> list[WarmTask]:
-    """In the server: each task's hot keys (10^4 of them) to the file `path` a slice at a
-    time, `pause()` between slices; returns the tasks without them, for
-    `compute(..., inputs=path)`. Handed to the builder process as arguments, they were pickled
-    in one C call holding the GIL: the event loop stalled 5-17 ms at the start of each warm
-    (2000 req/s)."""
-    with open(path, "wb") as out:
-        for i, task in enumerate(tasks):
-            for start in range(0, len(task.hot), INPUT_SLICE):
-                pickle.dump((i, task.hot[start:start + INPUT_SLICE]), out,
-                            pickle.HIGHEST_PROTOCOL)
-                pause()
-    return [replace(task, hot=[]) for task in tasks]
+def write_hot(out: BinaryIO, endpoint: str, keys: list[tuple[tuple[Any, ...], int]]) -> None:
+    """In a worker: one slice of an endpoint's most requested keys, with their counts, into
+    its hot keys file (written a slice at a time: pickling 10^4 keys in one call would stall
+    the worker's event loop)."""
+    pickle.dump((endpoint, keys), out, pickle.HIGHEST_PROTOCOL)
 
 
-def read_inputs(path: str, tasks: list[WarmTask]) -> list[WarmTask]:
-    """In the builder process: `tasks` with their hot keys back."""
-    hot: list[list[tuple[tuple[Any, ...], int]]] = [[] for _ in tasks]
-    with open(path, "rb") as f:
-        while True:
-            try:
-                i, keys = pickle.load(f)
-            except EOFError:
-                break
-            hot[i].extend(keys)
-    return [replace(task, hot=h) for task, h in zip(tasks, hot, strict=True)]
+def read_hot(paths: list[str], tasks: list[WarmTask], n: int) -> list[WarmTask]:
+    """In the build process: `tasks` with the `n` most requested keys of their endpoints, the
+    workers' counts summed."""
+    counts: dict[str, Counter[tuple[Any, ...]]] = {t.spec.name: Counter() for t in tasks}
+    for path in paths:
+        try:
+            f = open(path, "rb")  # noqa: SIM115
+        except FileNotFoundError:  # a worker that died before writing it
+            continue
+        with f:
+            while True:
+                try:
+                    endpoint, keys = pickle.load(f)
+                except EOFError:
+                    break
+                into = counts.get(endpoint)
+                if into is not None:
+                    for key, count in keys:
+                        into[key] += count
+    return [replace(task, hot=counts[task.spec.name].most_common(n)) for task in tasks]
 
 
 def compute(files: dict[str, str], tasks: list[WarmTask], seconds: float, threads: int,
             max_bytes: int, answers: str, cache_bytes: int, busy_seconds: float = 0.0,
-            busy_share: float = BUSY_SHARE, inputs: str | None = None,
+            busy_share: float = BUSY_SHARE, inputs: list[str] | None = None, hot_count: int = 0,
             stop: str | None = None) -> WarmReport:
     """In the warm (builder) process: answer the tasks' keys on the version files in rounds
     (batched where the SQL allows): every most-requested key first, whatever the time, then
@@ -158,10 +160,11 @@ def compute(files: dict[str, str], tasks: list[WarmTask], seconds: float, thread
     see `Budget`); all within `max_bytes` of answers. Each task's answers go to its token's
     answers file in the folder `answers` (mapped for `cache_bytes`, the cache's whole byte budget,
     as the server maps it); keys already there are left out.
-    `inputs`: a file from `write_inputs` with the hot keys.
+    `inputs`: the workers' hot keys files (`write_hot`): the `hot_count` most requested keys of
+    each endpoint, their counts summed, are answered first.
     `stop`: a file whose existence ends the warm after the hot keys (see `Budget`)."""
-    if inputs is not None:
-        tasks = read_inputs(inputs, tasks)
+    if inputs:
+        tasks = read_hot(inputs, tasks, hot_count)
     budget = Budget(seconds, busy_seconds, busy_share, stop=stop)
     report = WarmReport(0)
     con = duckdb.connect(config={"threads": threads, **QUERY_CONFIG})

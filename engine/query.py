@@ -14,7 +14,7 @@ import pyarrow as pa
 
 from engine.endpoints import EndpointSpec
 from engine.errors import NotReady, QueryFailed, QueryTimeout
-from engine.store import Snapshot, Store
+from engine.store import Replica, Snapshot
 
 if TYPE_CHECKING:
     from engine.fold import Constants
@@ -40,7 +40,7 @@ class _Job(Generic[T]):
 
 
 class QueryRunner:
-    def __init__(self, store: Store, threads: int, timeout: float) -> None:
+    def __init__(self, store: Replica, threads: int, timeout: float) -> None:
         self.store = store
         self.timeout = timeout
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="duckswap-query")

@@ -27,15 +27,11 @@ NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 SETTING_KEYS: dict[str, str] = {
     "server.host": "Address to listen on (default 127.0.0.1).",
     "server.port": "TCP port (default 8080).",
-    "server.threads": "Queries run at once, each on one DuckDB thread of its own (in the query "
-    "process, and on the server's own threads while that process is down); also the build and "
-    "warm threads (default 2).",
+    "server.workers": "HTTP worker processes, all answering on the one port (SO_REUSEPORT); "
+    "0, the default, starts one per CPU this process may use.",
+    "server.threads": "Queries each worker runs at once for cache misses, each on one DuckDB "
+    "thread of its own; also the build and warm threads (default 2).",
     "server.query_timeout": "Seconds before a query is interrupted and answered 504 (default 5).",
-    "server.query_process": "Answer cache misses in a query process of their own, reached over "
-    "a local socket, instead of on the server's threads: their queries then never wait for the "
-    "event loop's GIL, nor make it wait (default true). The server's threads answer whenever "
-    "that process is down (it is restarted after a crash, and the queries it had in flight run "
-    "again in the server).",
     "server.drain_seconds": "After SIGTERM or SIGINT, seconds during which `/readyz` answers "
     "503 while requests are still accepted, so a load balancer stops sending new ones before "
     "the listener closes (default 0; under Kubernetes, a few seconds more than the "
@@ -154,7 +150,7 @@ class Settings:
     port: int = 8080
     threads: int = 2
     query_timeout: float = 5.0
-    query_process: bool = True
+    workers: int = 0  # 0: one per CPU the process may use (`worker_count`)
     log_level: str = "INFO"
     drain_seconds: float = 0.0
     shutdown_seconds: float = 10.0
@@ -185,6 +181,15 @@ class Settings:
     @property
     def source_path(self) -> Path:
         return Path(self.source_url.removeprefix("file://"))
+
+    def worker_count(self) -> int:
+        """HTTP workers to run: `workers`, or one per CPU this process may use."""
+        if self.workers:
+            return self.workers
+        try:
+            return len(os.sched_getaffinity(0))
+        except AttributeError:  # not Linux
+            return os.cpu_count() or 1
 
 def _parse_dataset(r: Reader, name: str) -> DatasetSchema:
     import duckdb
@@ -279,7 +284,7 @@ def parse_settings(raw: Mapping[str, Any], file: str = "<config>") -> Settings:
         port=server.get("port", int, 8080),
         threads=server.get("threads", int, 2),
         query_timeout=float(server.get("query_timeout", (int, float), 5.0)),
-        query_process=server.get("query_process", bool, True),
+        workers=server.get("workers", int, 0),
         log_level=server.get("log_level", str, "INFO"),
         drain_seconds=float(server.get("drain_seconds", (int, float), 0.0)),
         shutdown_seconds=float(server.get("shutdown_seconds", (int, float), 10.0)),
@@ -310,7 +315,7 @@ def parse_settings(raw: Mapping[str, Any], file: str = "<config>") -> Settings:
     if settings.quiet_seconds < 0:
         raise source.fail("quiet_seconds", f"must not be negative, got {settings.quiet_seconds}")
     for name in ("cache_mb", "warm_seconds", "warm_tail_seconds", "warm_busy_seconds",
-                 "warm_keys", "build_nice", "drain_seconds", "shutdown_seconds"):
+                 "warm_keys", "build_nice", "drain_seconds", "shutdown_seconds", "workers"):
         if getattr(settings, name) < 0:
             raise server.fail(name, f"must not be negative, got {getattr(settings, name)!r}")
     if settings.event_loop not in EVENT_LOOPS:

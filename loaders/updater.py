@@ -12,14 +12,13 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
-
-import duckdb
+from typing import Any, Protocol, TypeVar
 
 from engine.schema import DatasetSchema, RunGroup
-from engine.store import Snapshot, Store, Version, remove_version_file
+from engine.store import Snapshot, Version, check_version_file, remove_version_file
 from loaders.build import check_export
 from loaders.builder import BuildDied, Builder
+from loaders.catalog import Catalog
 from loaders.errors import LoadError, Unavailable
 from loaders.source import Export, Source
 from loaders.state import DataDir, DatasetState, Refusal, State, VersionRecord, checks_digest
@@ -84,14 +83,29 @@ class NotKept(LookupError):
     """An admin action named a version this server does not keep."""
 
 
+class Publisher(Protocol):
+    """The HTTP workers, as the updater sees them: a publish is two-phase across them."""
+
+    def holders(self) -> list[str]:
+        """The workers serving now (each holds a Snapshot staged from now on until it says it
+        has drained it)."""
+
+    def stage(self, snap: Snapshot) -> None:
+        """Every worker attaches `snap` and opens its answers; returns once all have
+        (raises `Unavailable` when one cannot)."""
+
+    def commit(self, snap: Snapshot) -> None:
+        """Every worker serves `snap`; returns once all do."""
+
+
 class Updater:
     def __init__(
         self,
         source: Source,
-        store: Store,
+        catalog: Catalog,
         schemas: Mapping[str, DatasetSchema],
         debounce_ms: int = 200,
-        before_publish: Callable[[Snapshot], object] | None = None,
+        before_publish: Callable[[Snapshot, Snapshot], object] | None = None,
         after_publish: Callable[[Snapshot], object] | None = None,
         cut_after_publish: Callable[[], None] | None = None,
         builder: Builder | None = None,
@@ -99,9 +113,11 @@ class Updater:
         data: DataDir | None = None,
         keep_versions: int = 2,
         groups: Iterable[RunGroup] = (),
+        publisher: Publisher | None = None,
     ) -> None:
         self.source = source
-        self.store = store
+        self.catalog = catalog
+        self.publisher = publisher  # None: nothing serves (tests of the loader alone)
         self.schemas = dict(schemas)
         self.debounce_ms = debounce_ms
         self.before_publish = before_publish
@@ -114,11 +130,8 @@ class Updater:
         self.builder = builder or Builder()
         self.data = data
         self.keep_versions = keep_versions
-        # Builds, warming, collection and admin actions share one thread: one writer of the
-        # Store and the state, no locks between them. It runs at the request threads'
-        # priority: its CPU work (checks, builds, warm queries) is in the builder process,
-        # niced, and a niced thread here would hold the GIL while the OS made it wait for a
-        # core, with the event loop waiting on it (stalls of up to ~50 ms under load).
+        # Builds, warming, publishing, collection and admin actions share one thread: one
+        # writer of the catalog and the state, no locks between them.
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="duckswap-loader")
         self.state: State = {name: DatasetState() for name in self.schemas}
         self.last_listed: float | None = None  # when the source last answered a listing
@@ -164,7 +177,7 @@ class Updater:
         in every member and not refused as they are now; each names the exports to load (a
         member that already serves the run's export needs none). Runs complete in some
         members only are noted (`pending_runs`) and reported once overdue."""
-        served = [self.store.current.versions.get(d) for d in group.datasets]
+        served = [self.catalog.current.versions.get(d) for d in group.datasets]
         floor = min((v.export_id for v in served if v is not None), default="") \
             if all(served) else ""
         by_id = [{e.export_id: e for e in listed[d]} for d in group.datasets]
@@ -279,7 +292,7 @@ class Updater:
             self._publish([v for v, _ in built], {v.dataset: t for v, t in built})
         elif cut:  # nothing replaced the version it warmed: it goes on where it stopped
             self._cut_tail(wait=True)
-            self._warm_after(self.store.current)
+            self._warm_after(self.catalog.current)
         return events
 
     def _finish_run(self, run: _Run, outcomes: dict[str, _Loaded | _Failed],
@@ -306,7 +319,7 @@ class Updater:
                     run.group.name].items() if r > run.run_id})
             return [(v, dict(e.timings)) for v, e in attached.values()]
         for version, _ in attached.values():
-            self.store.detach(version.db)
+            self.catalog.drop(version)
         retry = any(isinstance(o.error, Unavailable) for o in failed.values())
         for d, outcome in outcomes.items():
             candidate = run.todo[d]
@@ -352,16 +365,25 @@ class Updater:
         self._cut_tail(wait=True)  # one warm at a time; that one's version is being replaced
         if self.stopping:
             return
-        snap = self.store.stage(built)
+        publisher = self.publisher
+        snap = self.catalog.stage(built, publisher.holders() if publisher else [])
         if self.before_publish is not None:
             try:
-                self.before_publish(snap)
+                self.before_publish(snap, self.catalog.current)
             except Exception:  # warming is an optimisation: never block a publish
                 log.exception("warming snapshot %d failed; publishing it cold", snap.id)
         if self.stopping:  # its warm was cut short, and nothing will be served anyway
-            self.store.discard(snap)
+            self.catalog.discard(snap)
             return
-        self.store.commit(snap)
+        try:
+            if publisher is not None:
+                publisher.stage(snap)  # every worker has it open ...
+        except BaseException:
+            self.catalog.discard(snap)
+            raise
+        if publisher is not None:
+            publisher.commit(snap)  # ... before any serves it
+        self.catalog.commit(snap)
         seconds = time.perf_counter() - start
         log.info(
             "published %s in %.3fs",
@@ -382,7 +404,7 @@ class Updater:
         if self.after_publish is None:
             return
         after = self.after_publish
-        self.store.hold(snap)
+        self.catalog.hold(snap, "warm")
 
         def warm() -> None:
             try:
@@ -390,7 +412,7 @@ class Updater:
             except Exception:
                 log.exception("warming snapshot %d after its publish failed", snap.id)
             finally:
-                self.store.release(snap)
+                self.catalog.release(snap.id, "warm")
 
         self._tail = self._tail_executor.submit(warm)
 
@@ -426,10 +448,10 @@ class Updater:
         """Persist the state, then let go of version files no longer kept."""
         if self.data is not None:
             self.data.save(self.state)
-        self.store.keep({self._path(r) for ds in self.state.values() for r in ds.versions})
+        self.catalog.keep({self._path(r) for ds in self.state.values() for r in ds.versions})
 
     def _path(self, record: VersionRecord) -> Path:
-        return self.store.data_dir / record.file
+        return self.catalog.data_dir / record.file
 
     def _check_size(self, candidate: Any, schema: DatasetSchema) -> None:
         sizes: Mapping[str, int] = candidate.sizes
@@ -457,7 +479,7 @@ class Updater:
             timings["download"] = step - start
             version_id = self.builder.run(check_export, local, schema)
             timings["validate"] = time.perf_counter() - step
-            path = self.store.new_version_path(local.dataset, version_id)
+            path = self.catalog.new_version_path(local.dataset, version_id)
             rows, steps = self.builder.build(local, schema, path)
             timings["validate"] += steps["validate"]
             timings["build"] = steps["build"]
@@ -470,16 +492,16 @@ class Updater:
 
     def _attach_loaded(self, candidate: Any, listed: float,
                        loaded: _Loaded) -> tuple[Version, LoadEvent] | _Failed:
-        """Attach a built version, with the event that records it (not recorded yet)."""
+        """A built version, with the event that records it (not recorded yet)."""
         try:
-            db = self.store.attach(loaded.path)
-        except duckdb.Error as exc:
+            check_version_file(loaded.path)
+        except OSError as exc:
             remove_version_file(loaded.path)
-            return _Failed(LoadError(f"attaching the built version failed: {exc}"),
+            return _Failed(LoadError(f"opening the built version failed: {exc}"),
                            time.perf_counter() - loaded.start)
         seconds = time.perf_counter() - loaded.start
         timings = {"list": listed, **loaded.timings}
-        version = Version(candidate.dataset, loaded.version_id, loaded.export_id, db,
+        version = Version(candidate.dataset, loaded.version_id, loaded.export_id,
                           loaded.rows, seconds, loaded.path)
         log.info(
             "built %s/%s as version %s: %d rows in %.3fs (%s)",
@@ -542,7 +564,7 @@ class Updater:
                 try:
                     restored.append(self._attach(record))
                     break
-                except duckdb.Error as exc:
+                except OSError as exc:
                     log.warning("cached version %s/%s cannot be opened (%s); dropped",
                                 name, record.version_id, exc)
                     ds.versions.remove(record)
@@ -555,8 +577,8 @@ class Updater:
 
     def _attach(self, record: VersionRecord) -> Version:
         path = self._path(record)
-        return Version(record.dataset, record.version_id, record.export_id,
-                       self.store.attach(path), record.rows,
+        check_version_file(path)
+        return Version(record.dataset, record.version_id, record.export_id, record.rows,
                        record.timings.get("total", 0.0), path, record.loaded_at)
 
     # -- admin actions (on the loader thread: see `act`) ------------------------------------
@@ -574,7 +596,7 @@ class Updater:
         return record
 
     def _serve(self, record: VersionRecord) -> None:
-        current = self.store.current.versions.get(record.dataset)
+        current = self.catalog.current.versions.get(record.dataset)
         if current is not None and current.version_id == record.version_id:
             return
         self._publish([self._attach(record)])
@@ -639,7 +661,7 @@ class Updater:
         finally:
             collector.cancel()
             await asyncio.gather(collector, return_exceptions=True)
-            # The Store is closed next: no thread may be running DuckDB on it then.
+            # Nothing may run on these threads once the server closes what they use.
             for executor in (self._executor, self._tail_executor):
                 await asyncio.get_running_loop().run_in_executor(
                     None, functools.partial(executor.shutdown, wait=True, cancel_futures=True))
@@ -655,7 +677,8 @@ class Updater:
     def data_age(self) -> dict[str, float]:
         """Seconds since each served version was loaded."""
         now = time.time()
-        return {n: round(now - v.loaded_at, 3) for n, v in self.store.current.versions.items()}
+        return {n: round(now - v.loaded_at, 3)
+                for n, v in self.catalog.current.versions.items()}
 
     def data_age_text(self) -> str:
         ages = self.data_age()
@@ -668,8 +691,8 @@ class Updater:
     async def _collect_forever(self, stop: asyncio.Event) -> None:
         """Retire drained Snapshots; wakes often, works only when there is garbage."""
         while not stop.is_set():
-            if self.store.has_garbage():
+            if self.catalog.has_garbage():
                 await asyncio.get_running_loop().run_in_executor(
-                    self._executor, self.store.collect)
+                    self._executor, self.catalog.collect)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=0.1)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from engine.endpoints import EndpointSpec
 from engine.errors import QueryFailed
@@ -20,9 +20,6 @@ from engine.plan import BatchPlan
 from engine.query import QueryRunner, Result
 from engine.store import Snapshot
 
-if TYPE_CHECKING:
-    from serving.remote import QueryProcess
-
 MAX_BATCH = 2000
 BATCH_AFTER = 16
 log = logging.getLogger("duckswap.server")
@@ -30,8 +27,7 @@ log = logging.getLogger("duckswap.server")
 
 class Batcher:
     def __init__(self, runner: QueryRunner, constants: Constants) -> None:
-        # The query process where there is one (`serving.remote`), else the server's threads.
-        self.runner: QueryRunner | QueryProcess = runner
+        self.runner = runner
         self.constants = constants
         self._pending: dict[tuple[str, int], list[tuple[dict[str, Any], asyncio.Future[Any]]]] = {}
         self._running: set[tuple[str, int]] = set()

@@ -1,11 +1,11 @@
 """Response cache (bytes per version token and normalised parameters) and key popularity.
 
-Only the event loop touches these objects; the warmer reaches them through the loop.
-Entries are keyed by the endpoint's version token, so a swap of a dataset an endpoint does not
-read leaves its entries valid. Two stores, within one byte budget: the answers warmed for a
-token, in its answers file (`engine.answers`: written by the build process, memory-mapped
-here, so they cost this heap and its collector nothing), and an LRU of the answers computed for
-cache misses, which gets what the warmed answers leave of the budget.
+Only the event loop touches these objects. Entries are keyed by the endpoint's version token,
+so a swap of a dataset an endpoint does not read leaves its entries valid. Two stores: the
+answers warmed for a token, in its answers file (`engine.answers`: written by the build
+process, memory-mapped here, shared by every worker through the page cache, and costing this
+heap nothing), and an LRU of the answers this worker computed for cache misses, within its
+byte budget.
 """
 
 from __future__ import annotations
@@ -13,33 +13,31 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Set
 from pathlib import Path
 from typing import Any
 
 from cachetools import LRUCache
 
-from engine.answers import AnswersFile, remove
+from engine.answers import AnswersFile
 from engine.responses import Entry, entry_size
 
 Key = tuple[str, tuple[Any, ...]]  # (version token, normalised parameters)
 
 
 class ResponseCache:
-    def __init__(self, max_bytes: int) -> None:
-        self.max_bytes = max_bytes
+    def __init__(self, max_bytes: int, answers_budget: int) -> None:
+        self.max_bytes = max_bytes  # of the LRU of computed answers
+        self.answers_budget = answers_budget  # the map of every answers file (see `map_size`)
         self._lru: LRUCache[Key, Entry] = LRUCache(
             maxsize=max(1, max_bytes), getsizeof=entry_size
         )
         self._files: dict[str, AnswersFile] = {}
-        self._warm_bytes: dict[str, int] = {}
-        self.warm_bytes = 0  # their sum (an int: read by the warmer's thread too)
         self.inflight: dict[Key, asyncio.Future[Entry]] = {}
         self.hits = 0
         self.misses = 0
         self.by_endpoint: dict[str, list[int]] = {}  # endpoint -> [hits, misses]
         self.coalesced = 0
-        self.warmed = 0
         self.pruned = 0
 
     def _find(self, key: Key) -> Entry | None:
@@ -69,46 +67,30 @@ class ResponseCache:
         return self._find(key)
 
     def put(self, key: Key, entry: Entry) -> None:
-        """Keep a computed answer, within what the warmed answers leave of the budget."""
-        if entry_size(entry) <= self.max_bytes - self.warm_bytes:
+        """Keep a computed answer, within the byte budget."""
+        if entry_size(entry) <= self.max_bytes:
             self._lru[key] = entry
-            self._trim()
-
-    def _trim(self) -> None:
-        lru, room = self._lru, self.max_bytes - self.warm_bytes
-        while lru.currsize > room and len(lru):
-            lru.popitem()
 
     def answers(self, token: str) -> AnswersFile | None:
-        """The answers file adopted for `token` (its readers may be used off the loop)."""
+        """The answers file opened for `token`."""
         return self._files.get(token)
 
-    def warm_bytes_of(self, token: str) -> int:
-        return self._warm_bytes.get(token, 0)
-
-    def adopt(self, token: str, path: Path, nbytes: int, added: int) -> None:
-        """Serve the answers file at `path` as `token`'s warmed answers (`nbytes` of answers
-        in all now, `added` of them new). The file may grow later: its new answers are
-        served as soon as they are written."""
-        if token not in self._files:
-            self._files[token] = AnswersFile(path, self.max_bytes)
-        self.warm_bytes += nbytes - self._warm_bytes.get(token, 0)
-        self._warm_bytes[token] = nbytes
-        self.warmed += added
-        self._trim()
+    def open(self, token: str, path: Path) -> None:
+        """Serve the answers file at `path` (if the warm wrote one) as `token`'s warmed
+        answers. The file may grow later: its new answers are served as soon as they are
+        written."""
+        if token not in self._files and path.exists():
+            self._files[token] = AnswersFile(path, self.answers_budget)
 
     async def retain(self, live: frozenset[str], chunk: int = 500,
                      pause: float = 0.002) -> None:
         """Drop the answers of every token not in `live` (versions neither served nor just
-        replaced: a `?v=` for them is a redirect anyway), so old versions' answers do not sit
-        on disk and in memory until the byte budget pushes them out. Their answers files are
-        closed and removed; the computed ones go a chunk at a time between requests."""
+        replaced: a `?v=` for them is a redirect anyway): answers files are closed (the
+        loader removes them), computed answers go a chunk at a time between requests."""
         for t in [t for t in self._files if t not in live]:
             answers = self._files.pop(t)
             self.pruned += len(answers)
             answers.close()
-            remove(answers.path)
-            self.warm_bytes -= self._warm_bytes.pop(t, 0)
         keys = list(self._lru)
         for start in range(0, len(keys), chunk):
             n = 0
@@ -117,8 +99,6 @@ class ResponseCache:
                     del self._lru[key]
                     n += 1
             self.pruned += n
-            # A real pause, not sleep(0): the loop then waits in select() without the GIL,
-            # so the query threads get it (they wait a whole switch interval otherwise).
             await asyncio.sleep(pause)
 
     def close(self) -> None:
@@ -135,7 +115,8 @@ class ResponseCache:
 
     @property
     def bytes(self) -> int:
-        return int(self._lru.currsize) + self.warm_bytes
+        """Bytes of computed answers held (the answers files are in the page cache)."""
+        return int(self._lru.currsize)
 
     def __len__(self) -> int:
         return len(self._lru) + sum(len(a) for a in self._files.values())
@@ -213,3 +194,12 @@ def hottest(counts: Mapping[tuple[Any, ...], int],
 
 
 WINDOW_KEYS = 4  # a window counts at most this many times `limit` distinct keys per endpoint
+
+
+def would_miss(window: Mapping[tuple[Any, ...], int], hot: Set[tuple[Any, ...]],
+               warmed: AnswersFile | Set[tuple[Any, ...]] | None) -> int:
+    """Requests in `window` for keys `warmed` had an answer for that are not `hot`: each one
+    met by a cache miss had a version been published with the `hot` keys only."""
+    if warmed is None:
+        return 0
+    return sum(count for k, count in window.items() if k not in hot and k in warmed)

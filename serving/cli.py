@@ -10,13 +10,14 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
-from aiohttp.log import access_logger
 
 if TYPE_CHECKING:
     from engine.settings import Settings
+    from loaders.loader import Loader
+    from loaders.workers import Workers
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "data" / "demo.toml"
 DEMO_ROOT_ENV = "DUCKSWAP_SOURCE__URL"
@@ -99,8 +100,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _start(args: argparse.Namespace) -> int:
-    from serving.app import create_app
-
     settings = _settings_or_none(args.config)
     if settings is None:
         return 2
@@ -110,38 +109,34 @@ def _start(args: argparse.Namespace) -> int:
     )
     host = args.host or settings.host
     port = settings.port if args.port is None else args.port
-    logging.getLogger("duckswap").info(
-        "serving %d endpoints from %s on http://%s:%d",
-        len(settings.endpoints), settings.source_url, host, port,
-    )
+    from loaders.loader import Loader
     from loaders.state import DataDirError
+    from loaders.workers import Workers
 
+    workers = Workers()
     try:
-        app = create_app(settings)
+        loader = Loader(settings, workers)
     except DataDirError as exc:
         print(f"{settings.file}: server.data_dir: {exc}", file=sys.stderr)
         return 2
-    # aiohttp's default logs every request at INFO (the default level): ~0.075 ms of the event
-    # loop per request. Overlay mix at 2000 req/s on 2 cores, no swaps: 0.89 -> 1.04 cores,
-    # p50 3.2 -> 227 ms, p99 152 -> 723 ms.
-    app.on_startup.append(_log_event_loop)
-    runner = web.AppRunner(app, access_log=access_logger if settings.access_log else None,
-                           shutdown_timeout=settings.shutdown_seconds)
     loop = new_event_loop(settings.event_loop)
     asyncio.set_event_loop(loop)
     try:
-        return loop.run_until_complete(_serve(runner, host, port, settings))
+        return loop.run_until_complete(_serve(loader, workers, host, port, settings))
     finally:
         loop.run_until_complete(loop.shutdown_asyncgens())
         loop.close()
 
 
-async def _serve(runner: web.AppRunner, host: str, port: int, settings: Settings) -> int:
-    """Serve until SIGTERM or SIGINT, then stop cleanly: /readyz answers 503 at once; after
-    `server.drain_seconds` the listening socket closes, the requests in flight get up to
-    `server.shutdown_seconds` to finish, loads and warms are cancelled and the child
-    processes stop. A second signal exits at once."""
-    from serving.state import SERVING
+async def _serve(loader: Loader, workers: Workers, host: str, port: int,
+                 settings: Settings) -> int:
+    """Run the loader here and the HTTP workers as processes until SIGTERM or SIGINT, then
+    stop cleanly: every worker's /readyz answers 503 at once; after `server.drain_seconds`
+    the listeners close, the requests in flight get up to `server.shutdown_seconds` to
+    finish, then loads and warms are cancelled and the build processes stop. A second signal
+    exits at once."""
+    from loaders.loader import STOP_SECONDS
+    from loaders.supervisor import Supervisor
 
     log = logging.getLogger("duckswap")
     loop = asyncio.get_running_loop()
@@ -156,22 +151,37 @@ async def _serve(runner: web.AppRunner, host: str, port: int, settings: Settings
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
+    supervisor = Supervisor(settings, loader, workers, host, port)
     try:
-        await runner.setup()
-        await web.TCPSite(runner, host, port, backlog=BACKLOG).start()
+        port = supervisor.bind()
     except OSError as exc:  # the port is taken, the address is not this machine's
         print(f"{settings.file}: cannot listen on {host}:{port}: {exc.strerror or exc}",
               file=sys.stderr)
-        await runner.cleanup()
+        loader.close()
         return 2
+    stop = asyncio.Event()
+    loading = asyncio.create_task(loader.run(stop), name="duckswap-loader")
+    starting = asyncio.create_task(supervisor.start())
+    log.info("serving %d endpoints from %s on http://%s:%d (%d workers; event loop %s)",
+             len(settings.endpoints), settings.source_url, host, port, supervisor.count,
+             type(loop).__module__.split(".")[0])
+    waiters: list[asyncio.Future[Any]] = [signalled, starting]
+    await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    if starting.done() and starting.exception() is not None:
+        log.error("the workers could not start: %s", starting.exception())
     name = await signalled
-    runner.app[SERVING].stopping = True
     log.info("shutting down (%s): /readyz answers 503; closing the listener in %gs, then "
              "up to %gs for the requests in flight", name, settings.drain_seconds,
              settings.shutdown_seconds)
-    if settings.drain_seconds > 0:
-        await asyncio.sleep(settings.drain_seconds)
-    await runner.cleanup()
+    starting.cancel()
+    await supervisor.stop(settings.drain_seconds, settings.shutdown_seconds)
+    stop.set()
+    loader.stop()  # loads and warms in flight end now
+    try:
+        await asyncio.wait_for(loading, timeout=STOP_SECONDS)
+    except TimeoutError:
+        log.warning("the loader did not stop within %gs; closing anyway", STOP_SECONDS)
+    loader.close()
     log.info("stopped")
     return 0
 
@@ -195,11 +205,6 @@ def new_event_loop(choice: str) -> asyncio.AbstractEventLoop:
             raise
         return asyncio.new_event_loop()
     return uvloop.new_event_loop()
-
-
-async def _log_event_loop(app: web.Application) -> None:
-    loop = type(asyncio.get_running_loop())
-    logging.getLogger("duckswap").info("event loop: %s.%s", loop.__module__, loop.__qualname__)
 
 
 def cmd_check(args: argparse.Namespace) -> int:

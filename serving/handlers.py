@@ -33,8 +33,8 @@ from engine.responses import (
     versions_header,
 )
 from engine.store import Snapshot
-from serving.metrics import CONTENT_TYPE, render
-from serving.state import REGISTRY, SERVING, SETTINGS, STORE, UPDATER, WARMER
+from serving.link import LOADER
+from serving.state import SERVING, SETTINGS, STORE
 
 log = logging.getLogger("duckswap.server")
 
@@ -222,29 +222,33 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS]
-    if request.app[SERVING].stopping:
+    serving = request.app[SERVING]
+    if serving.stopping:
         return error_response(NotReady("shutting down", stopping=True))
     snap = request.app[STORE].current
+    status = serving.status
     missing = [n for n, d in settings.datasets.items() if d.required and n not in snap.versions]
     if missing:
-        updater = request.app[UPDATER]
+        pending = status.get("pending", {})
         return error_response(NotReady(
             "waiting for datasets to load", missing=missing,
-            pending={n: [p["export_id"] for p in updater.pending_exports(n)] for n in missing},
-            source_problem=updater.source_problem))
-    if not request.app[WARMER].settled:  # data is served; answers are still being computed
+            pending={n: [p["export_id"] for p in pending.get(n, [])] for n in missing},
+            source_problem=status.get("source_problem")))
+    if not status.get("settled"):  # data is served; answers are still being computed
         return error_response(NotReady("warming the first version's answers", warming=True))
-    versions = {n: v.version_id for n, v in snap.versions.items()}
-    updater = request.app[UPDATER]
-    listed = updater.last_listed
+    now = time.time()
+    listed = status.get("last_listed")
     return json_response({
-        "status": "ready", "versions": versions, "data_age_s": updater.data_age(),
-        "source": {"url": updater.source.url, "errors": updater.source_errors,
-                   "last_listed_age_s": round(time.time() - listed, 3) if listed else None},
+        "status": "ready",
+        "versions": {n: v.version_id for n, v in snap.versions.items()},
+        "data_age_s": {n: round(now - v.loaded_at, 3) for n, v in snap.versions.items()},
+        "source": {"url": status.get("source_url"), "errors": status.get("source_errors", 0),
+                   "last_listed_age_s": round(now - listed, 3) if listed else None},
     })
 
 
 async def metrics(request: web.Request) -> web.Response:
-    """Prometheus text format: cache hit ratio, loads and refusals, dataset versions, warming."""
-    return web.Response(body=render(request.app[REGISTRY]),
-                        headers={"Content-Type": CONTENT_TYPE, "Cache-Control": NO_STORE})
+    """Prometheus text format, rendered by the loader: its state and every worker's counts."""
+    body, content_type = await request.app[LOADER].metrics()
+    return web.Response(body=body, headers={"Content-Type": content_type,
+                                            "Cache-Control": NO_STORE})

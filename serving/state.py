@@ -1,10 +1,12 @@
-"""What the handlers reach through the app: its typed keys, and `Serving`, the request path's
-state (version tokens per Snapshot, the response cache, popularity, the pointer document)."""
+"""What the handlers reach through the app: its typed keys, and `Serving`, a worker's request
+path state (version tokens per Snapshot, the response cache, popularity, the pointer document,
+what the loader last said)."""
 
 from __future__ import annotations
 
 import hashlib
 from dataclasses import replace
+from typing import Any
 
 from aiohttp import web
 
@@ -13,31 +15,27 @@ from engine.plan import batch_sql
 from engine.query import QueryRunner
 from engine.responses import dumps, endpoint_tokens, fingerprint
 from engine.settings import Settings
-from engine.store import Snapshot, Store
-from loaders.state import DataDir
-from loaders.updater import Updater
+from engine.store import Replica, Snapshot
 from serving.batcher import Batcher
 from serving.cache import Popularity, ResponseCache
-from serving.metrics import CollectorRegistry, LoopLag
-from serving.remote import QueryProcess
-from serving.warm import Warmer
+from serving.metrics import LoopLag
 
 SETTINGS = web.AppKey("settings", Settings)
-STORE = web.AppKey("store", Store)
+STORE = web.AppKey("store", Replica)
 RUNNER = web.AppKey("runner", QueryRunner)
-UPDATER = web.AppKey("updater", Updater)
-WARMER = web.AppKey("warmer", Warmer)
-DATA = web.AppKey("data", DataDir)
 
 
 class Serving:
     """Request-path state: version tokens per Snapshot, the response cache, popularity."""
 
-    def __init__(self, settings: Settings, store: Store, runner: QueryRunner) -> None:
+    def __init__(self, settings: Settings, store: Replica, runner: QueryRunner,
+                 workers: int = 1) -> None:
         self.store = store
         self.endpoints = settings.endpoints
         self.fingerprints = {n: fingerprint(e) for n, e in settings.endpoints.items()}
-        self.cache = ResponseCache(int(settings.cache_mb * 2**20))
+        budget = int(settings.cache_mb * 2**20)
+        # The answers files are shared; each worker's computed answers are its own.
+        self.cache = ResponseCache(budget // max(1, workers), budget)
         for name in settings.endpoints:  # every endpoint's series exists from the start
             self.cache.by_endpoint[name] = [0, 0]
         self.popularity = Popularity(settings.warm_keys)
@@ -52,14 +50,10 @@ class Serving:
             for n, e in settings.endpoints.items()
         }
         self.batcher = Batcher(runner, self.constants)
-        self.process: QueryProcess | None = None
-        self.stopping = False  # SIGTERM or SIGINT came: /readyz answers 503 from then on
+        self.stopping = False  # a stop began: /readyz answers 503 from then on
         self.query_errors: dict[tuple[str, str], int] = {}  # (endpoint, DuckDB error) -> count
-
-    def use(self, process: QueryProcess) -> None:
-        """Misses, single and batched, go to the query process."""
-        self.process = process
-        self.batcher.runner = process
+        self.status: dict[str, Any] = {}  # what the loader last said (`loaders.loader.status`)
+        self.lag = LoopLag()
 
     def tokens(self, snap: Snapshot) -> dict[str, str]:
         """Token of every endpoint whose datasets are all loaded in `snap` (memoised)."""
@@ -90,7 +84,16 @@ class Serving:
             self._pointer = (snap.id, body, tag)
         return self._pointer[1], self._pointer[2]
 
+    def counters(self) -> dict[str, Any]:
+        """This worker's counts, for the loader to sum into `/metrics`."""
+        c = self.cache
+        return {
+            "lookups": {e: list(v) for e, v in c.by_endpoint.items()},
+            "coalesced": c.coalesced, "pruned": c.pruned,
+            "query_errors": dict(self.query_errors),
+            "cache_bytes": c.bytes, "cache_entries": len(c),
+            "lag": self.lag.counts(),
+        }
+
 
 SERVING = web.AppKey("serving", Serving)
-REGISTRY = web.AppKey("registry", CollectorRegistry)
-LOOP_LAG = web.AppKey("loop_lag", LoopLag)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -15,6 +16,10 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from engine.settings import Settings, load_settings, parse_settings
+from engine.store import Replica, Snapshot
+from loaders.catalog import Catalog
+from loaders.source import LocalSource
+from loaders.updater import Updater
 from serving.app import create_app
 
 REPO = Path(__file__).resolve().parent.parent
@@ -192,3 +197,39 @@ def running(pids: set[int]) -> set[int]:
     """Those of `pids` still running (a zombie has ended)."""
     return pids & set(_parents())
 
+
+
+class ReplicaPublisher:
+    """A Replica serving what an updater publishes, with no HTTP and no event loop (the
+    loader's side of a worker, by calls): for tests of the loader and the store alone."""
+
+    def __init__(self, replica: Replica, catalog: Catalog) -> None:
+        self.replica = replica
+        self.catalog = catalog
+
+    def holders(self) -> list[str]:
+        return ["replica"]
+
+    def stage(self, snap: Snapshot) -> None:
+        self.replica.stage(snap)
+
+    def commit(self, snap: Snapshot) -> None:
+        self.replica.commit(snap.id)
+
+    def collect(self) -> None:
+        """Drop what the replica has drained, and the files nobody holds."""
+        for snap_id in self.replica.collect():
+            self.catalog.release(snap_id, "replica")
+        self.catalog.collect()
+
+
+def replica_updater(root: Path, datasets: Any, threads: int = 1,
+                    **kw: Any) -> tuple[Updater, Replica, ReplicaPublisher]:
+    """An updater on the `file://` folder `root` publishing to a Replica (versions in a
+    temporary folder the caller removes with `replica.close()`)."""
+    versions = Path(tempfile.mkdtemp(prefix="duckswap-versions-"))
+    replica = Replica(versions, threads=threads)
+    catalog = Catalog(versions)
+    publisher = ReplicaPublisher(replica, catalog)
+    updater = Updater(LocalSource(root), catalog, datasets, publisher=publisher, **kw)
+    return updater, replica, publisher

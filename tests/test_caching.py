@@ -18,7 +18,6 @@ import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-import engine.precompute
 from bench.cli import loop_lag
 from conftest import DEMO_CONFIG, Running, demo_settings, wait_for, write_seq_export
 from data.generate import RANKS, REGIONS, ROLES, export_id, write_export
@@ -26,21 +25,19 @@ from engine.answers import HEADER_KEY, AnswersWriter, path_of
 from engine.endpoints import DEFAULT_CACHE_CONTROL
 from engine.keys import enumerate_keys
 from engine.plan import batch_sql
-from engine.precompute import Budget, WarmTask, compute, write_inputs
+from engine.precompute import Budget, WarmTask, compute, write_hot
 from engine.responses import (
     IMMUTABLE,
     BodyEncoder,
-    Entry,
     dumps,
-    entry_size,
     etag,
     fingerprint,
     token,
 )
 from engine.settings import Settings, load_settings, parse_settings
-from serving.cache import WINDOW_KEYS, Popularity, ResponseCache, hottest
-from serving.state import SERVING, STORE, WARMER
-from serving.warm import would_miss
+from serving.app import WARMER
+from serving.cache import WINDOW_KEYS, Popularity, ResponseCache, hottest, would_miss
+from serving.state import SERVING, STORE
 
 STATS = "/v1/champions/3/stats?role=mid&rank=gold&region=na"
 
@@ -359,14 +356,14 @@ async def test_cached_and_warmed_bytes_equal_uncached(tmp_path: Path, serve: Any
         assert "/99/" in path or orjson.loads(first[2])["data"], path  # 99: no such champion
         assert first[2] == second[2] == plain[2], path
         assert first[1]["ETag"] == plain[1]["ETag"]
-    warmed_before = cached.app[SERVING].cache.warmed
+    warmed_before = cached.app[WARMER].warmed
     write_export(tmp_path, 2, size="small")
     for srv in (cached, uncached):
         async def moved(s: Running = srv) -> bool:  # every dataset (they may land apart)
             datasets = (await _pointer(s))["datasets"].values()
             return all(d["export_id"] == "export-000002" for d in datasets)
         await wait_for(moved, what="export 2")
-    assert cached.app[SERVING].cache.warmed > warmed_before
+    assert cached.app[WARMER].warmed > warmed_before
     misses = cached.app[SERVING].cache.misses
     for path in paths:
         assert (await _raw(cached, path))[2] == (await _raw(uncached, path))[2], path
@@ -411,23 +408,20 @@ async def test_event_loop_lag_is_in_metrics(demo: Running) -> None:
     await wait_for(recorded, what="the stall in the lag histogram")
 
 
-async def test_warmed_answers_and_computed_ones_share_one_byte_budget(tmp_path: Path) -> None:
+async def test_warmed_answers_come_from_their_file_and_computed_ones_from_a_bounded_lru(
+        tmp_path: Path) -> None:
     """Warmed answers are served from their token's answers file, new ones as soon as they are
-    written; computed ones get what they leave of the budget; dropping a token removes its
-    file."""
-    def entry(n: int) -> Entry:
-        return (b"x" * n, etag("t1", (n,)), "")
-
-    cache = ResponseCache(10_000)
+    written; computed ones are kept within the byte budget; dropping a token closes its file."""
+    cache = ResponseCache(10_000, 10_000)
     for i in range(20):  # computed answers, ~1,360 bytes each: the LRU keeps what fits
         cache.put(("t0", (i,)), (b"x" * 1000, "tag", ""))
     assert 8_000 < cache.bytes <= 10_000
     path = path_of(tmp_path, "t1")
-    # The builder process writes them (LMDB opens a file once per process).
+    cache.open("t1", path)  # nothing written for it: nothing opened
+    assert cache.answers("t1") is None
+    # The build process writes them (LMDB opens a file once per process).
     _write_aside(path, "d=v1", [((i,), b"x" * 1000) for i in range(4)])
-    size = 4 * entry_size((b"x" * 1000, etag("t1", (0,)), ""))
-    cache.adopt("t1", path, size, 4)
-    assert cache.warm_bytes == size and cache.bytes <= 10_000  # the LRU made room
+    cache.open("t1", path)
     assert cache.lookup(("t1", (2,)), "e") == (b"x" * 1000, etag("t1", (2,)), "d=v1")
     assert cache.hits == 1 and len(cache) == 4 + len(cache._lru)
     assert cache.lookup(("t1", (9,)), "e") is None and cache.misses == 1
@@ -441,13 +435,11 @@ async def test_warmed_answers_and_computed_ones_share_one_byte_budget(tmp_path: 
     with pytest.MonkeyPatch.context() as mp:  # a fault LMDB raises (not made for real here)
         mp.setattr(answers, "_get", _raise(lmdb.ReadersFullError("readers full")))
         assert cache.peek(("t1", (2,))) is None and answers.failed  # a miss, not a 500
-    cache.adopt("t1", path, size + entry_size(entry(1)), 1)
-    assert cache.warm_bytes == size + entry_size(entry(1)) and cache.warmed == 5
-    cache.put(("t0", (99,)), entry(20_000))  # over the budget: not kept
+    cache.put(("t0", (99,)), (b"x" * 20_000, "tag", ""))  # over the budget: not kept
     assert ("t0", (99,)) not in cache
     await cache.retain(frozenset({"t0"}), pause=0)
-    assert cache.warm_bytes == 0 and cache.lookup(("t1", (2,)), "e") is None
-    assert "t1" not in cache.tokens() and cache.pruned == 5 + 12 and not path.exists()
+    assert cache.lookup(("t1", (2,)), "e") is None and cache.answers("t1") is None
+    assert "t1" not in cache.tokens() and path.exists()  # the loader removes the file
     cache.close()
 
 
@@ -566,7 +558,7 @@ async def test_keys_without_time_before_publish_are_warmed_after_it(tmp_path: Pa
 
     await wait_for(tail_warmed, what="the after-publish warm")
     assert warmer.last is not None and warmer.last.entries == 0  # nothing before the publish
-    assert cache.warmed >= keys
+    assert warmer.warmed >= keys
     misses = cache.misses
     for path in ("/v1/champions/12/stats?role=bot&rank=iron&region=euw",
                  "/v1/champions/1/stats?role=top&rank=silver&region=na",
@@ -623,46 +615,45 @@ async def test_busy_machine_warms_every_declared_key_before_the_publish(demo: Ru
     assert not idle.extended and idle.entries == 0 and idle.unlisted
 
 
-async def test_warm_inputs_handed_over_a_slice_at_a_time(demo: Running, tmp_path: Path,
-                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    """The hot keys reach the builder process through a file written a slice at a time (the
-    loader thread pauses between slices): the same answers as when they are passed as
-    arguments, hot keys first whatever the time; keys already in the answers file (an earlier
-    pass) are left out."""
+async def test_hot_keys_of_every_worker_go_first_and_summed(demo: Running,
+                                                            tmp_path: Path) -> None:
+    """The workers' hot keys files (written a slice at a time) are merged, counts summed: the
+    most requested keys are answered whatever the time; keys already in the answers file (an
+    earlier pass) are left as they were."""
     snap = demo.app[STORE].current
     files = {d: str(v.path) for d, v in snap.versions.items()}
     spec = demo.app[WARMER].endpoints["champion_stats"]
     versions = snap.version_ids(spec.datasets)
     bare = WarmTask(spec, token(fingerprint(spec), versions), versions, batch_sql(spec), [])
-    folders = {name: tmp_path / name for name in ("all", "args", "file")}
+    folders = {name: tmp_path / name for name in ("all", "hot")}
     for folder in folders.values():
         folder.mkdir()
     compute(files, [bare], 1e-9, 1, 2**30, str(folders["all"]), 2**20, busy_seconds=60,
             busy_share=1e9)
     everything = _answered(folders["all"], bare.token)
     declared = sorted(everything)
-    hot = [(k, 10 - n) for n, k in enumerate(declared[:7])]
-    done = [k for k, _ in hot[1:3]]
-    for folder in (folders["args"], folders["file"]):  # answered by an earlier pass
-        writer = AnswersWriter(path_of(folder, bare.token), "", 2**20)
-        assert writer.write([(k, b"earlier", etag(bare.token, k)) for k in done])
-        writer.close()
-    task = replace(bare, hot=hot)
-    direct = compute(files, [task], 1e-9, 1, 2**30, str(folders["args"]), 2**20,
-                     busy_seconds=0)  # an idle machine: the hot keys only
-    by_args = _answered(folders["args"], bare.token)
-    monkeypatch.setattr(engine.precompute, "INPUT_SLICE", 2)
-    pauses = []
-    inputs = tmp_path / "inputs"
-    light = write_inputs(str(inputs), [task], lambda: pauses.append(1))
-    assert light[0].hot == [] and len(pauses) == 4  # 7 hot keys, 2 a slice
-    via_file = compute(files, light, 1e-9, 1, 2**30, str(folders["file"]), 2**20,
-                       busy_seconds=0, inputs=str(inputs))
-    assert _answered(folders["file"], bare.token) == by_args
-    assert set(by_args) == {k for k, _ in hot}
-    assert all(by_args[k] == b"earlier" for k in done)  # left as they were
-    assert all(by_args[k] == everything[k] for k in set(by_args) - set(done))
-    assert via_file.entries == direct.entries == 5 and via_file.unlisted
+    done = declared[1:3]
+    writer = AnswersWriter(path_of(folders["hot"], bare.token), "", 2**20)
+    assert writer.write([(k, b"earlier", etag(bare.token, k)) for k in done])
+    writer.close()
+    # Two workers: one asked for keys 0-4, the other 3-8; 3 and 4 most of all, summed.
+    inputs = []
+    for n, keys in enumerate((declared[0:5], declared[3:9])):
+        path = tmp_path / f"hot-{n}.pickle"
+        with path.open("wb") as out:
+            for k in keys:  # one key a slice
+                write_hot(out, "champion_stats", [(k, 5 if k in declared[3:5] else 1)])
+            write_hot(out, "no_such_endpoint", [((1,), 99)])
+        inputs.append(str(path))
+    report = compute(files, [bare], 1e-9, 1, 2**30, str(folders["hot"]), 2**20,
+                     busy_seconds=0, inputs=[*inputs, str(tmp_path / "gone.pickle")],
+                     hot_count=5)  # an idle machine: the hot keys only, the 5 hottest
+    got = _answered(folders["hot"], bare.token)
+    hottest = set(declared[0:5])  # 3 and 4 (10 each), then 0-2 (1 each, counted first)
+    assert set(got) == hottest | set(done)
+    assert all(got[k] == b"earlier" for k in done)
+    assert all(got[k] == everything[k] for k in set(got) - set(done))
+    assert report.entries == len(hottest - set(done)) and report.unlisted
 
 
 def _answered(folder: Path, tok: str) -> dict[tuple[Any, ...], bytes]:

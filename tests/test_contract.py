@@ -17,7 +17,8 @@ from conftest import Running, seq_config, wait_for, write_seq_export
 from engine.config import ConfigError
 from engine.settings import Settings, parse_settings
 from engine.sqlcheck import check_sql
-from serving.state import SERVING, STORE, UPDATER, WARMER
+from serving.app import UPDATER, WARMER
+from serving.state import SERVING, STORE
 
 KEYS = 4000  # rows of each export, one key each: far more than a client reads between swaps
 
@@ -322,14 +323,11 @@ async def test_a_new_export_cuts_the_after_publish_warm_short(tmp_path: Path,
 
 # -- no silent failures -------------------------------------------------------------------
 
-@pytest.mark.parametrize("query_process", [True, False])
 async def test_a_query_that_fails_at_run_time_is_logged_counted_and_named(
-        tmp_path: Path, serve: Any, caplog: pytest.LogCaptureFixture,
-        query_process: bool) -> None:
+        tmp_path: Path, serve: Any, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.ERROR, logger="duckswap.server")
     write_seq_export(tmp_path, 1)
     settings = parse_settings({
-        "server": {"query_process": query_process},
         "source": {"url": f"file://{tmp_path}"},
         "datasets": {"seqdata": {"key": ["k"], "columns": {
             "k": "INTEGER", "export_seq": "INTEGER", "label": "VARCHAR"}}},
@@ -446,41 +444,29 @@ def _refused(con: Any, state: Path) -> None:
             what, info.value)
 
 
-def test_serving_warming_and_query_process_connections_are_locked_down(tmp_path: Path) -> None:
-    """The Store's cursors (requests), the query process's database and a build's connection
-    refuse files, URLs, ATTACH and turning external access back on; version files attach."""
-    import socket
-
-    from engine.store import Store
-    from serving.qworker import Worker
+def test_a_workers_connections_are_locked_down(tmp_path: Path) -> None:
+    """A worker's Replica cursors (requests) refuse files, URLs, ATTACH and turning external
+    access back on."""
+    from engine.store import Replica
 
     state = tmp_path / "state.json"
     state.write_text('{"secret": true}')
-    store = Store(threads=1, data_dir=tmp_path / "versions")
+    (tmp_path / "versions").mkdir()
+    store = Replica(tmp_path / "versions")
     try:
         _refused(store.cursor(), state)
     finally:
         store.close()
-    a, b = socket.socketpair()
-    worker = Worker(a, {}, {}, {}, 1, str(tmp_path / "versions"))
-    try:
-        _refused(worker.db.cursor(), state)
-    finally:
-        worker.db.close()
-        a.close()
-        b.close()
 
 
-@pytest.mark.parametrize("query_process", [True, False])
 async def test_endpoint_sql_that_got_past_the_check_is_refused_at_run_time(
-        tmp_path: Path, serve: Any, query_process: bool) -> None:
+        tmp_path: Path, serve: Any) -> None:
     """An endpoint reading the server's own state file (its SQL swapped in after the check)
-    answers 500 and serves nothing of it, on either query path and in the warm."""
+    answers 500 and serves nothing of it, nor does the warm."""
     from dataclasses import replace
 
     write_seq_export(tmp_path, 1)
-    settings = seq_config(tmp_path, query_process=query_process,
-                          data_dir=str(tmp_path / "data"))
+    settings = seq_config(tmp_path, data_dir=str(tmp_path / "data"))
     spec = settings.endpoints["rows"]
     sneaky = replace(spec, sql=f"SELECT content AS label, 1 AS k, 1 AS export_seq, $min_k AS m "
                                f"FROM read_text('{tmp_path / 'data' / 'state.json'}')")

@@ -22,7 +22,7 @@ from gcs_emulator import BUCKET, Emulator, SlowProxy, free_port
 from conftest import Running, descendants, running, seq_config, wait_for, write_seq_export
 from engine.settings import Settings, parse_settings
 from loaders.gcs import GcsSource
-from serving.state import UPDATER
+from serving.app import UPDATER
 
 PREFIX = "prod"
 ADMIN = "admin-token-for-tests-0123456789"

@@ -14,14 +14,20 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import Running, seq_config, seq_config_file, wait_for, write_seq_export
+from conftest import (
+    Running,
+    replica_updater,
+    seq_config,
+    seq_config_file,
+    wait_for,
+    write_seq_export,
+)
 from engine.schema import DatasetSchema
 from engine.settings import parse_settings
-from engine.store import Store
+from engine.store import Replica
 from loaders.build import build_file, in_key_order
-from loaders.source import LocalSource
 from loaders.updater import Updater
-from serving.state import UPDATER
+from serving.app import UPDATER
 
 TOKEN = "lifecycle-admin-token-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -271,12 +277,12 @@ GOOD = {"id": pa.array([1, 2, 3], pa.int32()), "n": pa.array([10, 20, 30], pa.in
 ])
 def test_dataset_checks_refuse(tmp_path: Path, options: dict[str, Any],
                                columns: dict[str, Any], reason: str) -> None:
-    updater = _updater(tmp_path, options)
+    updater, store = _updater(tmp_path, options)
     _export(tmp_path, 1, _table(**columns))
     (event,) = updater.refresh()
     assert not event.ok and reason in event.reason, event.reason
-    assert updater.store.current.versions == {}
-    updater.store.close()
+    assert store.current.versions == {}
+    store.close()
 
 
 @pytest.mark.parametrize(("options", "columns", "served"), [
@@ -289,21 +295,21 @@ def test_dataset_checks_refuse(tmp_path: Path, options: dict[str, Any],
 ])
 def test_dataset_checks_accept(tmp_path: Path, options: dict[str, Any],
                                columns: dict[str, Any], served: list[str]) -> None:
-    updater = _updater(tmp_path, options)
+    updater, store = _updater(tmp_path, options)
     _export(tmp_path, 1, _table(**columns))
     (event,) = updater.refresh()
     assert event.ok, event.reason
-    cur = updater.store.cursor()
-    cur.execute(f"SET search_path = '{updater.store.current.schema}'")
+    cur = store.cursor()
+    cur.execute(f"SET search_path = '{store.current.schema}'")
     rel = cur.execute("SELECT * FROM stats")
     assert [d[0] for d in rel.description] == served
     assert len(rel.fetchall()) == len(next(iter(columns.values())))
     assert dict(zip(served, [str(t) for t in cur.sql("SELECT * FROM stats").types],
                     strict=True))["n"] == "BIGINT"
-    updater.store.close()
+    store.close()
 
 
-def _updater(root: Path, options: dict[str, Any]) -> Updater:
+def _updater(root: Path, options: dict[str, Any]) -> tuple[Updater, Replica]:
     settings = parse_settings({
         "source": {"url": f"file://{root}"},
         "datasets": {"stats": {"key": ["id"], "columns": {"id": "INTEGER", "n": "BIGINT"},
@@ -311,18 +317,18 @@ def _updater(root: Path, options: dict[str, Any]) -> Updater:
         "endpoints": {"one": {"path": "/v1/one", "datasets": ["stats"],
                               "sql": "SELECT * FROM stats"}},
     })
-    return Updater(LocalSource(root), Store(threads=1), settings.datasets)
+    updater, store, _ = replica_updater(root, settings.datasets)
+    return updater, store
 
 
 def test_version_files_beyond_keep_versions_are_deleted(tmp_path: Path) -> None:
-    store = Store(threads=1)
-    updater = Updater(LocalSource(tmp_path), store, seq_config(tmp_path).datasets,
-                      keep_versions=3)
+    updater, store, publisher = replica_updater(tmp_path, seq_config(tmp_path).datasets,
+                                                keep_versions=3)
     for seq in range(1, 7):
         write_seq_export(tmp_path, seq)
         (event,) = updater.refresh()
         assert event.ok
-        store.collect()
+        publisher.collect()
     files = sorted(p for p in store.data_dir.iterdir() if p.suffix == ".duckdb")
     assert len(files) == 3 and store.held_versions() == 1
     assert [r.export_id for r in updater.state["seqdata"].versions] == [

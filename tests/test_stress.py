@@ -8,17 +8,13 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from conftest import seq_config, write_seq_export
+from conftest import replica_updater, seq_config, write_seq_export
 from engine.fold import Constants
 from engine.query import QueryRunner
-from engine.store import Store
-from loaders.source import LocalSource
-from loaders.updater import Updater
 
 
 def test_threads_query_while_swapping(tmp_path: Path) -> None:
-    store = Store(threads=2)
-    updater = Updater(LocalSource(tmp_path), store, seq_config(tmp_path).datasets)
+    updater, store, publisher = replica_updater(tmp_path, seq_config(tmp_path).datasets, 2)
     write_seq_export(tmp_path, 1, rows=2000)
     updater.refresh()
     errors: list[BaseException] = []
@@ -52,7 +48,7 @@ def test_threads_query_while_swapping(tmp_path: Path) -> None:
         write_seq_export(tmp_path, seq, rows=2000)
         (event,) = updater.refresh()
         assert event.ok, event.reason
-        store.collect()
+        publisher.collect()
     deadline = time.monotonic() + 30
     while 41 not in seen and not errors and time.monotonic() < deadline:
         time.sleep(0.01)  # poll: readers pick up the last swap
@@ -61,14 +57,13 @@ def test_threads_query_while_swapping(tmp_path: Path) -> None:
         t.join(timeout=30)
     assert errors == []
     assert max(seen) == 41 and len(set(seen)) > 5
-    store.collect()
+    publisher.collect()
     assert store.held_versions() == 1
     store.close()
 
 
 async def test_runner_pool_under_concurrent_swaps(tmp_path: Path) -> None:
-    store = Store(threads=2)
-    updater = Updater(LocalSource(tmp_path), store, seq_config(tmp_path).datasets)
+    updater, store, publisher = replica_updater(tmp_path, seq_config(tmp_path).datasets, 2)
     write_seq_export(tmp_path, 1)
     updater.refresh()
     runner = QueryRunner(store, threads=4, timeout=10)
@@ -92,6 +87,6 @@ async def test_runner_pool_under_concurrent_swaps(tmp_path: Path) -> None:
     results = await asyncio.gather(swapper(), *[querier() for _ in range(16)])
     assert all(n > 0 for n in results[1:])
     runner.close()
-    store.collect()
+    publisher.collect()
     assert store.held_versions() == 1
     store.close()

@@ -6,7 +6,6 @@ import asyncio
 import logging
 import os
 import shutil
-import sys
 import threading
 import time
 from pathlib import Path
@@ -14,12 +13,16 @@ from typing import Any
 
 import pytest
 
-from conftest import Running, demo_settings, seq_config, wait_for, write_seq_export
-from engine.store import Store
-from loaders.source import LocalSource
-from loaders.updater import Updater
-from serving.app import SWITCH_INTERVAL
-from serving.state import STORE, UPDATER
+from conftest import (
+    Running,
+    demo_settings,
+    replica_updater,
+    seq_config,
+    wait_for,
+    write_seq_export,
+)
+from serving.app import UPDATER
+from serving.state import STORE
 
 
 async def test_zero_failed_requests_during_30_swaps(tmp_path: Path, serve) -> None:
@@ -73,8 +76,7 @@ def _rss_bytes() -> int:
 
 
 def test_no_leak_across_100_swaps(tmp_path: Path) -> None:
-    store = Store(threads=2)
-    updater = Updater(LocalSource(tmp_path), store, seq_config(tmp_path).datasets)
+    updater, store, publisher = replica_updater(tmp_path, seq_config(tmp_path).datasets, 2)
     cur = store.cursor()
 
     def swap(seq: int) -> None:
@@ -85,7 +87,7 @@ def test_no_leak_across_100_swaps(tmp_path: Path) -> None:
         cur.execute(f"SET search_path = '{snap.schema}'")
         assert cur.execute("SELECT max(export_seq) FROM seqdata").fetchall() == [(seq,)]
         store.release(snap)
-        store.collect()
+        publisher.collect()
         shutil.rmtree(folder.parent / f"export-{seq - 1:06d}", ignore_errors=True)
 
     for seq in range(1, 11):
@@ -193,28 +195,6 @@ async def test_the_loader_thread_keeps_the_request_threads_priority(
     assert updater.builder.run(os.getpriority, os.PRIO_PROCESS, 0) >= 10  # build_nice
 
 
-async def test_the_server_keeps_the_event_loops_gil_waits_short(tmp_path: Path, serve) -> None:
-    """While it serves, a thread running Python holds the GIL the loop wants for at most
-    `SWITCH_INTERVAL` (CPython's default is 5 ms); the interval before is back once the last
-    server in the process stops."""
-    before = sys.getswitchinterval()
-    sys.setswitchinterval(0.004)
-    try:
-        write_seq_export(tmp_path / "a", 1)
-        write_seq_export(tmp_path / "b", 1)
-        first: Running = await serve(seq_config(tmp_path / "a"))
-        second: Running = await serve(seq_config(tmp_path / "b"))
-        await first.wait_ready()
-        await second.wait_ready()
-        assert sys.getswitchinterval() == pytest.approx(SWITCH_INTERVAL)
-        await first.stop()
-        assert sys.getswitchinterval() == pytest.approx(SWITCH_INTERVAL)  # one still serves
-        await second.stop()
-        assert sys.getswitchinterval() == pytest.approx(0.004)
-    finally:
-        sys.setswitchinterval(before)
-
-
 def test_the_datasets_of_one_export_are_built_side_by_side(tmp_path: Path) -> None:
     """One export's datasets are loaded `build_processes` at a time, the largest first (one
     build's serial steps leave a core to the next), and published together."""
@@ -223,9 +203,8 @@ def test_the_datasets_of_one_export_are_built_side_by_side(tmp_path: Path) -> No
 
     folders = write_export(tmp_path, 1, "small")
     settings = demo_settings(tmp_path)
-    store = Store(threads=1)
     builder = Builder(threads=1, processes=2)
-    updater = Updater(LocalSource(tmp_path), store, settings.datasets, builder=builder)
+    updater, store, _ = replica_updater(tmp_path, settings.datasets, builder=builder)
     both = threading.Barrier(2, timeout=30)
     started: list[str] = []
     build = builder.build
@@ -261,9 +240,8 @@ def test_a_build_process_that_dies_refuses_only_the_export_that_killed_it(
 
     write_export(tmp_path, 1, "small")
     settings = demo_settings(tmp_path)
-    store = Store(threads=1)
     builder = Builder(threads=1, processes=2)
-    updater = Updater(LocalSource(tmp_path), store, settings.datasets, builder=builder)
+    updater, store, _ = replica_updater(tmp_path, settings.datasets, builder=builder)
     culprit, in_flight = "matchups", threading.Event()
     builds: list[str] = []
     build = builder.build

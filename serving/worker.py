@@ -1,0 +1,271 @@
+"""An HTTP worker's side of what the loader says: stage a Snapshot, serve it, report hot keys,
+the loader's status, counts for `/metrics`; and the collector that drops drained Snapshots."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import sys
+from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from engine.answers import path_of
+from engine.channel import Channel
+from engine.precompute import HOT_SLICE, write_hot
+from engine.query import QueryRunner
+from engine.settings import Settings
+from engine.store import Replica, Snapshot
+from serving.admin import add_routes
+from serving.cache import would_miss
+from serving.handlers import (
+    endpoint_handler,
+    error_middleware,
+    healthz,
+    metrics,
+    readyz,
+    version_pointer,
+)
+from serving.link import LOADER
+from serving.state import RUNNER, SERVING, SETTINGS, STORE, Serving
+
+log = logging.getLogger("duckswap.worker")
+
+
+class Worker:
+    def __init__(self, app: web.Application, name: str, answers: Path) -> None:
+        self.app = app
+        self.name = name
+        self.answers = answers
+        self.serving = app[SERVING]
+        self.store = app[STORE]
+        self._reported: dict[str, frozenset[tuple[Any, ...]]] = {}  # hot keys reported last
+        self._previous: Snapshot | None = None
+
+    async def stage(self, snap: Snapshot) -> None:
+        """Attach `snap`'s version files (off the event loop) and open its answers files."""
+        await asyncio.get_running_loop().run_in_executor(None, self.store.stage, snap)
+        for token in self.serving.tokens(snap).values():
+            self.serving.cache.open(token, path_of(self.answers, token))
+
+    async def commit(self, snap: Snapshot) -> None:
+        """Serve `snap` (one assignment; staged first if it was not: a worker that started
+        after the stage); the answers of versions neither served nor just replaced are let
+        go."""
+        if snap.id == self.store.current.id:
+            return
+        if not self.store.is_staged(snap.id):
+            await self.stage(snap)
+        old = self.store.current
+        self.store.commit(snap.id)
+        live = frozenset(self.serving.tokens(snap).values()) | frozenset(
+            self.serving.tokens(old).values())
+        task = asyncio.create_task(self.serving.cache.retain(live))
+        task.add_done_callback(_log_failure)
+
+    def status(self, doc: dict[str, Any]) -> None:
+        self.serving.status = doc
+
+    async def counters(self) -> dict[str, Any]:
+        return self.serving.counters()
+
+    async def hot(self, old_tokens: Mapping[str, str | None], n: int, folder: Path,
+                  tag: str) -> tuple[str, float, int]:
+        """Write the `n` most requested keys of each endpoint named into a file of its own
+        a slice at a time, count the requests since the last call that a publish with only
+        the hot keys reported then would have met with misses; a new interval starts.
+        Returns (the file, the interval's seconds, those requests)."""
+        pop, cache = self.serving.popularity, self.serving.cache
+        window, seconds = pop.take_window()
+        path = folder / f"hot-{tag}-{self.name}.pickle"
+        missed = 0
+        with path.open("wb") as out:
+            for name, old_token in old_tokens.items():
+                keys = pop.hottest(name, n)
+                await asyncio.sleep(0)
+                for start in range(0, len(keys), HOT_SLICE):
+                    write_hot(out, name, keys[start:start + HOT_SLICE])
+                    await asyncio.sleep(0)
+                now = frozenset(k for k, _ in keys)
+                # Out of sample: the requests since the last warm against the hot keys
+                # reported then (after a start, none: every such request counts).
+                earlier, self._reported[name] = self._reported.get(name, now), now
+                if name in window and old_token is not None:
+                    missed += would_miss(window[name], earlier, cache.answers(old_token))
+                    await asyncio.sleep(0)
+        return str(path), seconds, missed
+
+    async def collect_forever(self) -> None:
+        """Drop drained Snapshots, tell the loader; wakes often, works only when there is
+        garbage. Until cancelled."""
+        loop = asyncio.get_running_loop()
+        while True:
+            if self.store.has_garbage():
+                dropped = await loop.run_in_executor(None, self.store.collect)
+                if dropped:
+                    self.app[LOADER].drained(dropped)
+            await asyncio.sleep(0.1)
+
+
+def _log_failure(task: asyncio.Task[None]) -> None:
+    with contextlib.suppress(asyncio.CancelledError):
+        if task.exception() is not None:
+            log.error("letting go of old answers failed", exc_info=task.exception())
+
+
+WORKER = web.AppKey("worker", Worker)
+
+
+async def _worker_lifecycle(app: web.Application) -> AsyncIterator[None]:
+    serving = app[SERVING]
+    tasks = [asyncio.create_task(app[WORKER].collect_forever(), name="duckswap-collect")]
+    if app[SETTINGS].metrics:
+        tasks.append(asyncio.create_task(serving.lag.run(), name="duckswap-loop-lag"))
+    yield
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    app[RUNNER].close()
+    serving.cache.close()
+    app[STORE].close()
+
+
+def create_worker_app(settings: Settings, name: str, versions: Path, answers: Path,
+                      workers: int = 1) -> web.Application:
+    """One HTTP worker: it serves what the loader stages and commits on it (`app[WORKER]`),
+    and asks the loader (`app[LOADER]`, set by the caller) for the rest."""
+    app = web.Application(middlewares=[error_middleware])
+    # Each query runs on one DuckDB thread and the pool runs `threads` of them at once: point
+    # lookups and small aggregates gain nothing from intra-query parallelism, and two queries
+    # each fanning out over both cores measured ~45% fewer queries per second on the demo mix.
+    store = Replica(versions, threads=1)
+    runner = QueryRunner(store, settings.threads, settings.query_timeout)
+    app[SETTINGS] = settings
+    app[STORE] = store
+    app[RUNNER] = runner
+    app[SERVING] = Serving(settings, store, runner, workers)
+    app[WORKER] = Worker(app, name, answers)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/v1/version", version_pointer)
+    if settings.metrics:
+        app.router.add_get("/metrics", metrics)
+    if settings.admin_token:
+        add_routes(app, settings.admin_token)
+    for spec in settings.endpoints.values():
+        app.router.add_get(spec.path, endpoint_handler(spec), name=spec.name)
+    app.cleanup_ctx.append(_worker_lifecycle)
+    return app
+
+
+class ChannelLoader:
+    """The loader, reached over the worker process's control socket."""
+
+    def __init__(self, channel: Channel) -> None:
+        self.channel = channel
+
+    async def admin(self, method: str, path: str, body: bytes | None,
+                    remote: str | None) -> tuple[int, Any]:
+        result: tuple[int, Any] = await self.channel.call("admin", method, path, body, remote)
+        return result
+
+    async def metrics(self) -> tuple[bytes, str]:
+        result: tuple[bytes, str] = await self.channel.call("metrics")
+        return result
+
+    def drained(self, snap_ids: list[int]) -> None:
+        self.channel.note("drained", snap_ids)
+
+
+async def _serve(sock: socket.socket) -> int:
+    """The worker process: set up from the loader's `init`, serve the Snapshot it names,
+    listen, then follow the loader's messages until it says `stop` (or goes away)."""
+    from aiohttp.log import access_logger
+
+    reader, writer = await asyncio.open_unix_connection(sock=sock)
+    ready: asyncio.Future[tuple[Any, ...]] = asyncio.get_running_loop().create_future()
+    stopped: asyncio.Future[tuple[float, float]] = asyncio.get_running_loop().create_future()
+    worker: Worker | None = None
+    built = asyncio.Event()  # the app exists: messages other than init wait for it
+
+    async def handle(op: str, args: tuple[Any, ...]) -> Any:
+        if op == "init":
+            ready.set_result(args)
+            return None
+        if op == "stop":
+            if not stopped.done():
+                stopped.set_result(args)
+            return None
+        await built.wait()
+        assert worker is not None, op
+        if op == "stage":
+            return await worker.stage(*args)
+        if op == "commit":
+            return await worker.commit(*args)
+        if op == "hot":
+            return await worker.hot(*args)
+        if op == "counters":
+            return await worker.counters()
+        if op == "status":
+            return worker.status(*args)
+        raise ValueError(f"unknown message {op!r}")
+
+    channel = Channel(reader, writer, handle)
+    reading = asyncio.create_task(channel.run())
+    settings, name, versions, answers, count, host, port, current = await ready
+    logging.basicConfig(level=settings.log_level.upper(),
+                        format=f"%(asctime)s %(levelname)s %(name)s [{name}]: %(message)s")
+    app = create_worker_app(settings, name, versions, answers, count)
+    app[LOADER] = ChannelLoader(channel)
+    worker = app[WORKER]
+    built.set()
+    runner = web.AppRunner(app, access_log=access_logger if settings.access_log else None,
+                           shutdown_timeout=settings.shutdown_seconds)
+    await runner.setup()
+    if current.id:
+        await worker.commit(current)  # what is served now, before the first request
+    await web.TCPSite(runner, host, port, reuse_port=True, backlog=BACKLOG).start()
+    channel.note("listening", os.getpid())
+    waiters: list[asyncio.Future[Any]] = [reading, stopped]
+    await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    if stopped.done():
+        drain, _ = stopped.result()
+        app[SERVING].stopping = True
+        if drain > 0:
+            await asyncio.sleep(drain)
+    await runner.cleanup()
+    channel.close()
+    return 0
+
+
+def main() -> None:
+    """`python -m serving.worker FD`: a worker process the loader started, its control socket
+    on file descriptor FD. It ignores SIGINT and SIGTERM (the loader stops it, in order) and
+    exits when the loader does, however the loader ends."""
+    from loaders.builder import exit_with
+    from serving.cli import new_event_loop
+
+    exit_with(os.getppid())
+    with contextlib.suppress(OSError):  # Linux: the name `ps -o comm`, `top` and the bench show
+        Path("/proc/self/comm").write_text(NAME)
+    sock = socket.socket(fileno=int(sys.argv[1]))
+    loop = new_event_loop(os.environ.get(LOOP_ENV, "auto"))
+    asyncio.set_event_loop(loop)
+    try:
+        code = loop.run_until_complete(_serve(sock))
+    finally:
+        loop.close()
+    os._exit(code)  # no interpreter teardown: a query thread may be mid-query
+
+
+NAME = "duckswap-http"  # what `ps` and `top` show
+LOOP_ENV = "DUCKSWAP_WORKER_EVENT_LOOP"  # `server.event_loop`, for the worker's first loop
+BACKLOG = 2048  # as `serving.cli.BACKLOG`
+
+if __name__ == "__main__":
+    main()
