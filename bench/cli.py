@@ -16,7 +16,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from bench.cpu import CpuSampler
+from bench.cpu import CpuSampler, pss_kb, tree
 from bench.mix import DEFAULT_MIX
 from bench.ports import free_port
 from bench.report import Phase, Swap, plot, read_rows, summarise, table
@@ -96,11 +96,12 @@ def _taskset(cpus: str | None) -> list[str]:
 class Server:
     """A duckswap server on the demo config, in its own process."""
 
-    def __init__(self, source: Path, cpus: str | None, threads: int) -> None:
+    def __init__(self, source: Path, cpus: str | None, threads: int, workers: int = 0) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = dict(os.environ, DUCKSWAP_SOURCE__URL=f'"file://{source}"',
                    DUCKSWAP_SERVER__PORT=str(self.port), DUCKSWAP_SERVER__THREADS=str(threads),
+                   DUCKSWAP_SERVER__WORKERS=str(workers),
                    # the access log is off: INFO is a few lines per swap (build, warm, publish)
                    DUCKSWAP_SERVER__LOG_LEVEL="INFO",
                    # versions live with the run's temporary files, removed with them
@@ -120,20 +121,22 @@ class Server:
             time.sleep(0.05)
         raise SystemExit("server did not become ready")
 
-    def peak_rss_kb(self) -> int | None:
-        return self._status_kb("VmHWM:")
+    def pss_kb(self) -> int:
+        """The total PSS of the server's processes (loader, workers, build process)."""
+        return pss_kb(tree(self.proc.pid))
 
-    def rss_kb(self) -> int | None:
-        return self._status_kb("VmRSS:")
+    def watch_memory(self, stop: threading.Event, interval: float = 0.5) -> list[int]:
+        """Sample `pss_kb` until `stop` (on a thread of its own); returns the samples list,
+        filled as it goes."""
+        samples: list[int] = []
 
-    def _status_kb(self, field: str) -> int | None:
-        try:
-            for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-                if line.startswith(field):
-                    return int(line.split()[1])
-        except OSError:
-            return None
-        return None
+        def run() -> None:
+            while not stop.is_set():
+                samples.append(self.pss_kb())
+                stop.wait(interval)
+
+        threading.Thread(target=run, daemon=True, name="bench-pss").start()
+        return samples
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -197,7 +200,7 @@ def one_run(args: argparse.Namespace, rate: float, work: Path, server: Server | 
         out = work / f"{label}-warmup.jsonl"
         run_loadgen(url, rate, warmup, out, args, seed=0).wait()
         warm = Phase("warmup", rate, warmup, read_rows(out))
-    steady = server.rss_kb() if server else None  # after the warm-up, before any swap
+    steady = server.pss_kb() if server else None  # after the warm-up, before any swap
     out = work / f"{label}-load.jsonl"
     swaps: list[Swap] = []
     stop = threading.Event()
@@ -208,6 +211,7 @@ def one_run(args: argparse.Namespace, rate: float, work: Path, server: Server | 
     scraped = _metrics(url)
     before, lag_before = cache_lookups(scraped), loop_lag(scraped)
     gen = run_loadgen(url, rate, args.duration, out, args)
+    memory = server.watch_memory(stop) if server else []
     cpu = CpuSampler(server.proc.pid if server else None, gen.pid).start()
     if thread:
         thread.start()
@@ -217,7 +221,7 @@ def one_run(args: argparse.Namespace, rate: float, work: Path, server: Server | 
     if thread:
         thread.join()
     phase = Phase("load", rate, args.duration, read_rows(out))
-    summary = summarise(phase, swaps, server.peak_rss_kb() if server else None, floor, warm)
+    summary = summarise(phase, swaps, max(memory, default=0) or None, floor, warm)
     if steady and summary["peak_rss_mb"]:
         summary["steady_rss_mb"] = round(steady / 1024, 1)
         summary["peak_over_steady_rss"] = round(summary["peak_rss_mb"] * 1024 / steady, 2)
@@ -270,7 +274,7 @@ def execute(args: argparse.Namespace, rates: list[float]) -> list[dict[str, Any]
         if args.url:
             url = args.url.rstrip("/")
         else:
-            server = Server(source, args.server_cpus, args.threads)
+            server = Server(source, args.server_cpus, args.threads, args.workers)
             server.wait_ready()
             url = server.url
         per_run = int(args.duration // args.swap_every) + 1 if args.swap_every > 0 else 0
@@ -334,6 +338,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--unique", action="store_true", help="every request distinct")
     p.add_argument("--timeout", type=float, default=5.0, help="per-request timeout (s)")
     p.add_argument("--threads", type=int, default=2, help="server query threads")
+    p.add_argument("--workers", type=int, default=0,
+                   help="server HTTP workers (default 0: one per CPU, as `server.workers`)")
     p.add_argument("--max-p99-ms", type=float, default=None)
     p.add_argument("--max-errors", type=int, default=0)
     p.add_argument("--min-swaps", type=int, default=None)

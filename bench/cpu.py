@@ -1,9 +1,8 @@
-"""Where the box's CPU goes during a run, sampled from /proc (Linux): the server's event loop
-(its main thread), its other threads (the loader; queries while the query process is down),
-its query process (the cache misses), its other child processes (the builder, which also runs
-the warm), the load generator with its children, everything else, idle and steal (time the
-hypervisor gave to other guests). On a shared 2-core box a latency spike is then one of: the
-server's own work, the generator, a neighbour, or the hypervisor."""
+"""Where the box's CPU goes during a run, sampled from /proc (Linux): the server's processes by
+role (the loader, the process `duckswap serve` starts; its HTTP workers; its build process,
+which also runs the warm), the load generator with its children, everything else, idle and
+steal (time the hypervisor gave to other guests). On a shared 2-core box a latency spike is
+then one of: the server's own work, the generator, a neighbour, or the hypervisor."""
 
 from __future__ import annotations
 
@@ -13,8 +12,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-PARTS = ("loop", "threads", "queries", "builder", "generator", "other", "idle", "steal")
-QUERY_PROCESS = "duckswap-query"  # its name (`serving.qworker.NAME`)
+PARTS = ("loader", "workers", "builder", "generator", "other", "idle", "steal")
+WORKER_PROCESS = "duckswap-http"  # an HTTP worker's name (`serving.worker.NAME`)
 TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
@@ -32,6 +31,27 @@ def _comm(pid: int) -> str:
         return Path(f"/proc/{pid}/comm").read_text().strip()
     except OSError:
         return ""
+
+
+def pss_kb(pids: list[int]) -> int:
+    """Proportional set size of `pids`, summed (Linux): a page shared by n of them counts
+    1/n in each, so the sum is what they hold together (the answers files and the version
+    files each worker maps count once)."""
+    total = 0
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1])
+                    break
+        except OSError:
+            continue
+    return total
+
+
+def tree(root: int) -> list[int]:
+    """`root` and every process below it."""
+    return [root, *_tree(root, _children())]
 
 
 def _children() -> dict[int, list[int]]:
@@ -83,16 +103,12 @@ class CpuSampler:
 
     def _read(self) -> tuple[dict[str, int], list[int]]:
         """Ticks each part used since the last read, and the box's /proc/stat counters."""
-        used = dict.fromkeys(PARTS[:5], 0)
+        used = dict.fromkeys(PARTS[:4], 0)
         kids = _children()
         if self.server is not None:
-            tasks = Path(f"/proc/{self.server}/task")
-            for tid in (os.listdir(tasks) if tasks.exists() else []):
-                part = "loop" if int(tid) == self.server else "threads"
-                used[part] += self._delta(f"{self.server}/{tid}",
-                                          _ticks(f"{tasks}/{tid}/stat"))
+            used["loader"] += self._delta(str(self.server), _ticks(f"/proc/{self.server}/stat"))
             for pid in _tree(self.server, kids):
-                part = "queries" if _comm(pid) == QUERY_PROCESS else "builder"
+                part = "workers" if _comm(pid) == WORKER_PROCESS else "builder"
                 used[part] += self._delta(str(pid), _ticks(f"/proc/{pid}/stat"))
         if self.generator is not None:
             for pid in [self.generator, *_tree(self.generator, kids)]:

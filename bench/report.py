@@ -130,8 +130,8 @@ def table(s: dict[str, Any]) -> str:
         + (f"   warm-up {s['warmup_errors']}" if "warmup_errors" in s else ""),
         f"swaps            {s['swaps']} served of {s['swaps_started']} written; "
         f"freshness lag (s) {s['freshness_lag_s']}",
-        f"server peak RSS  {s['peak_rss_mb']} MB"
-        + (f"   steady RSS {s['steady_rss_mb']} MB before the swaps "
+        f"server peak PSS  {s['peak_rss_mb']} MB (all its processes)"
+        + (f"   steady {s['steady_rss_mb']} MB before the swaps "
            f"(peak/steady {s['peak_over_steady_rss']}x)" if "steady_rss_mb" in s else ""),
     ]
     if "cache" in s:

@@ -162,9 +162,8 @@ async def _serve(loader: Loader, workers: Workers, host: str, port: int,
     stop = asyncio.Event()
     loading = asyncio.create_task(loader.run(stop), name="duckswap-loader")
     starting = asyncio.create_task(supervisor.start())
-    log.info("serving %d endpoints from %s on http://%s:%d (%d workers; event loop %s)",
-             len(settings.endpoints), settings.source_url, host, port, supervisor.count,
-             type(loop).__module__.split(".")[0])
+    log.info("serving %d endpoints from %s on http://%s:%d (%d HTTP workers)",
+             len(settings.endpoints), settings.source_url, host, port, supervisor.count)
     waiters: list[asyncio.Future[Any]] = [signalled, starting]
     await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
     if starting.done() and starting.exception() is not None:

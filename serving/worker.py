@@ -10,6 +10,7 @@ import os
 import socket
 import sys
 from collections.abc import AsyncIterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -45,11 +46,12 @@ class Worker:
         self.serving = app[SERVING]
         self.store = app[STORE]
         self._reported: dict[str, frozenset[tuple[Any, ...]]] = {}  # hot keys reported last
-        self._previous: Snapshot | None = None
+        # Attaching and dropping Snapshots run here, off the event loop, one at a time.
+        self._ddl = ThreadPoolExecutor(1, thread_name_prefix="duckswap-attach")
 
     async def stage(self, snap: Snapshot) -> None:
         """Attach `snap`'s version files (off the event loop) and open its answers files."""
-        await asyncio.get_running_loop().run_in_executor(None, self.store.stage, snap)
+        await asyncio.get_running_loop().run_in_executor(self._ddl, self.store.stage, snap)
         for token in self.serving.tokens(snap).values():
             self.serving.cache.open(token, path_of(self.answers, token))
 
@@ -100,13 +102,17 @@ class Worker:
                     await asyncio.sleep(0)
         return str(path), seconds, missed
 
+    def close(self) -> None:
+        """Wait for an attach or a drop in progress (the Replica closes next)."""
+        self._ddl.shutdown(wait=True, cancel_futures=True)
+
     async def collect_forever(self) -> None:
         """Drop drained Snapshots, tell the loader; wakes often, works only when there is
         garbage. Until cancelled."""
         loop = asyncio.get_running_loop()
         while True:
             if self.store.has_garbage():
-                dropped = await loop.run_in_executor(None, self.store.collect)
+                dropped = await loop.run_in_executor(self._ddl, self.store.collect)
                 if dropped:
                     self.app[LOADER].drained(dropped)
             await asyncio.sleep(0.1)
@@ -130,6 +136,7 @@ async def _worker_lifecycle(app: web.Application) -> AsyncIterator[None]:
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
+    await asyncio.get_running_loop().run_in_executor(None, app[WORKER].close)
     app[RUNNER].close()
     serving.cache.close()
     app[STORE].close()
@@ -220,6 +227,8 @@ async def _serve(sock: socket.socket) -> int:
     settings, name, versions, answers, count, host, port, current = await ready
     logging.basicConfig(level=settings.log_level.upper(),
                         format=f"%(asctime)s %(levelname)s %(name)s [{name}]: %(message)s")
+    loop = type(asyncio.get_running_loop())
+    log.info("event loop: %s.%s", loop.__module__, loop.__qualname__)
     app = create_worker_app(settings, name, versions, answers, count)
     app[LOADER] = ChannelLoader(channel)
     worker = app[WORKER]

@@ -35,7 +35,7 @@ from engine.responses import (
     token,
 )
 from engine.settings import Settings, load_settings, parse_settings
-from serving.app import WARMER
+from serving.app import DATA, WARMER
 from serving.cache import WINDOW_KEYS, Popularity, ResponseCache, hottest, would_miss
 from serving.state import SERVING, STORE
 
@@ -203,17 +203,18 @@ async def test_answers_of_versions_older_than_the_previous_are_dropped(demo: Run
 
 
 async def test_a_swap_never_holds_three_versions_answers(demo: Running, tmp_path: Path) -> None:
-    """The version before the served one loses its answers before the next one's are put in,
-    so a swap's memory peak is two versions' answers, not three."""
+    """The version before the served one loses its answers (file) before the next one's are
+    written, so a swap's peak is two versions' answers, not three."""
     cache = demo.app[SERVING].cache
-    seen: list[set[str]] = []  # the tokens cached whenever warmed answers go in
-    adopt = cache.adopt
+    answers = demo.app[DATA].answers
+    seen: list[set[str]] = []  # the tokens with answers files whenever a worker opens one
+    opened = cache.open
 
-    def recording(*args: Any) -> None:
-        adopt(*args)
-        seen.append(cache.tokens())
+    def recording(token: str, path: Path) -> None:
+        opened(token, path)
+        seen.append({p.stem for p in answers.glob("*.lmdb")})
 
-    cache.adopt = recording  # type: ignore[method-assign]
+    cache.open = recording  # type: ignore[method-assign]
     tokens = [(await _pointer(demo))["endpoints"]["champion_stats"]["token"]]
     for seq in (2, 3, 4):
         assert (await _raw(demo, STATS))[0] == 200  # a hot key: warmed before each publish
@@ -537,10 +538,15 @@ async def test_ready_only_once_the_first_versions_answers_are_warmed(tmp_path: P
     assert (await _raw(srv, "/v1/champions/11/stats?role=support&rank=gold&region=euw"))[0] == 200
     assert cache.misses == misses
     assert all(b["error"] == "not_ready" for b in seen)
-    # The 503 a balancer sees meanwhile (the pass above may end before a poll catches it):
+    # The 503 a balancer sees meanwhile (the pass above may end before a poll catches it;
+    # the loader tells the workers within STATUS_SECONDS):
     warmer.settled = False
-    status, body = await srv.get("/readyz")
-    assert status == 503 and body["warming"] is True and body["error"] == "not_ready"
+
+    async def warming() -> bool:
+        status, body = await srv.get("/readyz")
+        return status == 503 and body["warming"] is True and body["error"] == "not_ready"
+
+    await wait_for(warming, what="/readyz to say it is warming")
 
 
 async def test_keys_without_time_before_publish_are_warmed_after_it(tmp_path: Path,

@@ -14,6 +14,7 @@ from conftest import Running, demo_settings, wait_for
 from engine.fold import Constant, Folded, evaluate, fold, fold_endpoints
 from engine.settings import Settings, parse_settings
 from engine.sqlcheck import declared_tables, only
+from serving.app import WARMER
 from serving.state import SERVING
 
 
@@ -132,10 +133,9 @@ async def test_constants_follow_each_version_on_every_path(tmp_path: Path, serve
                                                        "games": 200 + i}]
         status, body = await srv.get("/v1/only/1")  # DuckDB refuses the subquery, as written
         assert status == 500 and body["error"] == "query_failed"
-    cache = cached.app[SERVING].cache
 
     async def warmed_both() -> bool:  # `only` failing in the warm did not stop `latest`'s
-        return cache.warmed >= 6
+        return cached.app[WARMER].warmed >= 6
 
     await wait_for(warmed_both, what="both versions of `latest` warmed")
     assert uncached.app[SERVING].cache.hits == 0

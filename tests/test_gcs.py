@@ -310,9 +310,15 @@ async def test_outage_keeps_serving_and_recovers(tmp_path: Path, emulator: Emula
 
     # gcsfs retries a refused connection for ~30 s before the listing fails.
     await wait_for(noticed, 90, "a failed listing")
+
+    async def told() -> bool:  # the loader tells the workers within STATUS_SECONDS
+        status, body = await srv.get("/readyz")
+        assert status == 200 and body["data_age_s"]["seqdata"] > 0
+        return bool(body["source"]["errors"] > errors)
+
+    await wait_for(told, what="/readyz to count the failed listing")
     status, body = await srv.get("/readyz")
-    assert status == 200 and body["data_age_s"]["seqdata"] > 0
-    assert body["source"]["errors"] > errors and body["source"]["last_listed_age_s"] > 5
+    assert body["source"]["last_listed_age_s"] > 5
     emulator.start()
     b.write(2)
     await srv.wait_export("/v1/rows", 2, timeout=90)

@@ -20,15 +20,16 @@ async def _start(serve: Any, tmp_path: Path, rows: int = 50, **server: Any) -> R
     return srv
 
 
-def _version_files(pid: int) -> set[str]:
-    """The version files process `pid` has open (Linux)."""
+def _version_files(pid: int, folder: Path) -> set[str]:
+    """The version files in `folder` process `pid` has open (Linux)."""
     out = set()
     for fd in Path(f"/proc/{pid}/fd").iterdir():
         try:
             target = os.readlink(fd)
         except OSError:  # closed while listed
             continue
-        if ".duckdb" in target and not target.endswith(".wal"):
+        if target.startswith(str(folder)) and ".duckdb" in target and \
+                not target.endswith(".wal"):
             out.add(target.removesuffix(" (deleted)"))
     return out
 
@@ -58,7 +59,8 @@ async def test_a_worker_lets_go_of_replaced_versions(tmp_path: Path, serve: Any)
     current = {str(v.path) for v in store.current.versions.values()}
 
     async def only_current() -> bool:
-        return _version_files(os.getpid()) == current and store.held_versions() == 1
+        return _version_files(os.getpid(), store.data_dir) == current and \
+            store.held_versions() == 1
 
     await wait_for(only_current, what="the worker to hold only the current version")
     versions = store.data_dir
