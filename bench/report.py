@@ -207,7 +207,7 @@ def plot(phase: Phase, swaps: list[Swap], cpu: list[tuple[float, dict[str, float
                 ax3.axvline(s.served_at - t0, color="green", alpha=0.6, linestyle="--")
         ax3.set_xlim(ax1.get_xlim())
         ax3.set_xlabel("seconds into the run")
-        ax3.set_ylabel("cores (server loop, its threads, its query process, its builder, ...)")
+        ax3.set_ylabel("cores, by process role")
         ax3.legend(loc="upper right", ncol=len(PARTS), fontsize="small")
     lat = [r["lat_us"] / 1000 for r in rows] or [0.0]
     ax2.hist(lat, bins=100, log=True)

@@ -10,16 +10,14 @@ import contextlib
 import logging
 import multiprocessing
 import os
-import select
-import signal
 import threading
-import time
 from collections.abc import Callable
 from concurrent.futures import CancelledError, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any, TypeVar
 
+from engine.lifeline import exit_with
 from engine.schema import DatasetSchema
 from engine.store import remove_version_file
 from loaders.build import build_file
@@ -50,34 +48,6 @@ def _child_init(nice: int, idle: bool, server: int) -> None:
             os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
         except OSError as exc:
             log.warning("could not set SCHED_IDLE on the build process: %s", exc)
-
-
-def exit_with(server: int) -> None:
-    """End this process when the server process ends, and only then or when the server stops
-    it. A server killed with SIGKILL (the OOM killer, a `kill -9`) runs no cleanup, and the
-    builder, a grandchild through the forkserver, would wait for work on its queue forever,
-    holding its memory. SIGINT and SIGTERM are ignored: a terminal's Ctrl-C and systemd's stop
-    signal the whole process group, and the server stops its children itself, in order."""
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, signal.SIG_IGN)
-    try:
-        fd: int | None = os.pidfd_open(server)
-    except (AttributeError, OSError):  # not Linux 5.3+, or already gone: poll instead
-        fd = None
-
-    def watch() -> None:
-        if fd is not None:
-            select.select([fd], [], [])  # readable once the process has exited
-        else:
-            while True:
-                try:
-                    os.kill(server, 0)
-                except ProcessLookupError:
-                    break
-                time.sleep(1.0)  # no pidfd: poll
-        os._exit(1)
-
-    threading.Thread(target=watch, name="duckswap-server-watch", daemon=True).start()
 
 
 def process_context(

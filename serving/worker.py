@@ -261,7 +261,7 @@ def main() -> None:
     """`python -m serving.worker FD`: a worker process the loader started, its control socket
     on file descriptor FD. It ignores SIGINT and SIGTERM (the loader stops it, in order) and
     exits when the loader does, however the loader ends."""
-    from loaders.builder import exit_with
+    from engine.lifeline import exit_with
     from serving.cli import new_event_loop
 
     exit_with(os.getppid())

@@ -67,3 +67,15 @@ def test_no_import_cycles() -> None:
         if name not in state:
             visit(name, [name])
     assert cycles == []
+
+
+def test_a_worker_process_holds_no_loader_code() -> None:
+    """The HTTP worker's process (`python -m serving.worker`) imports nothing of the loader."""
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-c", "import sys, serving.worker; "
+         "print(sorted(m for m in sys.modules if m.split('.')[0] == 'loaders'))"],
+        capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "[]"
