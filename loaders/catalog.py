@@ -80,10 +80,6 @@ class Catalog:
             for held in self._holders.values():
                 held.discard(who)
 
-    def live(self) -> list[Snapshot]:
-        with self._lock:
-            return [self.current, *self._staged, *self._retiring]
-
     def collect(self) -> list[Snapshot]:
         """Forget retiring Snapshots nobody holds; delete the version files no live Snapshot
         uses and none kept. Returns the Snapshots forgotten. Idempotent."""

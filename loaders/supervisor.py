@@ -77,8 +77,8 @@ class Supervisor:
         self._placeholder: socket.socket | None = None
         self._slots: dict[int, ProcessWorker] = {}
         self._keepers: list[asyncio.Task[None]] = []
+        self._readers: set[asyncio.Task[None]] = set()  # each worker's channel
         self._generation = 0
-        self.status: dict[str, Any] = {}
 
     def bind(self) -> int:
         """Hold `host:port` (0: any free port) for the workers; returns the port."""
@@ -160,8 +160,9 @@ class Supervisor:
 
         channel = Channel(reader, writer, handle)
         worker = ProcessWorker(name, process, channel)
-        reading = asyncio.create_task(channel.run())
-        reading.add_done_callback(lambda _: None)
+        reading = asyncio.create_task(channel.run())  # kept referenced until it ends
+        self._readers.add(reading)
+        reading.add_done_callback(self._readers.discard)
         current = self.loader.catalog.current
         self.loader.catalog.hold(current, name)  # it serves `current` first
         self.workers.add(worker)  # publishes from now on reach it too
@@ -198,6 +199,3 @@ class Supervisor:
         await asyncio.gather(*self._keepers, return_exceptions=True)
         if self._placeholder is not None:
             self._placeholder.close()
-
-    def pids(self) -> list[int]:
-        return [w.process.pid for w in self._slots.values()]
