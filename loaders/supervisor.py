@@ -63,6 +63,10 @@ class ProcessWorker:
     def status(self, doc: dict[str, Any]) -> None:
         self.channel.note("status", doc)
 
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            self.process.kill()
+
 
 class Supervisor:
     def __init__(self, settings: Settings, loader: Loader, workers: Workers, host: str,

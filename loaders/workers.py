@@ -39,6 +39,9 @@ class WorkerLink(Protocol):
     def status(self, doc: dict[str, Any]) -> None:
         """The loader's status (readiness, pending exports), for its `/readyz`."""
 
+    def kill(self) -> None:
+        """End it now (it could not serve what every other worker serves)."""
+
 
 class WorkerGone(Exception):
     """The worker exited while the loader waited for it."""
@@ -91,8 +94,12 @@ class Workers:
 
     def commit(self, snap: Snapshot) -> None:
         for name, result in self._each(lambda link: link.commit(snap), STAGE_SECONDS).items():
-            if isinstance(result, BaseException):  # it serves the old one: it must go
-                log.error("worker %s could not serve snapshot %d: %s", name, snap.id, result)
+            if isinstance(result, BaseException):  # it would go on serving the old one:
+                log.error("worker %s could not serve snapshot %d (%s); ending it (it starts "
+                          "again on the current one)", name, snap.id, result)
+                link = self.links.get(name)
+                if link is not None:
+                    link.kill()
 
     def __call__(self, old_tokens: Mapping[str, str | None], n: int, folder: Path,
                  tag: str) -> HotReport:

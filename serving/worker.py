@@ -59,8 +59,8 @@ class Worker:
         """Serve `snap` (one assignment; staged first if it was not: a worker that started
         after the stage); the answers of versions neither served nor just replaced are let
         go."""
-        if snap.id == self.store.current.id:
-            return
+        if snap.id <= self.store.current.id:  # served already, or older than what is (a
+            return  # worker starting while a publish reaches it: never go back)
         if not self.store.is_staged(snap.id):
             await self.stage(snap)
         old = self.store.current
@@ -72,6 +72,10 @@ class Worker:
 
     def status(self, doc: dict[str, Any]) -> None:
         self.serving.status = doc
+
+    def kill(self) -> None:
+        """In one process (`serving.app.create_app`) there is nothing to end: logged."""
+        log.error("worker %s could not serve the new snapshot", self.name)
 
     async def counters(self) -> dict[str, Any]:
         return self.serving.counters()
