@@ -110,9 +110,16 @@ class Loader:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), STATUS_SECONDS)
 
-    def stop(self) -> None:
-        """Loads and warms in flight end now; nothing more is published."""
+    async def shutdown(self, stop: asyncio.Event, running: asyncio.Task[None]) -> None:
+        """End `run` (its task `running`, started with `stop`): loads and warms in flight end
+        now, nothing more is published; then close what the loader holds."""
+        stop.set()
         self.updater.stop()
+        try:
+            await asyncio.wait_for(running, timeout=STOP_SECONDS)
+        except TimeoutError:
+            log.warning("the loader did not stop within %gs; closing anyway", STOP_SECONDS)
+        self.close()
 
     def close(self) -> None:
         self.updater.close()

@@ -5,14 +5,13 @@ them as processes (`serving.cli`, `loaders.supervisor`)."""
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
 from aiohttp import web
 
 from engine.settings import Settings
-from loaders.loader import STOP_SECONDS, Loader
+from loaders.loader import Loader
 from loaders.state import DataDir
 from loaders.updater import Updater
 from loaders.warm import Warmer
@@ -20,7 +19,6 @@ from loaders.workers import Workers
 from serving.link import LOADER, LoaderLink
 from serving.worker import WORKER, create_worker_app
 
-log = logging.getLogger("duckswap.server")
 # In one process (`create_app`) only: the loader's parts, for tests and embedding.
 UPDATER = web.AppKey("updater", Updater)
 WARMER = web.AppKey("warmer", Warmer)
@@ -61,13 +59,7 @@ def create_app(settings: Settings) -> web.Application:
         stop = asyncio.Event()
         task = asyncio.create_task(loader.run(stop), name="duckswap-loader")
         yield
-        stop.set()
-        loader.stop()  # loads and warms in flight end now
-        try:
-            await asyncio.wait_for(task, timeout=STOP_SECONDS)
-        except TimeoutError:
-            log.warning("the loader did not stop within %gs; closing anyway", STOP_SECONDS)
-        loader.close()
+        await loader.shutdown(stop, task)
 
     app.cleanup_ctx.append(lifecycle)
     return app

@@ -135,7 +135,6 @@ async def _serve(loader: Loader, workers: Workers, host: str, port: int,
     the listeners close, the requests in flight get up to `server.shutdown_seconds` to
     finish, then loads and warms are cancelled and the build processes stop. A second signal
     exits at once."""
-    from loaders.loader import STOP_SECONDS
     from loaders.supervisor import Supervisor
 
     log = logging.getLogger("duckswap")
@@ -174,13 +173,7 @@ async def _serve(loader: Loader, workers: Workers, host: str, port: int,
              settings.shutdown_seconds)
     starting.cancel()
     await supervisor.stop(settings.drain_seconds, settings.shutdown_seconds)
-    stop.set()
-    loader.stop()  # loads and warms in flight end now
-    try:
-        await asyncio.wait_for(loading, timeout=STOP_SECONDS)
-    except TimeoutError:
-        log.warning("the loader did not stop within %gs; closing anyway", STOP_SECONDS)
-    loader.close()
+    await loader.shutdown(stop, loading)
     log.info("stopped")
     return 0
 
