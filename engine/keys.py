@@ -16,6 +16,8 @@ from engine.params import ParamError, ParamSpec, cache_key, default_value, parse
 log = logging.getLogger("duckswap.warm")
 
 ENUMERATE_LIMIT = 1000  # largest parameter space enumerated in full
+# Most requested keys of each endpoint a worker counts and the warm answers first.
+WARM_KEYS = 10000
 
 Want = tuple[dict[str, Any], tuple[Any, ...], int]  # (bound params, cache key, request count)
 

@@ -21,6 +21,8 @@ if TYPE_CHECKING:
 
 IMMUTABLE = "public, max-age=31536000, immutable"
 NO_STORE = "no-store"
+# `/v1/version`: a second behind at most, and a CDN still answers most of the polls.
+VERSION_CACHE_CONTROL = "public, max-age=1"
 TOKEN_LENGTH = 16
 
 

@@ -5,7 +5,6 @@ Every error names the file, the key and what is wrong.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import tomllib
@@ -19,7 +18,6 @@ from engine.endpoints import EndpointSpec, parse_endpoint
 from engine.schema import EXTRA_COLUMNS, DatasetSchema, RunGroup
 
 ENV_PREFIX = "DUCKSWAP_"
-EVENT_LOOPS = ("auto", "uvloop", "asyncio")
 NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 # Every documented setting: the one source of README's config table (`reference_table`; a
@@ -38,42 +36,12 @@ SETTING_KEYS: dict[str, str] = {
     "readiness probe's period).",
     "server.shutdown_seconds": "After the listener closes, the most seconds the requests in "
     "flight get to finish before the server stops (default 10).",
-    "server.log_level": "Python log level (default INFO).",
-    "server.access_log": "Log one line per request to the `aiohttp.access` logger at INFO "
-    "(default false: at thousands of requests a second the log costs more CPU than the "
+    "server.log_level": "Python log level (default INFO); at DEBUG every request is logged to "
+    "`aiohttp.access` too (at thousands of requests a second that log costs more CPU than the "
     "answers; the CDN in front keeps its own).",
-    "server.event_loop": "`auto` (default): uvloop where it is installed (it is a dependency "
-    "except on Windows), else asyncio's own loop; `uvloop` or `asyncio` to choose. uvloop "
-    "spends less CPU on each request's I/O (at 2000 req/s: a bare aiohttp handler 0.36 "
-    "against 0.47 cores, the overlay mix 0.81 against 0.87).",
     "server.cache_mb": "Byte budget of the response cache in MiB: the warmed answers of the "
     "served version and of the one being staged (or just replaced) first, the answers computed "
     "for misses in what they leave; 0 turns it off (default 256).",
-    "server.warm_seconds": "Seconds spent before a publish on `warm_sql` rows and small "
-    "parameter spaces, once the most requested keys (always all answered) are done (default 0: "
-    "on an idle machine they are answered right after the publish, which comes sooner; on a "
-    "busy one see `warm_busy_seconds`).",
-    "server.warm_tail_seconds": "Seconds more, after the publish, for the keys the first pass "
-    "had no time for (default 10; 0: none).",
-    "server.warm_busy_seconds": "On a busy machine (the warm, at idle priority, gets under 0.9 of "
-    "a core, or the requests since the last warm asked 20 or more a second for warmed answers "
-    "beyond the hot keys it chose) the warm before a publish and the one after it go on past "
-    "`warm_seconds` and `warm_tail_seconds`, up to this many seconds, instead of leaving keys "
-    "to cache misses that would keep them starved (default 60; 0: never).",
-    "server.warm_keys": "Most popular keys per endpoint replayed before a publish (default 10000).",
-    "server.version_cache_control": "`Cache-Control` of `/v1/version` (default "
-    "`public, max-age=1`).",
-    "server.metrics": "Serve Prometheus metrics on `/metrics` (default true).",
-    "server.build_nice": "Nice value of the build process (it also runs the warm queries), so "
-    "builds and warming yield to requests; 0 keeps normal priority (default 10).",
-    "server.build_idle": "Run the build process under Linux `SCHED_IDLE`: it gets a core only "
-    "when requests leave one idle, so builds stretch under load instead of adding latency; "
-    "false leaves it at `build_nice` alone (default true).",
-    "server.build_processes": "Build processes. The datasets of one export are downloaded, "
-    "checked and built this many at a time, the largest first, so one build's serial steps "
-    "(digests, the order check, writing its file) leave no core idle; each has its own memory "
-    "peak (~150 MB building the demo export). The warm runs in one of them. 1: one build "
-    "after another (default 2).",
     "server.data_dir": "Folder of verified versions and their state, served again after a restart "
     "before the source answers (default: `$XDG_CACHE_HOME/duckswap/<hash of source.url>`).",
     "server.keep_versions": "Versions kept per dataset for rollback, the served one included "
@@ -140,6 +108,26 @@ SETTING_KEYS: dict[str, str] = {
     "sorted and deduplicated (default false).",
 }
 
+# Keys of earlier releases, refused with what replaced them rather than as merely unknown.
+REMOVED_KEYS: dict[str, str] = {
+    "access_log": "removed: every request is logged at log_level = \"DEBUG\"",
+    "event_loop": "removed: uvloop where it is installed, else asyncio's own loop",
+    "metrics": "removed: /metrics is always served",
+    "version_cache_control": "removed: /v1/version is `public, max-age=1`",
+    "build_nice": "removed: builds run at nice 10 under SCHED_IDLE",
+    "build_idle": "removed: builds run at nice 10 under SCHED_IDLE",
+    "build_processes": "removed: two build processes",
+    "warm_seconds": "removed: the warm's time budgets are fixed (README, Warm before publish)",
+    "warm_tail_seconds": "removed: the warm's time budgets are fixed (README, Warm before "
+    "publish)",
+    "warm_busy_seconds": "removed: the warm's time budgets are fixed (README, Warm before "
+    "publish)",
+    "warm_keys": "removed: the 10,000 most requested keys of each endpoint are warmed first",
+    "query_process": "removed: each HTTP worker runs its own misses (server.workers)",
+    "stale_seconds": "removed: every answer comes from the published version or a newer one",
+}
+
+
 @dataclass(frozen=True)
 class Settings:
     source_url: str
@@ -154,8 +142,6 @@ class Settings:
     log_level: str = "INFO"
     drain_seconds: float = 0.0
     shutdown_seconds: float = 10.0
-    access_log: bool = False
-    event_loop: str = "auto"
     debounce_ms: int = 200
     poll_seconds: float = 5.0
     quiet_seconds: float = 0.0
@@ -167,15 +153,6 @@ class Settings:
     concurrency: int = 4
     staging_dir: str | None = None
     cache_mb: float = 256.0
-    warm_seconds: float = 0.0
-    warm_tail_seconds: float = 10.0
-    warm_busy_seconds: float = 60.0
-    warm_keys: int = 10000
-    version_cache_control: str = "public, max-age=1"
-    metrics: bool = True
-    build_nice: int = 10
-    build_idle: bool = True
-    build_processes: int = 2
     file: str = field(default="<config>", compare=False)
 
     @property
@@ -262,6 +239,8 @@ def _parse_groups(r: Reader, datasets: Mapping[str, DatasetSchema]) -> dict[str,
 def parse_settings(raw: Mapping[str, Any], file: str = "<config>") -> Settings:
     root = Reader(file, "", dict(raw))
     server = root.sub("server", {})
+    for old in sorted(REMOVED_KEYS.keys() & server.table.keys()):
+        raise server.fail(old, REMOVED_KEYS[old])
     source = root.sub("source")
     ds_r = root.sub("datasets")
     datasets = {name: _parse_dataset(ds_r, name) for name in ds_r.table}
@@ -288,8 +267,6 @@ def parse_settings(raw: Mapping[str, Any], file: str = "<config>") -> Settings:
         log_level=server.get("log_level", str, "INFO"),
         drain_seconds=float(server.get("drain_seconds", (int, float), 0.0)),
         shutdown_seconds=float(server.get("shutdown_seconds", (int, float), 10.0)),
-        access_log=server.get("access_log", bool, False),
-        event_loop=server.get("event_loop", str, "auto"),
         debounce_ms=source.get("debounce_ms", int, 200),
         poll_seconds=float(source.get("poll_seconds", (int, float), 5.0)),
         quiet_seconds=float(source.get("quiet_seconds", (int, float), 0.0)),
@@ -301,37 +278,19 @@ def parse_settings(raw: Mapping[str, Any], file: str = "<config>") -> Settings:
         concurrency=source.get("concurrency", int, 4),
         staging_dir=source.get("staging_dir", str, None),
         cache_mb=float(server.get("cache_mb", (int, float), 256.0)),
-        warm_seconds=float(server.get("warm_seconds", (int, float), 0.0)),
-        warm_tail_seconds=float(server.get("warm_tail_seconds", (int, float), 10.0)),
-        warm_busy_seconds=float(server.get("warm_busy_seconds", (int, float), 60.0)),
-        warm_keys=server.get("warm_keys", int, 10000),
-        version_cache_control=server.get("version_cache_control", str, "public, max-age=1"),
-        metrics=server.get("metrics", bool, True),
-        build_nice=server.get("build_nice", int, 10),
-        build_idle=server.get("build_idle", bool, True),
-        build_processes=server.get("build_processes", int, 2),
         file=file,
     )
     if settings.quiet_seconds < 0:
         raise source.fail("quiet_seconds", f"must not be negative, got {settings.quiet_seconds}")
-    for name in ("cache_mb", "warm_seconds", "warm_tail_seconds", "warm_busy_seconds",
-                 "warm_keys", "build_nice", "drain_seconds", "shutdown_seconds", "workers"):
+    for name in ("cache_mb", "drain_seconds", "shutdown_seconds", "workers"):
         if getattr(settings, name) < 0:
             raise server.fail(name, f"must not be negative, got {getattr(settings, name)!r}")
-    if settings.event_loop not in EVENT_LOOPS:
-        raise server.fail("event_loop", f"expected one of {', '.join(EVENT_LOOPS)}, "
-                          f"got {settings.event_loop!r}")
-    if settings.event_loop == "uvloop" and importlib.util.find_spec("uvloop") is None:
-        raise server.fail("event_loop", "uvloop is not installed (pip install uvloop)")
-    if settings.build_nice > 19:
-        raise server.fail("build_nice", f"must be 0-19, got {settings.build_nice}")
     positive(source, "poll_seconds", settings.poll_seconds)
     positive(server, "keep_versions", settings.keep_versions)
     if settings.admin_token is not None and len(settings.admin_token) < 16:
         raise server.fail("admin_token", "must be at least 16 characters")  # never echoed
     positive(source, "concurrency", settings.concurrency)
     positive(server, "threads", settings.threads)
-    positive(server, "build_processes", settings.build_processes)
     positive(server, "query_timeout", settings.query_timeout)
     if not 0 <= settings.port <= 65535:
         raise server.fail("port", f"must be 0-65535, got {settings.port}")

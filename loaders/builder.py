@@ -27,6 +27,14 @@ from loaders.source import Export
 log = logging.getLogger("duckswap.loader")
 T = TypeVar("T")
 SHUTTING_DOWN = "the server is shutting down"
+# Builds and warms yield to requests: nice 10, and SCHED_IDLE on top (a core only when the
+# requests leave one idle; nice 10 alone still took ~10% of a core from the server whenever
+# both were runnable).
+NICE = 10
+# The datasets of one export are checked and built this many at a time, the largest first, so
+# one build's serial steps (digests, the order check, writing its file) leave no core idle;
+# each has its own memory peak (~150 MB building the demo export).
+PROCESSES = 2
 
 
 class BuildDied(LoadError):
@@ -63,9 +71,9 @@ def process_context(
 
 
 class Builder:
-    def __init__(self, nice: int = 10, threads: int = 2,
-                 preload: tuple[str, ...] = ("loaders.build",), idle: bool = False,
-                 processes: int = 2) -> None:
+    def __init__(self, nice: int = NICE, threads: int = 2,
+                 preload: tuple[str, ...] = ("loaders.build",), idle: bool = True,
+                 processes: int = PROCESSES) -> None:
         self.nice = nice
         self.processes = processes
         self.idle = idle
@@ -117,10 +125,11 @@ class Builder:
             pool, self._pool = self._pool, None
         if pool is not None:
             # ProcessPoolExecutor has no public way to end its workers before Python 3.14
-            # (`terminate_workers`); a build is minutes of CPU a stop must not wait for.
+            # (`kill_workers`); a build or a warm is seconds to minutes of CPU a stop must not
+            # wait for. SIGKILL: a build process ignores SIGTERM (`engine.lifeline`).
             for process in list((getattr(pool, "_processes", None) or {}).values()):
                 with contextlib.suppress(OSError):
-                    process.terminate()
+                    process.kill()
             pool.shutdown(wait=True, cancel_futures=True)
 
     def close(self) -> None:

@@ -22,7 +22,7 @@ from loaders.metrics import CONTENT_TYPE, render
 from loaders.source import LocalSource, Source
 from loaders.state import DataDir
 from loaders.updater import Updater
-from loaders.warm import Warmer
+from loaders.warm import Warmer, WarmPolicy
 from loaders.workers import Workers
 
 log = logging.getLogger("duckswap.loader")
@@ -49,8 +49,10 @@ def make_source(settings: Settings, staging: Path) -> Source:
 
 
 class Loader:
-    def __init__(self, settings: Settings, workers: Workers) -> None:
+    def __init__(self, settings: Settings, workers: Workers,
+                 warm: WarmPolicy | None = None) -> None:
         self.settings = settings
+        warm = warm or WarmPolicy()
         self.workers = workers
         self.data = DataDir.open(settings.data_dir, settings.source_url)
         self.catalog = Catalog(self.data.versions)
@@ -58,14 +60,12 @@ class Loader:
         batch = {n: batch_sql(replace(e, sql=folded[n].sql) if n in folded else e)
                  for n, e in settings.endpoints.items()}
         # A lower-priority process builds versions and computes their warm answers.
-        self.builder = Builder(nice=settings.build_nice, threads=settings.threads,
-                               preload=PRELOAD, idle=settings.build_idle,
-                               processes=settings.build_processes)
+        self.builder = Builder(threads=settings.threads, preload=PRELOAD)
         self.warmer = Warmer(
             settings.endpoints, {n: fingerprint(e) for n, e in settings.endpoints.items()},
-            batch, settings.warm_seconds, settings.warm_keys, self.builder, self.data.answers,
-            int(settings.cache_mb * 2**20), settings.threads, settings.warm_tail_seconds,
-            settings.warm_busy_seconds, folded, hot=workers)
+            batch, warm.seconds, warm.keys, self.builder, self.data.answers,
+            int(settings.cache_mb * 2**20), settings.threads, warm.tail_seconds,
+            warm.busy_seconds, folded, hot=workers)
         self.updater = Updater(
             make_source(settings, self.data.staging), self.catalog, settings.datasets,
             debounce_ms=settings.debounce_ms,

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import socket
 import sys
 import time
@@ -139,11 +138,10 @@ class Supervisor:
         name = f"worker-{slot + 1}" + (f".{self._generation}" if self._generation > self.count
                                        else "")
         parent, child = socket.socketpair()
-        env = dict(os.environ, DUCKSWAP_WORKER_EVENT_LOOP=self.settings.event_loop)
         try:
             process = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "serving.worker", str(child.fileno()),
-                pass_fds=[child.fileno()], env=env, stdin=asyncio.subprocess.DEVNULL)
+                pass_fds=[child.fileno()], stdin=asyncio.subprocess.DEVNULL)
         finally:
             child.close()
         reader, writer = await asyncio.open_unix_connection(sock=parent)

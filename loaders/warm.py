@@ -26,6 +26,7 @@ from typing import Protocol
 from engine.answers import remove
 from engine.endpoints import EndpointSpec
 from engine.fold import Folded
+from engine.keys import WARM_KEYS
 from engine.plan import BatchPlan
 from engine.precompute import BUSY_SHARE, WarmReport, WarmTask, compute
 from engine.responses import endpoint_tokens
@@ -40,6 +41,21 @@ log = logging.getLogger("duckswap.warm")
 # second on the request path, ~3-6 ms of CPU each under load, against ~0.03 ms per key batched
 # in the warm).
 MISS_RATE = 20.0
+
+
+@dataclass(frozen=True)
+class WarmPolicy:
+    """How long the warms of a new Snapshot run: chosen by measurement (docs/benchmarks.md),
+    not configured (tests shorten or lengthen them)."""
+
+    # Before a publish, on the declared keys once every hot key is answered: none on an idle
+    # machine (they are answered right after the publish, which comes sooner).
+    seconds: float = 0.0
+    tail_seconds: float = 10.0  # after the publish, for the keys the first pass left
+    # On a busy machine (see `engine.precompute.Budget`) both go on up to this long rather
+    # than leave keys to cache misses that would keep the warm starved.
+    busy_seconds: float = 60.0
+    keys: int = WARM_KEYS  # the most requested keys of each endpoint, answered first
 
 
 @dataclass

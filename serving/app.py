@@ -14,7 +14,7 @@ from engine.settings import Settings
 from loaders.loader import Loader
 from loaders.state import DataDir
 from loaders.updater import Updater
-from loaders.warm import Warmer
+from loaders.warm import Warmer, WarmPolicy
 from loaders.workers import Workers
 from serving.link import LOADER, LoaderLink
 from serving.worker import WORKER, create_worker_app
@@ -43,10 +43,10 @@ class LocalLoader:
         self.loader.drained(self.worker, snap_ids)
 
 
-def create_app(settings: Settings) -> web.Application:
+def create_app(settings: Settings, warm: WarmPolicy | None = None) -> web.Application:
     """A whole server in one process: the loader and one worker."""
     workers = Workers()
-    loader = Loader(settings, workers)
+    loader = Loader(settings, workers, warm or WarmPolicy())
     app = create_worker_app(settings, "worker-1", loader.data.versions, loader.data.answers)
     workers.add(app[WORKER])
     link: LoaderLink = LocalLoader(loader, app[WORKER].name)

@@ -25,6 +25,7 @@ from engine.responses import (
     IMMUTABLE,
     NO_STORE,
     TOKEN_LENGTH,
+    VERSION_CACHE_CONTROL,
     Entry,
     dumps,
     encode_body,
@@ -210,7 +211,7 @@ def _query(request: web.Request) -> tuple[dict[str, list[str]], str | None]:
 async def version_pointer(request: web.Request) -> web.Response:
     """`/v1/version`: current dataset versions and every endpoint's token. Tiny, short TTL."""
     body, tag = request.app[SERVING].pointer()
-    headers = {"ETag": tag, "Cache-Control": request.app[SETTINGS].version_cache_control}
+    headers = {"ETag": tag, "Cache-Control": VERSION_CACHE_CONTROL}
     if if_none_match(request.headers.get("If-None-Match"), tag):
         return web.Response(status=304, headers=headers)
     return web.Response(body=body, content_type="application/json", headers=headers)

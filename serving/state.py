@@ -11,6 +11,7 @@ from typing import Any
 from aiohttp import web
 
 from engine.fold import Constants, fold_endpoints
+from engine.keys import WARM_KEYS
 from engine.plan import batch_sql
 from engine.query import QueryRunner
 from engine.responses import dumps, endpoint_tokens, fingerprint
@@ -38,7 +39,7 @@ class Serving:
         self.cache = ResponseCache(budget // max(1, workers), budget)
         for name in settings.endpoints:  # every endpoint's series exists from the start
             self.cache.by_endpoint[name] = [0, 0]
-        self.popularity = Popularity(settings.warm_keys)
+        self.popularity = Popularity(WARM_KEYS)
         self._tokens: dict[int, dict[str, str]] = {}
         self._pointer: tuple[int, bytes, str] | None = None
         # Constant subqueries run once per version, not per query (see `engine.fold`); the

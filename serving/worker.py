@@ -138,9 +138,8 @@ WORKER = web.AppKey("worker", Worker)
 
 async def _worker_lifecycle(app: web.Application) -> AsyncIterator[None]:
     serving = app[SERVING]
-    tasks = [asyncio.create_task(app[WORKER].collect_forever(), name="duckswap-collect")]
-    if app[SETTINGS].metrics:
-        tasks.append(asyncio.create_task(serving.lag.run(), name="duckswap-loop-lag"))
+    tasks = [asyncio.create_task(app[WORKER].collect_forever(), name="duckswap-collect"),
+             asyncio.create_task(serving.lag.run(), name="duckswap-loop-lag")]
     yield
     for task in tasks:
         task.cancel()
@@ -169,8 +168,7 @@ def create_worker_app(settings: Settings, name: str, versions: Path, answers: Pa
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/v1/version", version_pointer)
-    if settings.metrics:
-        app.router.add_get("/metrics", metrics)
+    app.router.add_get("/metrics", metrics)
     if settings.admin_token:
         add_routes(app, settings.admin_token)
     for spec in settings.endpoints.values():
@@ -242,7 +240,9 @@ async def _serve(sock: socket.socket) -> int:
     app[LOADER] = ChannelLoader(channel)
     worker = app[WORKER]
     built.set()
-    runner = web.AppRunner(app, access_log=access_logger if settings.access_log else None,
+    # At DEBUG every request is logged (at thousands a second it costs more than the answers).
+    debug = logging.getLevelName(settings.log_level.upper()) == logging.DEBUG
+    runner = web.AppRunner(app, access_log=access_logger if debug else None,
                            shutdown_timeout=settings.shutdown_seconds)
     await runner.setup()
     if current.id:
@@ -272,7 +272,7 @@ def main() -> None:
     with contextlib.suppress(OSError):  # Linux: the name `ps -o comm`, `top` and the bench show
         Path("/proc/self/comm").write_text(NAME)
     sock = socket.socket(fileno=int(sys.argv[1]))
-    loop = new_event_loop(os.environ.get(LOOP_ENV, "auto"))
+    loop = new_event_loop()
     asyncio.set_event_loop(loop)
     try:
         code = loop.run_until_complete(_serve(sock))
@@ -283,7 +283,6 @@ def main() -> None:
 
 NAME = "duckswap-http"  # what `ps` and `top` show
 LOOKUP_SLICE = 500  # window keys looked up in the old answers between two yields (~1.5 ms)
-LOOP_ENV = "DUCKSWAP_WORKER_EVENT_LOOP"  # `server.event_loop`, for the worker's first loop
 BACKLOG = 2048  # as `serving.cli.BACKLOG`
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from engine.store import Replica, Snapshot
 from loaders.catalog import Catalog
 from loaders.source import LocalSource
 from loaders.updater import Updater
+from loaders.warm import WarmPolicy
 from serving.app import create_app
 
 REPO = Path(__file__).resolve().parent.parent
@@ -156,8 +157,8 @@ async def serve() -> Any:
     """Start a real server for given settings on a loopback port."""
     started: list[tuple[TestServer, aiohttp.ClientSession]] = []
 
-    async def start(settings: Settings) -> Running:
-        server = TestServer(create_app(settings), host="127.0.0.1")
+    async def start(settings: Settings, warm: WarmPolicy | None = None) -> Running:
+        server = TestServer(create_app(settings, warm), host="127.0.0.1")
         await server.start_server()
         session = aiohttp.ClientSession()
         started.append((server, session))

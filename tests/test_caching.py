@@ -35,6 +35,7 @@ from engine.responses import (
     token,
 )
 from engine.settings import Settings, load_settings, parse_settings
+from loaders.warm import WarmPolicy
 from serving.app import DATA, WARMER
 from serving.cache import WINDOW_KEYS, Popularity, ResponseCache, hottest, would_miss
 from serving.state import SERVING, STORE
@@ -47,14 +48,15 @@ async def _raw(srv: Running, path: str, **kw: Any) -> tuple[int, Any, bytes]:
         return resp.status, resp.headers.copy(), await resp.read()
 
 
-async def _demo(serve: Any, root: Path, grouped: bool = True, **server: Any) -> Running:
+async def _demo(serve: Any, root: Path, grouped: bool = True, warm: WarmPolicy | None = None,
+                **server: Any) -> Running:
     """The demo config; not `grouped`, each dataset is published on its own (a test then
     writes one dataset of the next export: one new version, one warm)."""
     env = {f"DUCKSWAP_SERVER__{k.upper()}": str(v) for k, v in server.items()}
     settings = load_settings(DEMO_CONFIG, {"DUCKSWAP_SOURCE__URL": f'"file://{root}"', **env})
     if not grouped:
         settings = replace(settings, groups={})
-    srv: Running = await serve(settings)
+    srv: Running = await serve(settings, warm)
     await srv.wait_ready()
     return srv
 
@@ -310,8 +312,8 @@ async def test_hot_keys_are_warmed_before_a_publish_whatever_the_budget(tmp_path
                                                                        serve: Any) -> None:
     """No warm time and no after-publish pass: the most requested keys are answered anyway."""
     write_export(tmp_path, 1, size="small")
-    demo = await _demo(serve, tmp_path, warm_seconds=1e-9, warm_tail_seconds=0,
-                       warm_busy_seconds=0)
+    demo = await _demo(serve, tmp_path, warm=WarmPolicy(seconds=1e-9, tail_seconds=0,
+                                                           busy_seconds=0))
     # Neither has a warm_sql row nor a small parameter space: only popularity warms them.
     hot = ["/v1/matchups/3/5?role=mid", "/v1/champions/2/trend?role=jungle&ranks=iron,gold"]
     for path in hot:
@@ -553,7 +555,7 @@ async def test_keys_without_time_before_publish_are_warmed_after_it(tmp_path: Pa
                                                                    serve: Any) -> None:
     """No time before the publish: every warm_sql key is answered right after it instead."""
     write_export(tmp_path, 1, size="small")
-    demo = await _demo(serve, tmp_path, warm_seconds=1e-9, warm_busy_seconds=0)
+    demo = await _demo(serve, tmp_path, warm=WarmPolicy(seconds=1e-9, busy_seconds=0))
     cache = demo.app[SERVING].cache
     warmer = demo.app[WARMER]
     keys = 12 * 5 * 5 * 2  # champion x role x rank x region of the latest patch (small size)
@@ -712,8 +714,8 @@ async def test_requests_for_declared_keys_hold_the_publish_for_their_warm(
     """With no time before the publish, the CPU rule off (`busy_share` 0, a machine never
     judged busy), a publish waits for the declared keys only when requests ask for them."""
     write_export(tmp_path, 1, size="small")
-    demo = await _demo(serve, tmp_path, False, warm_seconds=1e-9, warm_keys=2,
-                       warm_busy_seconds=60)
+    demo = await _demo(serve, tmp_path, False,
+                       warm=WarmPolicy(seconds=1e-9, keys=2, busy_seconds=60))
     warmer, store, serving = demo.app[WARMER], demo.app[STORE], demo.app[SERVING]
     warmer.busy_share, warmer.miss_rate = 0.0, 1.0
     declared = 12 * 5 * 5 * 2  # champion x role x rank x region of the latest patch (small)
@@ -778,7 +780,7 @@ async def test_keys_left_to_warm_after_a_publish_are_answered_by_the_new_version
     token, ETag and versions), never by the version the publish replaced; once that warm ends,
     the rest are hits of the new version."""
     write_export(tmp_path, 1, size="small")
-    demo = await _demo(serve, tmp_path, False, warm_keys=1, warm_busy_seconds=60)
+    demo = await _demo(serve, tmp_path, False, warm=WarmPolicy(keys=1, busy_seconds=60))
     warmer, store, serving = demo.app[WARMER], demo.app[STORE], demo.app[SERVING]
     cache = serving.cache
     hot = f"/v1/champions/1/stats?role={ROLES[0]}&rank={RANKS[0]}&region={REGIONS[0]}"

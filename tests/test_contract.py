@@ -17,6 +17,7 @@ from conftest import Running, seq_config, wait_for, write_seq_export
 from engine.config import ConfigError
 from engine.settings import Settings, parse_settings
 from engine.sqlcheck import check_sql
+from loaders.warm import WarmPolicy
 from serving.app import UPDATER, WARMER
 from serving.state import SERVING, STORE
 
@@ -285,8 +286,8 @@ async def test_a_new_export_cuts_the_after_publish_warm_short(tmp_path: Path,
     replaces nothing, and the cut warm goes on where it stopped."""
     keys = 20000  # declared keys, answered one query each: a long after-publish warm
     write_seq_export(tmp_path, 1, rows=keys)
-    srv: Running = await serve(keyed_config(tmp_path, 1000, warm_tail_seconds=120,
-                                            warm_busy_seconds=0))
+    srv: Running = await serve(keyed_config(tmp_path, 1000),
+                               WarmPolicy(tail_seconds=120, busy_seconds=0))
     warmer, store, serving = srv.app[WARMER], srv.app[STORE], srv.app[SERVING]
 
     async def tail_running() -> bool:

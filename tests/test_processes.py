@@ -29,7 +29,6 @@ def _config(tmp_path: Path, port: int, workers: int = 2) -> Path:
 port = {port}
 workers = {workers}
 data_dir = "{tmp_path / 'data'}"
-warm_busy_seconds = 0
 [source]
 url = "file://{tmp_path / 'src'}"
 debounce_ms = 20

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import signal
 import subprocess
 import sys
@@ -19,7 +20,7 @@ import pytest
 from bench.ports import free_port
 from conftest import descendants, running, wait_for, write_seq_export
 
-KEYS = 8000  # declared keys, one query each: an after-publish warm of seconds
+KEYS = 8000  # rows; from export 2 on, each a declared key of `top`, one query each: seconds
 
 
 def _config(tmp_path: Path, port: int) -> Path:
@@ -30,8 +31,6 @@ port = {port}
 data_dir = "{tmp_path / 'data'}"
 drain_seconds = 1
 shutdown_seconds = 10
-warm_busy_seconds = 0
-warm_tail_seconds = 120
 [source]
 url = "file://{tmp_path / 'src'}"
 debounce_ms = 20
@@ -44,6 +43,12 @@ datasets = ["seqdata"]
 sql = "SELECT k, export_seq FROM seqdata WHERE k = $k"
 warm_sql = "SELECT k FROM seqdata"
 params.k = {{ type = "int", min = 0 }}
+[endpoints.top]
+path = "/v1/top/{{n}}"
+datasets = ["seqdata"]
+sql = "SELECT k, export_seq FROM seqdata ORDER BY k LIMIT $n"
+warm_sql = "SELECT k + 1 AS n FROM seqdata WHERE export_seq > 1"
+params.n = {{ type = "int", min = 1 }}
 [endpoints.slow]
 path = "/v1/slow"
 datasets = ["seqdata"]
@@ -80,7 +85,7 @@ def _process(cmd: list[str], log_path: Path, cwd: Path | None = None
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 async def test_a_stop_under_load_finishes_the_requests_in_flight(
         tmp_path: Path, sig: signal.Signals) -> None:
-    """A real server process, its after-publish warm running, slow queries and keep-alive
+    """A real server process, the warm of a new export running, slow queries and keep-alive
     clients in flight: /readyz answers 503 first, every request in flight gets its answer,
     the warm and the build processes stop, and the server logs one "shutting down" and one
     "stopped" line, no traceback, and exits 0."""
@@ -92,15 +97,6 @@ async def test_a_stop_under_load_finishes_the_requests_in_flight(
     with _process(cmd, log_path) as server:
         async with aiohttp.ClientSession() as probe:
             await wait_for(lambda: _ready(probe, base), 90, "/readyz")
-            write_seq_export(tmp_path / "src", 2, rows=KEYS)
-
-            async def second() -> bool:
-                async with probe.get(f"{base}/v1/rows/0") as resp:
-                    return resp.status == 200 and (await resp.json())["data"][0][
-                        "export_seq"] == 2
-
-            await wait_for(second, 60, "export 2")
-            children = descendants(server.pid)  # the build and query processes
             answers: list[int | str] = []
             stop_sending = asyncio.Event()
 
@@ -136,6 +132,13 @@ async def test_a_stop_under_load_finishes_the_requests_in_flight(
             clients = [asyncio.create_task(client(i)) for i in range(4)]
             slows = [asyncio.create_task(slow(400_000_000 + i)) for i in range(2)]
             await wait_for(both_sent, 10, "the slow requests to be sent")
+            write_seq_export(tmp_path / "src", 2, rows=KEYS)
+
+            async def built() -> bool:  # its warm starts now: 8000 queries of `top`
+                return "built seqdata/export-000002" in log_path.read_text()
+
+            await wait_for(built, 60, "export 2 built")
+            children = descendants(server.pid)  # the workers, the build processes
             server.send_signal(sig)
             async with aiohttp.ClientSession() as fresh:  # a new connection, while draining
                 await wait_for(lambda: _is(fresh, f"{base}/readyz", 503), 1.0, "/readyz 503")
@@ -148,6 +151,7 @@ async def test_a_stop_under_load_finishes_the_requests_in_flight(
     assert "Traceback" not in output and "Error" not in output, output[-3000:]
     assert output.count("duckswap: shutting down") == 1, output
     assert output.count("duckswap: stopped\n") == 1, output
+    assert re.search(r"warm of snapshot \d+ ended: the server is stopping", output), output
     deadline = time.monotonic() + 10
     while running(children) and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
