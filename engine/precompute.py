@@ -28,7 +28,7 @@ from engine.endpoints import EndpointSpec
 from engine.fold import Folded, binding, evaluate
 from engine.keys import Want, hot_wants, warm_wants
 from engine.plan import BatchPlan
-from engine.query import Result, execute, execute_batch
+from engine.query import Group, Result, batch_groups, execute, fetch_group, start_group
 from engine.responses import BodyEncoder, entry_size, etag, versions_header
 from engine.sql import lock_down
 from engine.store import QUERY_CONFIG, attach_sql, view_sql
@@ -180,7 +180,7 @@ def compute(files: dict[str, str], tasks: list[WarmTask], seconds: float, thread
         jobs = [_Job(i, t) for i, t in enumerate(tasks)]
         for job in jobs:
             job.bind(con)
-        ahead = _Ahead(con.cursor(), jobs)
+        ahead = _Ahead(con, jobs)
         with ahead, _Spooler(Path(answers), jobs, max_bytes, cache_bytes, report) as spooler:
             # The most requested keys first, hottest first, before anything is enumerated, and
             # all of them whatever the deadline: they are what the first requests after the
@@ -260,17 +260,23 @@ def _rounds(con: duckdb.DuckDBPyConnection, jobs: list[_Job],
                 report.single += 1
 
 
-Batch = list[Result | None] | duckdb.Error | None  # a batched query's answers, or why none
+# A batched query's answers as they are fetched, (position in its keys, answer or None: left to
+# a single query), or why there are none (None: the endpoint's SQL cannot be batched).
+Batch = Iterator[tuple[int, Result | None]] | duckdb.Error | None
 
 
 class _Ahead:
-    """Runs the endpoints' batched queries one ahead, on their own cursor and thread: DuckDB
-    answers the next endpoint's keys (without the GIL) while the warm's thread encodes the
-    answers of the last one (with it). One after the other, a warm left a core idle while it
-    encoded, ~0.2-0.4 s of a demo publish's hot keys."""
+    """Runs the endpoints' batched queries one ahead, on a cursor and thread of their own:
+    DuckDB answers the next endpoint's keys (without the GIL) while the warm's thread converts
+    and encodes the answers of the last one (with it), as they are fetched from its cursor, so
+    a round's answers are never all Python objects at once (a 65,536-key round of the demo
+    held ~30 MB of rows). One after the other, a warm left a core idle while it encoded,
+    ~0.2-0.4 s of a demo publish's hot keys."""
 
-    def __init__(self, cur: duckdb.DuckDBPyConnection, jobs: list[_Job]) -> None:
-        self.cur = cur  # a cursor shows no progress bar (and its configuration is locked)
+    def __init__(self, con: duckdb.DuckDBPyConnection, jobs: list[_Job]) -> None:
+        # Two cursors: one fetched from, one running the next query (a cursor shows no
+        # progress bar, and its configuration is locked).
+        self.curs = [con.cursor(), con.cursor()]
         self.jobs = jobs
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="duckswap-warm-query")
 
@@ -279,46 +285,73 @@ class _Ahead:
 
     def __exit__(self, *exc: object) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
-        self.cur.close()
+        for cur in self.curs:
+            cur.close()
 
-    def _query(self, i: int, keys: list[Want]) -> Batch:
+    def _plan(self, i: int) -> BatchPlan | None:
         job = self.jobs[i]
-        plan = None if job.unbatched else job.task.plan
+        return None if job.unbatched else job.task.plan
+
+    def _start(self, n: int, i: int, keys: list[Want]
+               ) -> tuple[list[Group], list[str]] | duckdb.Error | None:
+        """On the query thread: item `n`'s first query, on cursor `n % 2`."""
+        plan, job = self._plan(i), self.jobs[i]
         if plan is None:
             return None
         try:
-            return execute_batch(self.cur, job.task.spec, plan, [w[0] for w in keys], job.fixed)
+            groups = batch_groups(job.task.spec, plan, [w[0] for w in keys])
+            return groups, start_group(self.curs[n % 2], plan, groups[0], job.fixed)
         except duckdb.Error as exc:
             return exc
 
+    def _fetch(self, n: int, i: int, groups: list[Group],
+               names: list[str]) -> Iterator[tuple[int, Result | None]]:
+        cur, job = self.curs[n % 2], self.jobs[i]
+        plan = job.task.plan
+        assert plan is not None
+        for g, group in enumerate(groups):
+            if g:  # keys with other LIMIT values: their own query, here (rare)
+                names = start_group(cur, plan, group, job.fixed)
+            yield from fetch_group(cur, job.task.spec, group, names)
+
     def answers(self, items: list[tuple[int, list[Want]]]) -> Iterator[Batch]:
-        """Each item's batched answers, in order; the next item's query runs meanwhile."""
-        nxt = self.pool.submit(self._query, *items[0]) if items else None
+        """Each item's batched answers, in order; the next item's query runs meanwhile. Each
+        must be consumed before the next is asked for (its cursor runs the one after)."""
+        nxt = self.pool.submit(self._start, 0, *items[0]) if items else None
         for n in range(len(items)):
             assert nxt is not None
-            current = nxt
-            nxt = self.pool.submit(self._query, *items[n + 1]) if n + 1 < len(items) else None
-            yield current.result()
+            started = nxt.result()
+            nxt = (self.pool.submit(self._start, n + 1, *items[n + 1])
+                   if n + 1 < len(items) else None)
+            if started is None or isinstance(started, duckdb.Error):
+                yield started
+            else:
+                yield self._fetch(n, items[n][0], *started)
 
 
 def _batched(job: _Job, keys: list[Want], outcome: Batch, spooler: _Spooler) -> list[Want]:
     """Spool what the batched query answered; return the keys left for single queries."""
     if outcome is None:
         return keys
-    if isinstance(outcome, duckdb.Error):
+    rest: list[Want] = []
+    done = [False] * len(keys)
+    try:
+        if isinstance(outcome, duckdb.Error):
+            raise outcome
+        for i, result in outcome:
+            done[i] = True
+            if result is None:
+                rest.append(keys[i])
+            elif not spooler.full:
+                spooler.add(job, keys[i][1], result)
+                spooler.report.batched += 1
+            else:
+                spooler.report.skipped += 1
+    except duckdb.Error as exc:
         log.warning("batched warm of %s failed (%s); warming key by key",
-                    job.task.spec.name, type(outcome).__name__)
+                    job.task.spec.name, type(exc).__name__)
         job.unbatched = True
-        return keys
-    rest = []
-    for want, result in zip(keys, outcome, strict=True):
-        if result is None:
-            rest.append(want)
-        elif not spooler.full:
-            spooler.add(job, want[1], result)
-            spooler.report.batched += 1
-        else:
-            spooler.report.skipped += 1
+        rest.extend(k for k, d in zip(keys, done, strict=True) if not d)
     return rest
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
@@ -166,10 +166,28 @@ def execute_batch(
     `fixed`: parameters bound alike for every key (constants, see `engine.fold`).
     A key whose answer has more rows than the row limit gets None: which rows are kept is the
     single query's business."""
+    out: list[Result | None] = [None] * len(keys)
+    for group in batch_groups(spec, plan, keys):
+        names = start_group(cur, plan, group, fixed)
+        for i, result in fetch_group(cur, spec, group, names):
+            out[i] = result
+    return out
+
+
+@dataclass
+class Group:
+    """The keys of a batch that share their LIMIT values: one query."""
+
+    bound: dict[str, Any]  # the LIMIT/OFFSET parameters, bound
+    members: list[int]  # positions in the batch's keys, ascending
+    table: pa.Table  # `__keys`: `__i` (the position) and one column per other parameter
+
+
+def batch_groups(spec: EndpointSpec, plan: BatchPlan, keys: list[dict[str, Any]]) -> list[Group]:
     groups: dict[tuple[Any, ...], list[int]] = {}
     for i, k in enumerate(keys):
         groups.setdefault(tuple(k[b] for b in plan.bound), []).append(i)
-    out: list[Result | None] = [None] * len(keys)
+    out = []
     for values, members in groups.items():
         columns: dict[str, Any] = {"__i": pa.array(members, pa.int64())}
         for name, p in spec.params.items():
@@ -178,24 +196,52 @@ def execute_batch(
             t = _ARROW[p.type]
             columns[name] = pa.array([keys[i][name] for i in members],
                                      pa.list_(t) if p.is_list else t)
-        cur.register("__keys", pa.table(columns))
-        try:
-            cur.execute(plan.sql, {**dict(zip(plan.bound, values, strict=True)), **(fixed or {})})
-            names = [d[0] for d in cur.description or []][1:]
-            rows = []
-            # Converting rows to Python holds the GIL: in chunks, so the event loop gets it
-            # back between them instead of stalling for the whole result.
-            while chunk := cur.fetchmany(FETCH_CHUNK):
-                rows.extend(chunk)
-        finally:
-            cur.unregister("__keys")
-        per_key: dict[int, list[tuple[Any, ...]]] = {i: [] for i in members}
-        for row in rows:
-            per_key[row[0]].append(row[1:])
-        for i, got in per_key.items():
-            if len(got) <= spec.row_limit:
-                out[i] = Result(names, got, False)
+        out.append(Group(dict(zip(plan.bound, values, strict=True)), members,
+                         pa.table(columns)))
     return out
+
+
+def start_group(cur: duckdb.DuckDBPyConnection, plan: BatchPlan, group: Group,
+                fixed: Mapping[str, Any] | None) -> list[str]:
+    """Run one group's query on `cur` (DuckDB's part: no GIL held); returns its columns. The
+    result waits on `cur` for `fetch_group`."""
+    cur.register("__keys", group.table)
+    try:
+        cur.execute(plan.sql, {**group.bound, **(fixed or {})})
+    except BaseException:
+        cur.unregister("__keys")
+        raise
+    return [d[0] for d in cur.description or []][1:]
+
+
+def fetch_group(cur: duckdb.DuckDBPyConnection, spec: EndpointSpec, group: Group,
+                names: list[str]) -> Iterator[tuple[int, Result | None]]:
+    """Each member's answer as its rows arrive (they come in key order), so a batch of 10^5
+    keys is never all Python objects at once. Converting rows holds the GIL: in chunks, so an
+    event loop gets it back between them."""
+    limit = spec.row_limit
+    members = iter(group.members)
+    current = -1  # the key whose rows are coming
+    rows: list[tuple[Any, ...]] = []
+    try:
+        while chunk := cur.fetchmany(FETCH_CHUNK):
+            for row in chunk:
+                i = row[0]
+                if i != current:
+                    if current >= 0:
+                        yield current, Result(names, rows, False) if len(rows) <= limit else None
+                    for member in members:  # keys with no rows before this one
+                        if member == i:
+                            break
+                        yield member, Result(names, [], False)
+                    current, rows = i, []
+                rows.append(row[1:])
+        if current >= 0:
+            yield current, Result(names, rows, False) if len(rows) <= limit else None
+        for member in members:
+            yield member, Result(names, [], False)
+    finally:
+        cur.unregister("__keys")
 
 
 def _consume(fut: asyncio.Future[Any]) -> None:

@@ -600,6 +600,43 @@ def test_warm_budget_goes_on_past_its_time_only_on_a_busy_machine() -> None:
     assert never.expired() and not never.extended
 
 
+async def test_a_batched_warm_duckdb_refuses_is_answered_key_by_key(tmp_path: Path,
+                                                                    serve: Any) -> None:
+    """One declared key no query can answer (a string that is no integer) makes DuckDB refuse
+    the whole batched warm query: the warm falls back to one query per key, so every other
+    declared key is answered before the first request, byte for byte as a request is."""
+    write_seq_export(tmp_path / "src", 1, rows=50)
+    settings = parse_settings({
+        "server": {"data_dir": str(tmp_path / "data")},
+        "source": {"url": f"file://{tmp_path / 'src'}", "debounce_ms": 20},
+        "datasets": {"seqdata": {"key": ["k"],
+                                 "columns": {"k": "INTEGER", "export_seq": "INTEGER"}}},
+        "endpoints": {"cast": {
+            "path": "/v1/cast/{s}",
+            "sql": "SELECT k, export_seq FROM seqdata WHERE k = CAST($s AS INTEGER)",
+            "row_limit": 1,
+            # 'x' last: the single query that fails ends the warm of the endpoint.
+            "warm_sql": "SELECT s FROM (SELECT CAST(k AS VARCHAR) AS s FROM seqdata "
+                        "UNION ALL SELECT 'x') ORDER BY s = 'x'",
+            "params": {"s": {"type": "string"}},
+        }},
+    }, "test.toml")
+    srv: Running = await serve(settings)
+    await srv.wait_ready()
+    tok = (await _pointer(srv))["endpoints"]["cast"]["token"]
+    answers = srv.app[SERVING].cache.answers(tok)  # the worker's, open: read through it
+    assert answers is not None and len(answers) == 50
+    for k in range(50):
+        entry = answers.get((str(k),))
+        assert entry is not None, k
+        if k in (0, 49):
+            status, _, body = await _raw(srv, f"/v1/cast/{k}")
+            assert status == 200 and body == entry[0]
+    assert answers.get(("x",)) is None
+    status, _, _ = await _raw(srv, "/v1/cast/x")
+    assert status == 500  # DuckDB refuses it on the request path too
+
+
 async def test_busy_machine_warms_every_declared_key_before_the_publish(demo: Running,
                                                                         tmp_path: Path) -> None:
     """The real warm on the served version files: with no time budget, a machine judged busy
