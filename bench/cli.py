@@ -7,12 +7,14 @@ import importlib.util
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -162,14 +164,22 @@ def run_loadgen(url: str, rate: float, duration: float, out: Path, args: argpars
 
 
 def swapper(source: Path, staging: Path, url: str, interval: float, stop: threading.Event,
-            swaps: list[Swap], first: int) -> None:
-    """Every `interval` s rename a staged export into the source and time until it is served."""
+            swaps: list[Swap], first: int, pss: Callable[[], int | None] | None = None,
+            between: list[int] | None = None) -> None:
+    """Every `interval` s rename a staged export into the source and time until it is served.
+    `pss`: the server's memory, sampled into `between` before each swap once one was served
+    (then the server holds what it holds between swaps: the served version and the one it
+    replaced, whose answers `?v=` URLs still get)."""
     seq = first
     while not stop.wait(interval):
         seq += 1
         staged = [staging / ds / f"export-{seq:06d}" for ds in DATASETS]
         if not all(p.exists() for p in staged):
             return
+        if pss is not None and between is not None and swaps and swaps[-1].served_at:
+            sample = pss()
+            if sample:
+                between.append(sample)
         _, before = _get_json(url + "/readyz")
         old = (before or {}).get("versions", {}).get("champion_stats")
         swap = Swap(seq, time.time())
@@ -203,11 +213,13 @@ def one_run(args: argparse.Namespace, rate: float, work: Path, server: Server | 
     steady = server.pss_kb() if server else None  # after the warm-up, before any swap
     out = work / f"{label}-load.jsonl"
     swaps: list[Swap] = []
+    between: list[int] = []
     stop = threading.Event()
     thread = None
     if source is not None and args.swap_every > 0:
         thread = threading.Thread(target=swapper, args=(
-            source, staging, url, args.swap_every, stop, swaps, first), daemon=True)
+            source, staging, url, args.swap_every, stop, swaps, first,
+            server.pss_kb if server else None, between), daemon=True)
     scraped = _metrics(url)
     before, lag_before = cache_lookups(scraped), loop_lag(scraped)
     gen = run_loadgen(url, rate, args.duration, out, args)
@@ -225,6 +237,10 @@ def one_run(args: argparse.Namespace, rate: float, work: Path, server: Server | 
     if steady and summary["peak_rss_mb"]:
         summary["steady_rss_mb"] = round(steady / 1024, 1)
         summary["peak_over_steady_rss"] = round(summary["peak_rss_mb"] * 1024 / steady, 2)
+    if between and summary["peak_rss_mb"]:
+        middle = statistics.median(between)
+        summary["between_swaps_rss_mb"] = round(middle / 1024, 1)
+        summary["peak_over_between_swaps"] = round(summary["peak_rss_mb"] * 1024 / middle, 2)
     scraped = _metrics(url)
     after, lag_after = cache_lookups(scraped), loop_lag(scraped)
     if lag_before is not None and lag_after:

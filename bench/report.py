@@ -132,7 +132,10 @@ def table(s: dict[str, Any]) -> str:
         f"freshness lag (s) {s['freshness_lag_s']}",
         f"server peak PSS  {s['peak_rss_mb']} MB (all its processes)"
         + (f"   steady {s['steady_rss_mb']} MB before the swaps "
-           f"(peak/steady {s['peak_over_steady_rss']}x)" if "steady_rss_mb" in s else ""),
+           f"(peak/steady {s['peak_over_steady_rss']}x)" if "steady_rss_mb" in s else "")
+        + (f"   between swaps {s['between_swaps_rss_mb']} MB "
+           f"(peak/between {s['peak_over_between_swaps']}x)" if "between_swaps_rss_mb" in s
+           else ""),
     ]
     if "cache" in s:
         c = s["cache"]
