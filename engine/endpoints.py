@@ -15,7 +15,7 @@ PATH_PARAM_RE = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
 DEFAULT_CACHE_CONTROL = "public, max-age=5, stale-while-revalidate=30"
-RESERVED_PATHS = ("/healthz", "/readyz", "/metrics", "/v1/version", "/admin")
+RESERVED_PATHS = ("/healthz", "/readyz", "/metrics", "/v1/version", "/admin", "/openapi.json")
 
 
 @dataclass(frozen=True)

@@ -94,7 +94,9 @@ def parse_value(spec: ParamSpec, raw: Sequence[str]) -> Scalar | list[Scalar]:
         if len(raw) != 1:
             raise ParamError(spec.name, "expected a single value, got several")
         return _scalar(spec, raw[0])
-    items = [part for text in raw for part in text.split(",") if part != ""]
+    items = [part for text in raw for part in text.split(",")]
+    if "" in items:  # `a,,b`, `a,` or a bare `name=`: no value a client meant to send
+        raise ParamError(spec.name, "expected a comma-separated list with no empty item")
     if len(items) > spec.max_items:
         raise ParamError(spec.name, f"expected at most {spec.max_items} items")
     values = [_scalar(spec, item) for item in items]

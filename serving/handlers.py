@@ -4,6 +4,7 @@ version), the version pointer, health, readiness and metrics; one error shape fo
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -20,6 +21,7 @@ from engine.errors import (
     NotReady,
     QueryFailed,
 )
+from engine.openapi import document
 from engine.params import ParamError, bind_params, cache_key
 from engine.responses import (
     IMMUTABLE,
@@ -33,6 +35,7 @@ from engine.responses import (
     if_none_match,
     versions_header,
 )
+from engine.settings import Settings
 from engine.store import Snapshot
 from serving.link import LOADER
 from serving.state import SERVING, SETTINGS, STORE
@@ -63,10 +66,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return error_response(exc)
     except web.HTTPNotFound:
         return error_response(NotFound(f"no route for {request.path}"))
-    except web.HTTPMethodNotAllowed:
-        return error_response(
-            MethodNotAllowed(f"{request.method} is not allowed on {request.path}")
-        )
+    except web.HTTPMethodNotAllowed as exc:
+        err = MethodNotAllowed(f"{request.method} is not allowed on {request.path}")
+        err.headers["Allow"] = ", ".join(sorted(exc.allowed_methods))  # RFC 9110 15.5.6
+        return error_response(err)
     except web.HTTPException:
         raise
     except Exception:
@@ -215,6 +218,23 @@ async def version_pointer(request: web.Request) -> web.Response:
     if if_none_match(request.headers.get("If-None-Match"), tag):
         return web.Response(status=304, headers=headers)
     return web.Response(body=body, content_type="application/json", headers=headers)
+
+
+OPENAPI_CACHE_CONTROL = "public, max-age=300"  # it changes only with the config (a restart)
+
+
+def openapi_handler(settings: Settings) -> Handler:
+    """`/openapi.json`: the config's OpenAPI document, built once, with an ETag."""
+    body = dumps(document(settings))
+    tag = f'"{hashlib.blake2b(body, digest_size=8).hexdigest()}"'
+    headers = {"ETag": tag, "Cache-Control": OPENAPI_CACHE_CONTROL}
+
+    async def handle(request: web.Request) -> web.Response:
+        if if_none_match(request.headers.get("If-None-Match"), tag):
+            return web.Response(status=304, headers=headers)
+        return web.Response(body=body, content_type="application/json", headers=headers)
+
+    return handle
 
 
 async def healthz(request: web.Request) -> web.Response:

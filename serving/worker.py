@@ -29,6 +29,7 @@ from serving.handlers import (
     error_middleware,
     healthz,
     metrics,
+    openapi_handler,
     readyz,
     version_pointer,
 )
@@ -169,6 +170,7 @@ def create_worker_app(settings: Settings, name: str, versions: Path, answers: Pa
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/v1/version", version_pointer)
     app.router.add_get("/metrics", metrics)
+    app.router.add_get("/openapi.json", openapi_handler(settings))
     if settings.admin_token:
         add_routes(app, settings.admin_token)
     for spec in settings.endpoints.values():
