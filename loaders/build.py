@@ -6,6 +6,7 @@ import base64
 import hashlib
 import json
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,22 @@ def _manifest(export: Export) -> dict[str, Any] | None:
     if not isinstance(doc, dict) or not isinstance(doc.get("files"), list):
         raise LoadError("_manifest.json must be an object with a 'files' list")
     return doc
+
+
+def size_problems(sizes: Mapping[str, int], schema: DatasetSchema) -> list[str]:
+    """Every part over `max_file_mb`, then the export over `max_export_mb`: checked on the
+    sizes a source lists, before any byte is downloaded."""
+    problems = []
+    if schema.max_file_bytes is not None:
+        for name, size in sorted(sizes.items()):
+            if size > schema.max_file_bytes:
+                problems.append(f"{name}: {size} bytes is over max_file_mb "
+                                f"({schema.max_file_bytes / 2**20:g} MiB)")
+    total = sum(sizes.values())
+    if schema.max_export_bytes is not None and total > schema.max_export_bytes:
+        problems.append(f"export is {total} bytes, over max_export_mb "
+                        f"({schema.max_export_bytes / 2**20:g} MiB)")
+    return problems
 
 
 def verify(export: Export, allow_empty: bool = False) -> tuple[str, dict[str, int]]:

@@ -66,6 +66,17 @@ def quiet_since(newest_change: float, quiet_seconds: float, now: float | None = 
         >= quiet_seconds
 
 
+def marker_of(folder: Path) -> str | None:
+    """The marker that says an export folder is complete, if it has one."""
+    return next((m for m in MARKERS if (folder / m).is_file()), None)
+
+
+def parts_of(folder: Path) -> tuple[Path, ...]:
+    """An export folder's part files, in name order."""
+    return tuple(sorted(p for p in folder.glob(PART_GLOB)
+                        if p.is_file() and not is_ignored(p.name)))
+
+
 class LocalSource:
     """`file://` folder laid out as `<root>/<dataset>/<export-id>/part-*.parquet` + marker."""
 
@@ -84,10 +95,8 @@ class LocalSource:
         for folder in sorted(base.iterdir(), key=lambda p: p.name):
             if not folder.is_dir() or is_ignored(folder.name):
                 continue
-            marker = next((m for m in MARKERS if (folder / m).is_file()), None)
-            files = tuple(
-                sorted(p for p in folder.glob(PART_GLOB) if p.is_file() and not is_ignored(p.name))
-            )
+            marker = marker_of(folder)
+            files = parts_of(folder)
             try:
                 stats = {p.name: p.stat() for p in (*files, *([folder / marker] if marker else []))}
                 if marker is None:  # complete only once quiet: nothing in it changed for a while

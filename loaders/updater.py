@@ -16,7 +16,7 @@ from typing import Any, Protocol, TypeVar
 
 from engine.schema import DatasetSchema, RunGroup
 from engine.store import Snapshot, Version, check_version_file, remove_version_file
-from loaders.build import check_export
+from loaders.build import check_export, size_problems
 from loaders.builder import BuildDied, Builder
 from loaders.catalog import Catalog
 from loaders.errors import LoadError, Unavailable
@@ -453,18 +453,6 @@ class Updater:
     def _path(self, record: VersionRecord) -> Path:
         return self.catalog.data_dir / record.file
 
-    def _check_size(self, candidate: Any, schema: DatasetSchema) -> None:
-        sizes: Mapping[str, int] = candidate.sizes
-        if schema.max_file_bytes is not None:
-            for name, size in sorted(sizes.items()):
-                if size > schema.max_file_bytes:
-                    raise LoadError(f"{name}: {size} bytes is over max_file_mb "
-                                    f"({schema.max_file_bytes / 2**20:g} MiB)")
-        total = sum(sizes.values())
-        if schema.max_export_bytes is not None and total > schema.max_export_bytes:
-            raise LoadError(f"export is {total} bytes, over max_export_mb "
-                            f"({schema.max_export_bytes / 2**20:g} MiB)")
-
     def _load(self, candidate: Any) -> _Loaded | _Failed:
         """Download, check and build one export (on a loader thread of `_load_all`: it touches
         no state); what it raised is returned, for `_finish_run` to record."""
@@ -473,7 +461,9 @@ class Updater:
         timings: dict[str, float] = {}
         local: Export | None = None
         try:
-            self._check_size(candidate, schema)  # before any byte is downloaded
+            problems = size_problems(candidate.sizes, schema)  # before any byte is downloaded
+            if problems:
+                raise LoadError(problems[0])
             local = self.source.fetch(candidate)
             step = time.perf_counter()
             timings["download"] = step - start

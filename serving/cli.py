@@ -1,4 +1,4 @@
-"""The composition root: `duckswap serve | check-config | demo`."""
+"""The composition root: `duckswap serve | check-config | check-export | demo`."""
 
 from __future__ import annotations
 
@@ -205,6 +205,37 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_check_export(args: argparse.Namespace) -> int:
+    """Run the server's checks on a local export folder; exit 1 on any problem."""
+    from engine.config import ConfigError
+    from engine.settings import load_settings
+    from loaders.check import check_folder
+
+    try:
+        settings = load_settings(args.config or DEMO_CONFIG)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    folder = Path(args.path)
+    if not folder.is_dir():
+        print(f"{folder}: not a folder", file=sys.stderr)
+        return 2
+    dataset = args.dataset or folder.resolve().parent.name
+    schema = settings.datasets.get(dataset)
+    if schema is None:
+        print(f"{folder}: no dataset {dataset!r} in {settings.file} (--dataset: one of "
+              f"{', '.join(settings.datasets)})", file=sys.stderr)
+        return 2
+    report = check_folder(folder, schema, settings.threads)
+    if report.problems:
+        print(f"{folder}: refused as {dataset} ({len(report.problems)} problems):")
+        for problem in report.problems:
+            print(f"  - {problem}")
+        return 1
+    print(f"{folder}: ok as {dataset}: {report.rows} rows, version {report.version_id}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from data.generate import next_seq, write_export
 
@@ -228,6 +259,13 @@ def main(argv: list[str] | None = None) -> int:
     check = sub.add_parser("check-config", help="validate a config and prepare its SQL")
     check.add_argument("config")
     check.set_defaults(func=cmd_check)
+    export = sub.add_parser("check-export", help="run the server's checks on a local export "
+                            "folder before uploading it (writes nothing into it)")
+    export.add_argument("path", help="the export folder: part-*.parquet and its marker")
+    export.add_argument("--dataset", help="the dataset to check it as (default: the name of "
+                        "the folder's parent, as in <dataset>/<export-id>/)")
+    export.add_argument("--config", help="TOML config (default: the bundled demo's)")
+    export.set_defaults(func=cmd_check_export)
     demo = sub.add_parser("demo", help="write the next demo export (watch a swap happen)")
     demo.add_argument(
         "--root", default="duckswap-demo", help="source folder (default ./duckswap-demo)"

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from bad_exports import BAD_EXPORTS, manifest, write_atomically
 from gcs_emulator import BUCKET, Emulator, SlowProxy, free_port
 
 from conftest import Running, descendants, running, seq_config, wait_for, write_seq_export
@@ -73,7 +74,7 @@ class Bucketish:
         if edit is not None:
             edit(folder)
         if marker and not (folder / marker).exists():
-            _write(folder / marker, "{}" if marker == "_manifest.json" else "")
+            write_atomically(folder / marker, "{}" if marker == "_manifest.json" else "")
         if self.emulator is not None:
             self.emulator.upload_export(folder, PREFIX)
         return folder
@@ -119,28 +120,6 @@ async def streaming() -> AsyncIterator[Any]:
         await task
 
 
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")  # ignored by sources; renamed into place
-    tmp.write_text(text)
-    tmp.rename(path)
-
-
-def _manifest(folder: Path, change: Any = None) -> None:
-    import hashlib
-
-    import pyarrow.parquet as pq
-
-    files = []
-    for p in sorted(folder.glob("part-*.parquet")):
-        files.append({"path": p.name, "size": p.stat().st_size,
-                      "sha256": hashlib.sha256(p.read_bytes()).hexdigest(),
-                      "rows": pq.read_metadata(p).num_rows})
-    doc = {"format": 1, "files": files, "rows": sum(f["rows"] for f in files)}
-    if change is not None:
-        change(doc)
-    _write(folder / "_manifest.json", json.dumps(doc))
-
-
 # -- the contract: both sources -------------------------------------------------------------
 
 async def test_new_export_is_served_with_no_failed_request(bucket: Bucketish, serve: Any,
@@ -153,7 +132,7 @@ async def test_new_export_is_served_with_no_failed_request(bucket: Bucketish, se
     bucket.write(2)
     await srv.wait_export("/v1/rows", 2, timeout=20)
     listings = updater.listings  # the marker of export 3 lands after this many polls
-    bucket.write(3, marker="_manifest.json", edit=_manifest)
+    bucket.write(3, marker="_manifest.json", edit=manifest)
     await srv.wait_export("/v1/rows", 3, timeout=20)
     assert failures == []
     (event,) = [e for e in updater.history if e.export_id == "export-000003"]
@@ -190,75 +169,7 @@ async def test_quiet_period_completes_an_export_without_marker(bucket: Bucketish
     assert event.at - written >= 1.0 - 0.05  # not before it was quiet for 1 s
 
 
-def _truncate(folder: Path) -> None:
-    part = folder / "part-00001.parquet"
-    part.write_bytes(part.read_bytes()[:-40])
-
-
-def _bad_checksum(folder: Path) -> None:
-    _manifest(folder, lambda doc: doc["files"][0].update(sha256="0" * 64))
-
-
-def _bad_rows(folder: Path) -> None:
-    _manifest(folder, lambda doc: doc["files"][0].update(rows=doc["files"][0]["rows"] + 1))
-
-
-def _bad_md5(folder: Path) -> None:
-    _manifest(folder, lambda doc: doc["files"][1].update(md5="AAAAAAAAAAAAAAAAAAAAAA=="))
-
-
-def _rewrite_parts(folder: Path, change: Any) -> None:
-    import pyarrow.parquet as pq
-
-    for part in sorted(folder.glob("part-*.parquet")):
-        pq.write_table(change(pq.read_table(part)), part)
-
-
-def _missing_column(folder: Path) -> None:
-    _rewrite_parts(folder, lambda t: t.drop_columns(["label"]))
-
-
-def _changed_type(folder: Path) -> None:
-    import pyarrow as pa
-
-    _rewrite_parts(folder, lambda t: t.set_column(
-        1, "export_seq", t.column("export_seq").cast(pa.string())))
-
-
-def _empty(folder: Path) -> None:
-    _rewrite_parts(folder, lambda t: t.slice(0, 0))
-
-
-def _oversized(folder: Path) -> None:
-    import os
-
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    part = folder / "part-00001.parquet"
-    table = pq.read_table(part)
-    n = 300
-    pad = [os.urandom(512).hex() for _ in range(n)]
-    pq.write_table(pa.table({"k": pa.array(range(1000, 1000 + n), pa.int32()),
-                             "export_seq": pa.array([2] * n, pa.int32()),
-                             "label": pad}).cast(table.schema), part)
-
-
-def _bad_total(folder: Path) -> None:
-    _manifest(folder, lambda doc: doc.update(rows=7))
-
-
-@pytest.mark.parametrize(("edit", "marker", "reason"), [
-    (_bad_md5, "_manifest.json", "md5 does not match the manifest"),
-    (_bad_total, "_manifest.json", "50 rows != manifest rows 7"),
-    (_truncate, "_SUCCESS", "not a readable Parquet file"),
-    (_bad_checksum, "_manifest.json", "sha256 does not match the manifest"),
-    (_bad_rows, "_manifest.json", "rows != manifest rows"),
-    (_missing_column, "_SUCCESS", "missing required column 'label'"),
-    (_changed_type, "_SUCCESS", "column 'export_seq' is VARCHAR, declared INTEGER"),
-    (_empty, "_SUCCESS", "export has no rows"),
-    (_oversized, "_SUCCESS", "part-00001.parquet: 3"),  # "...: 3xxxxx bytes is over max_file_mb"
-])
+@pytest.mark.parametrize(("edit", "marker", "reason"), BAD_EXPORTS)
 async def test_bad_export_is_refused_and_old_keeps_serving(
         bucket: Bucketish, serve: Any, caplog: pytest.LogCaptureFixture, edit: Any,
         marker: str, reason: str) -> None:
