@@ -217,6 +217,13 @@ def _server_routes() -> dict[str, Any]:
     pointer = {
         "type": "object", "required": ["datasets", "endpoints"],
         "properties": {
+            "pending": {"type": "object", "description": "Only while some exist: export "
+                        "folders with parts but no marker yet, with when their first file was "
+                        "written (UTC).", "additionalProperties": {
+                            "type": "array", "items": {
+                                "type": "object", "required": ["export_id", "since"],
+                                "properties": {"export_id": {"type": "string"},
+                                               "since": {"type": "string"}}}}},
             "datasets": {"type": "object", "additionalProperties": {
                 "type": "object", "required": ["version", "export_id", "rows"],
                 "properties": {"version": {"type": "string"}, "export_id": {"type": "string"},

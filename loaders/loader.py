@@ -79,10 +79,11 @@ class Loader:
     def status(self) -> dict[str, Any]:
         """What a worker's `/readyz` needs from the loader."""
         u = self.updater
-        current = self.catalog.current
         return {
-            "pending": {n: u.pending_exports(n) for n in self.settings.datasets
-                        if n not in current.versions},
+            # Folders with parts but no marker, each with when its first file was written
+            # (not an age: the document changes only when they do).
+            "pending": {n: [{"export_id": e, "since": round(t, 3)} for e, t in sorted(p.items())]
+                        for n, p in list(u.source.pending.items()) if p},
             "source_problem": u.source_problem,
             "settled": self.warmer.settled,
             "source_url": u.source.url,

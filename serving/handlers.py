@@ -253,7 +253,7 @@ async def readyz(request: web.Request) -> web.Response:
         pending = status.get("pending", {})
         return error_response(NotReady(
             "waiting for datasets to load", missing=missing,
-            pending={n: [p["export_id"] for p in pending.get(n, [])] for n in missing},
+            pending={n: [p["export_id"] for p in pending.get(n, [])] for n in missing},  # ids
             source_problem=status.get("source_problem")))
     if not status.get("settled"):  # data is served; answers are still being computed
         return error_response(NotReady("warming the first version's answers", warming=True))

@@ -4,6 +4,7 @@ what the loader last said)."""
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 from dataclasses import replace
 from typing import Any
@@ -41,7 +42,7 @@ class Serving:
             self.cache.by_endpoint[name] = [0, 0]
         self.popularity = Popularity(WARM_KEYS)
         self._tokens: dict[int, dict[str, str]] = {}
-        self._pointer: tuple[int, bytes, str] | None = None
+        self._pointer: tuple[tuple[int, Any], bytes, str] | None = None
         # Constant subqueries run once per version, not per query (see `engine.fold`); the
         # batched plans are of the folded SQL.
         self.constants = Constants(fold_endpoints(settings))
@@ -69,9 +70,10 @@ class Serving:
     def pointer(self) -> tuple[bytes, str]:
         """The encoded `/v1/version` document of the current Snapshot and its ETag."""
         snap = self.store.current
-        if self._pointer is None or self._pointer[0] != snap.id:
+        pending = self.status.get("pending") or {}
+        if self._pointer is None or self._pointer[0] != (snap.id, pending):
             tokens = self.tokens(snap)
-            body = dumps({
+            doc: dict[str, Any] = {
                 "datasets": {
                     n: {"version": v.version_id, "export_id": v.export_id, "rows": v.rows}
                     for n, v in sorted(snap.versions.items())
@@ -80,9 +82,13 @@ class Serving:
                     n: {"path": e.path, "token": tokens.get(n)}
                     for n, e in self.endpoints.items()
                 },
-            })
+            }
+            if pending:  # exports being written: parts, no marker yet
+                doc["pending"] = {n: [{"export_id": p["export_id"], "since": _iso(p["since"])}
+                                      for p in items] for n, items in sorted(pending.items())}
+            body = dumps(doc)
             tag = '"' + hashlib.blake2b(body, digest_size=8).hexdigest() + '"'
-            self._pointer = (snap.id, body, tag)
+            self._pointer = ((snap.id, pending), body, tag)
         return self._pointer[1], self._pointer[2]
 
     def counters(self) -> dict[str, Any]:
@@ -98,3 +104,8 @@ class Serving:
 
 
 SERVING = web.AppKey("serving", Serving)
+
+
+def _iso(t: float) -> str:
+    """A Unix time as UTC ISO 8601 to the second."""
+    return datetime.datetime.fromtimestamp(t, datetime.UTC).isoformat(timespec="seconds")

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import datetime
 import logging
 import random
+import time
 from pathlib import Path
 from typing import Any
 
@@ -407,6 +409,37 @@ async def test_an_export_without_a_marker_is_shown_as_pending(
     await srv.wait_export("/v1/rows", 1)
     _, doc = await admin(srv, "GET", "/admin/datasets/seqdata")
     assert doc["pending"] == []
+
+
+async def test_the_version_pointer_lists_pending_exports_while_they_are(
+        tmp_path: Path, serve: Any) -> None:
+    """`/v1/version` names each export being written (parts, no marker) with when its first
+    file was written, beside the served versions, and drops it once it is loaded."""
+    write_seq_export(tmp_path, 1)
+    srv: Running = await serve(seq_config(tmp_path))
+    await srv.wait_export("/v1/rows", 1)
+    status, doc = await srv.get("/v1/version")
+    assert status == 200 and "pending" not in doc
+    before = time.time()
+    write_seq_export(tmp_path, 2, marker="")
+
+    async def listed() -> bool:
+        return "pending" in (await srv.get("/v1/version"))[1]
+
+    await wait_for(listed, 10, "/v1/version to list the pending export")
+    _, doc = await srv.get("/v1/version")
+    (entry,) = doc["pending"]["seqdata"]
+    assert entry["export_id"] == "export-000002"
+    since = datetime.datetime.fromisoformat(entry["since"]).timestamp()
+    assert before - 2 <= since <= time.time()
+    assert doc["datasets"]["seqdata"]["export_id"] == "export-000001"
+    (tmp_path / "seqdata" / "export-000002" / "_SUCCESS").write_text("")
+    await srv.wait_export("/v1/rows", 2)
+
+    async def dropped() -> bool:
+        return "pending" not in (await srv.get("/v1/version"))[1]
+
+    await wait_for(dropped, 10, "/v1/version to drop the loaded export")
 
 
 # -- least privilege for endpoint SQL --------------------------------------------------------
