@@ -17,7 +17,8 @@ from typing import Any
 import duckdb
 
 from engine.endpoints import PATH_PARAM_RE, EndpointSpec
-from engine.params import ParamSpec
+from engine.formats import FORMATS
+from engine.params import INT_MAX, INT_MIN, ParamSpec
 from engine.responses import IMMUTABLE, NO_STORE, TOKEN_LENGTH, VERSION_CACHE_CONTROL
 from engine.schema import DatasetSchema
 from engine.settings import Settings
@@ -104,7 +105,7 @@ def result_columns(spec: EndpointSpec,
 def param_schema(p: ParamSpec) -> dict[str, Any]:
     item: dict[str, Any]
     if p.type == "int":
-        item = {"type": "integer"}
+        item = {"type": "integer", "format": "int64"}
     elif p.type == "float":
         item = {"type": "number"}
     elif p.type == "bool":
@@ -120,6 +121,9 @@ def param_schema(p: ParamSpec) -> dict[str, Any]:
             item["minimum"] = p.min
         if p.max is not None:
             item["maximum"] = p.max
+    if p.type == "int":  # what DuckDB binds
+        item["minimum"] = max(item.get("minimum", INT_MIN), INT_MIN)
+        item["maximum"] = min(item.get("maximum", INT_MAX), INT_MAX)
     schema = ({"type": "array", "items": item, "minItems": 1, "maxItems": p.max_items}
               if p.is_list else item)
     if p.default is not None:
@@ -182,6 +186,14 @@ def _operation(spec: EndpointSpec, columns: list[tuple[str, Any]] | None) -> dic
         "description": "The endpoint's version token (`/v1/version`): the answer is immutable. "
                        "A token this server does not hold answers 307 to the current one.",
     })
+    params.append({
+        "name": "format", "in": "query", "required": False,
+        "schema": {"type": "string", "enum": list(FORMATS), "default": "json"},
+        "description": "The answer's format: JSON (`data` and `meta`), CSV (a header row, then "
+                       "the rows; a cell is the text of the JSON value, NULL empty) or an Arrow "
+                       "IPC stream (columns typed as DuckDB types them; `meta` as schema "
+                       "metadata). Each is cached and has its own ETag.",
+    })
     row: dict[str, Any] = {"type": "object"}
     if columns is not None:
         row["properties"] = {name: column_schema(t) for name, t in columns}
@@ -202,8 +214,12 @@ def _operation(spec: EndpointSpec, columns: list[tuple[str, Any]] | None) -> dic
         "tags": ["endpoints"],
         "parameters": params,
         "responses": {
-            "200": {"description": "The rows.", "headers": _headers(),
-                    "content": {"application/json": {"schema": body}}},
+            "200": {"description": "The rows.", "headers": _headers(), "content": {
+                "application/json": {"schema": body},
+                "text/csv": {"schema": {"type": "string"}},
+                FORMATS["arrow"]: {"schema": {"type": "string",
+                                              "contentMediaType": FORMATS["arrow"]}},
+            }},
             "304": {"description": "Not modified: the ETag sent in `If-None-Match` is current."},
             "307": {"description": "`v` names a version this server does not hold: the same "
                     f"URL with the current token (`Cache-Control: {NO_STORE}`).",

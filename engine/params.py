@@ -17,6 +17,7 @@ Scalar = int | float | str | bool
 
 
 PARAM_TYPES = ("int", "float", "string", "enum", "bool")
+INT_MIN, INT_MAX = -(2**63), 2**63 - 1
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,8 @@ def _scalar(spec: ParamSpec, text: str) -> Scalar:
             value: int | float = int(text.strip())
         except ValueError:
             raise ParamError(name, f"expected an integer, got {text!r}") from None
+        if not INT_MIN <= value <= INT_MAX:  # DuckDB binds 64 bits (found by the fuzzer)
+            raise ParamError(name, f"expected a 64-bit integer, got {text!r}")
     elif t == "float":
         try:
             value = float(text.strip())

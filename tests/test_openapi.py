@@ -127,7 +127,8 @@ def test_parameters_and_column_types_map_to_json_schema(tmp_path: Path) -> None:
     op = doc["paths"]["/v1/t/{k}"]["get"]
     params = {p["name"]: p for p in op["parameters"]}
     assert params["k"] == {"name": "k", "in": "path", "required": True,
-                           "schema": {"type": "integer", "minimum": 1, "maximum": 99}}
+                           "schema": {"type": "integer", "format": "int64", "minimum": 1,
+                                      "maximum": 99}}
     assert params["names"]["required"] is False
     assert params["names"]["schema"] == {"type": "array", "items": {"type": "string",
                                          "enum": ["a", "b"]}, "minItems": 1, "maxItems": 3,
@@ -161,6 +162,16 @@ async def test_list_parameters_refuse_empty_items(demo: Running) -> None:
         status, _, body = await _get(demo, f"/v1/tierlist/mid?region=euw&{query}")
         assert status == 400, (query, body)
         assert orjson.loads(body)["parameter"] == "ranks"
+
+
+async def test_an_integer_beyond_64_bits_is_a_400(demo: Running) -> None:
+    """Found by the fuzzer: DuckDB cannot bind it, and the server answered 500."""
+    for value in ("75529464304897425408", "-9223372036854775809"):
+        status, _, body = await _get(demo, f"/v1/champions/3/builds?role=mid&min_games={value}")
+        assert status == 400, body
+        assert orjson.loads(body)["parameter"] == "min_games"
+    status, _, _ = await _get(demo, "/v1/champions/3/builds?role=mid&min_games=9223372036854775807")
+    assert status == 200
 
 
 async def test_a_method_not_allowed_names_the_allowed_ones(demo: Running) -> None:
