@@ -67,6 +67,8 @@ def parse_endpoint(r: Reader, name: str, datasets: Mapping[str, DatasetSchema]) 
     params = {pname: parse_param(params_r, pname) for pname in params_r.table}
     if "v" in params:
         raise params_r.fail("v", "`v` is reserved for version tokens (`?v=`)")
+    if "format" in params:
+        raise params_r.fail("format", "`format` is reserved for the answer format (`?format=`)")
     row_limit = e.get("row_limit", int, 1000)
     positive(e, "row_limit", row_limit)
     cache_control = e.get("cache_control", str, DEFAULT_CACHE_CONTROL)

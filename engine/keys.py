@@ -11,6 +11,7 @@ from typing import Any
 import duckdb
 
 from engine.endpoints import EndpointSpec
+from engine.formats import split_format
 from engine.params import ParamError, ParamSpec, cache_key, default_value, parse_value
 
 log = logging.getLogger("duckswap.warm")
@@ -126,8 +127,12 @@ def hot_wants(spec: EndpointSpec, hot: Sequence[tuple[tuple[Any, ...], int]]) ->
     `heapq.nlargest`, picking and building them took 59-67 ms of CPU in one go at 2000 req/s;
     picking alone takes 24-27 ms."""
     names = list(spec.params)
-    return [({n: list(v) if isinstance(v, tuple) else v for n, v in zip(names, ck, strict=True)},
-             ck, count) for ck, count in hot]
+    out: list[Want] = []
+    for ck, count in hot:
+        key, _ = split_format(ck, len(names))  # a CSV or Arrow answer: the same parameters
+        out.append(({n: list(v) if isinstance(v, tuple) else v
+                     for n, v in zip(names, key, strict=True)}, ck, count))
+    return out
 
 
 def warm_wants(con: duckdb.DuckDBPyConnection, spec: EndpointSpec) -> list[Want]:

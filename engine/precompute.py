@@ -26,9 +26,18 @@ import duckdb
 from engine.answers import AnswersWriter, path_of
 from engine.endpoints import EndpointSpec
 from engine.fold import Folded, binding, evaluate
+from engine.formats import encode_answer, split_format
 from engine.keys import Want, hot_wants, warm_wants
 from engine.plan import BatchPlan
-from engine.query import Group, Result, batch_groups, execute, fetch_group, start_group
+from engine.query import (
+    Columns,
+    Group,
+    Result,
+    batch_groups,
+    execute,
+    fetch_group,
+    start_group,
+)
 from engine.responses import BodyEncoder, entry_size, etag, versions_header
 from engine.sql import lock_down
 from engine.store import QUERY_CONFIG, attach_sql, view_sql
@@ -293,7 +302,7 @@ class _Ahead:
         return None if job.unbatched else job.task.plan
 
     def _start(self, n: int, i: int, keys: list[Want]
-               ) -> tuple[list[Group], list[str]] | duckdb.Error | None:
+               ) -> tuple[list[Group], Columns] | duckdb.Error | None:
         """On the query thread: item `n`'s first query, on cursor `n % 2`."""
         plan, job = self._plan(i), self.jobs[i]
         if plan is None:
@@ -305,14 +314,14 @@ class _Ahead:
             return exc
 
     def _fetch(self, n: int, i: int, groups: list[Group],
-               names: list[str]) -> Iterator[tuple[int, Result | None]]:
+               columns: Columns) -> Iterator[tuple[int, Result | None]]:
         cur, job = self.curs[n % 2], self.jobs[i]
         plan = job.task.plan
         assert plan is not None
         for g, group in enumerate(groups):
             if g:  # keys with other LIMIT values: their own query, here (rare)
-                names = start_group(cur, plan, group, job.fixed)
-            yield from fetch_group(cur, job.task.spec, group, names)
+                columns = start_group(cur, plan, group, job.fixed)
+            yield from fetch_group(cur, job.task.spec, group, columns)
 
     def answers(self, items: list[tuple[int, list[Want]]]) -> Iterator[Batch]:
         """Each item's batched answers, in order; the next item's query runs meanwhile. Each
@@ -412,7 +421,9 @@ class _Spooler:
         return self.writers[job.index].has
 
     def add(self, job: _Job, ck: tuple[Any, ...], result: Result) -> None:
-        body = job.encode(result.columns, result.rows, result.truncated)
+        _, fmt = split_format(ck, len(job.task.spec.params))
+        body = encode_answer(fmt, job.encode, result.columns, result.types, result.rows,
+                             result.truncated)
         tag = etag(job.task.token, ck)
         self.bytes += entry_size((body, tag, ""))
         pending = job.pending

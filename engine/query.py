@@ -29,6 +29,7 @@ class Result:
     rows: list[tuple[Any, ...]]
     truncated: bool
     versions: dict[str, str] = field(default_factory=dict)
+    types: list[Any] | None = None  # the columns' DuckDB types (Arrow answers are typed so)
 
 
 @dataclass
@@ -149,8 +150,9 @@ def execute(
     whether the answer was cut at `limit`."""
     cur.execute(f"SELECT * FROM ({sql}) AS q LIMIT {limit + 1}", params)
     rows = cur.fetchall()
-    columns = [d[0] for d in cur.description or []]
-    return Result(columns, rows[:limit], len(rows) > limit)
+    desc = cur.description or []
+    return Result([d[0] for d in desc], rows[:limit], len(rows) > limit,
+                  types=[d[1] for d in desc])
 
 
 FETCH_CHUNK = 1000
@@ -168,8 +170,8 @@ def execute_batch(
     single query's business."""
     out: list[Result | None] = [None] * len(keys)
     for group in batch_groups(spec, plan, keys):
-        names = start_group(cur, plan, group, fixed)
-        for i, result in fetch_group(cur, spec, group, names):
+        columns = start_group(cur, plan, group, fixed)
+        for i, result in fetch_group(cur, spec, group, columns):
             out[i] = result
     return out
 
@@ -201,8 +203,11 @@ def batch_groups(spec: EndpointSpec, plan: BatchPlan, keys: list[dict[str, Any]]
     return out
 
 
+Columns = tuple[list[str], list[Any]]  # names and DuckDB types
+
+
 def start_group(cur: duckdb.DuckDBPyConnection, plan: BatchPlan, group: Group,
-                fixed: Mapping[str, Any] | None) -> list[str]:
+                fixed: Mapping[str, Any] | None) -> Columns:
     """Run one group's query on `cur` (DuckDB's part: no GIL held); returns its columns. The
     result waits on `cur` for `fetch_group`."""
     cur.register("__keys", group.table)
@@ -211,15 +216,17 @@ def start_group(cur: duckdb.DuckDBPyConnection, plan: BatchPlan, group: Group,
     except BaseException:
         cur.unregister("__keys")
         raise
-    return [d[0] for d in cur.description or []][1:]
+    desc = (cur.description or [])[1:]  # after `__i`
+    return [d[0] for d in desc], [d[1] for d in desc]
 
 
 def fetch_group(cur: duckdb.DuckDBPyConnection, spec: EndpointSpec, group: Group,
-                names: list[str]) -> Iterator[tuple[int, Result | None]]:
+                columns: Columns) -> Iterator[tuple[int, Result | None]]:
     """Each member's answer as its rows arrive (they come in key order), so a batch of 10^5
     keys is never all Python objects at once. Converting rows holds the GIL: in chunks, so an
     event loop gets it back between them."""
     limit = spec.row_limit
+    names, types = columns
     members = iter(group.members)
     current = -1  # the key whose rows are coming
     rows: list[tuple[Any, ...]] = []
@@ -229,17 +236,19 @@ def fetch_group(cur: duckdb.DuckDBPyConnection, spec: EndpointSpec, group: Group
                 i = row[0]
                 if i != current:
                     if current >= 0:
-                        yield current, Result(names, rows, False) if len(rows) <= limit else None
+                        yield current, (Result(names, rows, False, types=types)
+                                        if len(rows) <= limit else None)
                     for member in members:  # keys with no rows before this one
                         if member == i:
                             break
-                        yield member, Result(names, [], False)
+                        yield member, Result(names, [], False, types=types)
                     current, rows = i, []
                 rows.append(row[1:])
         if current >= 0:
-            yield current, Result(names, rows, False) if len(rows) <= limit else None
+            yield current, (Result(names, rows, False, types=types)
+                            if len(rows) <= limit else None)
         for member in members:
-            yield member, Result(names, [], False)
+            yield member, Result(names, [], False, types=types)
     finally:
         cur.unregister("__keys")
 

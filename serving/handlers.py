@@ -21,6 +21,7 @@ from engine.errors import (
     NotReady,
     QueryFailed,
 )
+from engine.formats import FORMATS, encode_answer, with_format
 from engine.openapi import document
 from engine.params import ParamError, bind_params, cache_key
 from engine.responses import (
@@ -28,9 +29,9 @@ from engine.responses import (
     NO_STORE,
     TOKEN_LENGTH,
     VERSION_CACHE_CONTROL,
+    BodyEncoder,
     Entry,
     dumps,
-    encode_body,
     etag,
     if_none_match,
     versions_header,
@@ -77,10 +78,11 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return error_response(ApiError("internal error"))
 
 
-def _entry_response(entry: Entry, version_token: str, cache_control: str) -> web.Response:
+def _entry_response(entry: Entry, version_token: str, cache_control: str,
+                    content_type: str = FORMATS["json"]) -> web.Response:
     body, tag, versions = entry
     return web.Response(body=body, headers={
-        "Content-Type": "application/json",
+        "Content-Type": content_type,
         "ETag": tag,
         "Cache-Control": cache_control,
         "X-Duckswap-Token": version_token,
@@ -99,12 +101,13 @@ def endpoint_handler(spec: EndpointSpec) -> Handler:
     async def handle(request: web.Request) -> web.StreamResponse:
         app = request.app
         serving = app[SERVING]
-        raw, wanted = _query(request)
+        raw, wanted, fmt = _query(request)
         try:
             params = bind_params(spec.params, request.match_info, raw)
         except ParamError as exc:
             raise BadParameter(f"{exc.name}: {exc.message}", parameter=exc.name) from None
-        key = cache_key(params)
+        key = with_format(cache_key(params), fmt)
+        content_type = FORMATS[fmt]
         serving.popularity.seen(name, key)
         cache = serving.cache
         store = serving.store
@@ -118,7 +121,7 @@ def endpoint_handler(spec: EndpointSpec) -> Handler:
             if wanted is not None and wanted != tok:
                 held = cache.peek((wanted, key))
                 if held is not None:  # an older version's exact bytes: still true for its URL
-                    return _entry_response(held, wanted, IMMUTABLE)
+                    return _entry_response(held, wanted, IMMUTABLE, content_type)
                 return _moved(request, tok)
             cache_control = spec.cache_control if wanted is None else IMMUTABLE
             tag = etag(tok, key)
@@ -127,8 +130,8 @@ def endpoint_handler(spec: EndpointSpec) -> Handler:
                 return _not_modified(tag, cache_control, tok)
             entry = cache.lookup((tok, key), name)
             if entry is None:
-                entry = await _compute(app, spec, snap, tok, key, params)
-            return _entry_response(entry, tok, cache_control)
+                entry = await _compute(app, spec, snap, tok, key, params, fmt)
+            return _entry_response(entry, tok, cache_control, content_type)
         finally:
             store.release(snap)
 
@@ -136,7 +139,7 @@ def endpoint_handler(spec: EndpointSpec) -> Handler:
 
 
 async def _compute(app: web.Application, spec: EndpointSpec, snap: Snapshot, tok: str,
-                   key: tuple[Any, ...], params: dict[str, Any]) -> Entry:
+                   key: tuple[Any, ...], params: dict[str, Any], fmt: str) -> Entry:
     """Query once per key and version: concurrent misses for the same key wait for one."""
     cache = app[SERVING].cache
     ck = (tok, key)
@@ -157,7 +160,8 @@ async def _compute(app: web.Application, spec: EndpointSpec, snap: Snapshot, tok
                                                                 snap)
         versions = snap.version_ids(spec.datasets)
         entry = (
-            encode_body(spec, tok, versions, result.columns, result.rows, result.truncated),
+            encode_answer(fmt, BodyEncoder(spec, tok, versions), result.columns, result.types,
+                          result.rows, result.truncated),
             etag(tok, key),
             versions_header(versions),
         )
@@ -194,12 +198,18 @@ def _moved(request: web.Request, current: str) -> web.Response:
     return json_response(body, 307, {"Location": location, "Cache-Control": NO_STORE})
 
 
-def _query(request: web.Request) -> tuple[dict[str, list[str]], str | None]:
-    """Query parameters, and the `v` version token if one was given."""
+def _query(request: web.Request) -> tuple[dict[str, list[str]], str | None, str]:
+    """Query parameters, the `v` version token if one was given, and the format."""
     out: dict[str, list[str]] = {}
     wanted = None
+    fmt = None
     for key, value in request.query.items():
-        if key == "v":
+        if key == "format":
+            if fmt is not None or value not in FORMATS:
+                raise BadParameter(f"format: expected one of {', '.join(FORMATS)}, once",
+                                   parameter="format")
+            fmt = value
+        elif key == "v":
             if wanted is not None:
                 raise BadParameter("v: expected a single version token", parameter="v")
             if len(value) != TOKEN_LENGTH or value.strip("0123456789abcdef"):
@@ -208,7 +218,7 @@ def _query(request: web.Request) -> tuple[dict[str, list[str]], str | None]:
             wanted = value
         else:
             out.setdefault(key, []).append(value)
-    return out, wanted
+    return out, wanted, fmt or "json"
 
 
 async def version_pointer(request: web.Request) -> web.Response:
