@@ -16,13 +16,12 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from engine.buckets import LAG_BUCKETS, REQUEST_BUCKETS
 from engine.store import Snapshot
 from loaders.updater import Updater
 from loaders.warm import Warmer
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
-LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)  # as
-# `serving.metrics`
 
 
 def render(updater: Updater, warmer: Warmer, workers: Sequence[Mapping[str, Any]],
@@ -31,6 +30,26 @@ def render(updater: Updater, warmer: Warmer, workers: Sequence[Mapping[str, Any]
     registry = CollectorRegistry()
     registry.register(Metrics(updater, warmer, workers, endpoints, restarts))
     return generate_latest(registry)
+
+
+def request_totals(workers: Sequence[Mapping[str, Any]]) -> dict[str, list[float]]:
+    """Each endpoint's request duration bucket counts since the start, then the sum of
+    seconds, every worker's summed."""
+    out: dict[str, list[float]] = {}
+    for w in workers:
+        for endpoint, counts in w.get("times", {}).get("total", {}).items():
+            into = out.setdefault(endpoint, [0.0] * len(counts))
+            for i, n in enumerate(counts):
+                into[i] += n
+    return out
+
+
+def _cumulative(bounds: Sequence[float], counts: Sequence[float]) -> list[tuple[str, float]]:
+    out, running = [], 0.0
+    for bound, n in zip([*map(str, bounds), "+Inf"], counts, strict=True):
+        running += n
+        out.append((bound, running))
+    return out
 
 
 class Metrics(Collector):
@@ -94,12 +113,14 @@ class Metrics(Collector):
             for i, n in enumerate(got.get("buckets", [])):
                 buckets[i] += n
             total += got.get("sum", 0.0)
-        cumulative, running = [], 0
-        for bound, n in zip([*map(str, LAG_BUCKETS), "+Inf"], buckets, strict=True):
-            running += n
-            cumulative.append((bound, running))
-        lag.add_metric([], cumulative, total)
+        lag.add_metric([], _cumulative(LAG_BUCKETS, buckets), total)
         yield lag
+        times = HistogramMetricFamily(
+            "duckswap_request_duration_seconds",
+            "Declared endpoints' requests, handler start to answer", labels=["endpoint"])
+        for endpoint, counts in sorted(request_totals(self.workers).items()):
+            times.add_metric([endpoint], _cumulative(REQUEST_BUCKETS, counts[:-1]), counts[-1])
+        yield times
         loads = CounterMetricFamily("duckswap_loads", "Exports built, by outcome",
                                     labels=["dataset", "outcome"])
         for (dataset, outcome), n in sorted(self.updater.outcomes.items()):

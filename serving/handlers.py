@@ -39,7 +39,7 @@ from engine.responses import (
 from engine.settings import Settings
 from engine.store import Snapshot
 from serving.link import LOADER
-from serving.state import SERVING, SETTINGS, STORE
+from serving.state import SERVING, SETTINGS, STORE, Serving
 
 log = logging.getLogger("duckswap.server")
 
@@ -99,8 +99,15 @@ def endpoint_handler(spec: EndpointSpec) -> Handler:
     name = spec.name
 
     async def handle(request: web.Request) -> web.StreamResponse:
+        start = time.perf_counter()
+        serving = request.app[SERVING]
+        try:
+            return await answer(request, serving)
+        finally:
+            serving.times.observe(name, time.perf_counter() - start)
+
+    async def answer(request: web.Request, serving: Serving) -> web.StreamResponse:
         app = request.app
-        serving = app[SERVING]
         raw, wanted, fmt = _query(request)
         try:
             params = bind_params(spec.params, request.match_info, raw)

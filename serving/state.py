@@ -20,7 +20,7 @@ from engine.settings import Settings
 from engine.store import Replica, Snapshot
 from serving.batcher import Batcher
 from serving.cache import Popularity, ResponseCache
-from serving.metrics import LoopLag
+from serving.metrics import LoopLag, RequestTimes
 
 SETTINGS = web.AppKey("settings", Settings)
 STORE = web.AppKey("store", Replica)
@@ -56,6 +56,7 @@ class Serving:
         self.query_errors: dict[tuple[str, str], int] = {}  # (endpoint, DuckDB error) -> count
         self.status: dict[str, Any] = {}  # what the loader last said (`loaders.loader.status`)
         self.lag = LoopLag()
+        self.times = RequestTimes()
 
     def tokens(self, snap: Snapshot) -> dict[str, str]:
         """Token of every endpoint whose datasets are all loaded in `snap` (memoised)."""
@@ -100,6 +101,7 @@ class Serving:
             "query_errors": dict(self.query_errors),
             "cache_bytes": c.bytes, "cache_entries": len(c),
             "lag": self.lag.counts(),
+            "times": self.times.counts(),
         }
 
 
