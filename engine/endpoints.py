@@ -15,7 +15,8 @@ PATH_PARAM_RE = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
 DEFAULT_CACHE_CONTROL = "public, max-age=5, stale-while-revalidate=30"
-RESERVED_PATHS = ("/healthz", "/readyz", "/metrics", "/v1/version", "/admin", "/openapi.json")
+RESERVED_PATHS = ("/healthz", "/readyz", "/metrics", "/v1/version", "/admin", "/openapi.json",
+                  "/status")
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,8 @@ def parse_endpoint(r: Reader, name: str, datasets: Mapping[str, DatasetSchema]) 
     path = e.get("path", str)
     if not path.startswith("/"):
         raise e.fail("path", f"must start with '/', got {path!r}")
+    if path == "/":
+        raise e.fail("path", "/ is reserved by the server (the status page)")
     for reserved in RESERVED_PATHS:
         if path == reserved or path.startswith(reserved + "/"):
             raise e.fail("path", f"{reserved} is reserved by the server")

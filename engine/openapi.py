@@ -275,6 +275,12 @@ def _server_routes() -> dict[str, Any]:
             "summary": "Prometheus metrics, every worker's counts summed.",
             "responses": {"200": {"description": "Prometheus text format.",
                                   "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
+        "/status": {"get": {
+            "operationId": "status", "tags": ["server"],
+            "summary": "The status page: datasets, freshness, pending and refused exports, "
+                       "hit ratio, each endpoint's rate and P50/P99 over the last minute.",
+            "responses": {"200": {"description": "HTML, no script, no asset from elsewhere.",
+                                  "content": {"text/html": {"schema": {"type": "string"}}}}}}},
         "/openapi.json": {"get": {
             "operationId": "openapi", "tags": ["server"], "summary": "This document.",
             "responses": {"200": {"description": "OpenAPI 3.1, with an ETag.",

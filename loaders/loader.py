@@ -15,7 +15,7 @@ from engine.fold import fold_endpoints
 from engine.plan import batch_sql
 from engine.responses import fingerprint
 from engine.settings import Settings
-from loaders import admin
+from loaders import admin, status
 from loaders.builder import Builder
 from loaders.catalog import Catalog
 from loaders.metrics import CONTENT_TYPE, render
@@ -138,6 +138,12 @@ class Loader:
     async def admin(self, method: str, path: str, body: bytes | None,
                     remote: str | None) -> tuple[int, Any]:
         return await admin.handle(self.updater, method, path, body, remote)
+
+    async def page(self, admin: bool) -> bytes:
+        """The status page (`loaders.status`); `admin`: with what only admins see."""
+        counts = await self.workers.counters()
+        return status.render(self.updater, self.warmer, self.settings, counts,
+                             self.workers.restarts, self.workers.pids(), admin)
 
     async def metrics(self) -> tuple[bytes, str]:
         counts = await self.workers.counters()

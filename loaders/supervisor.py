@@ -34,6 +34,7 @@ class ProcessWorker:
                  channel: Channel) -> None:
         self.name = name
         self.process = process
+        self.pid = process.pid
         self.channel = channel
         self.listening = asyncio.Event()
 
@@ -152,6 +153,8 @@ class Supervisor:
                 return await self.loader.admin(*args)
             if op == "metrics":
                 return await self.loader.metrics()
+            if op == "page":
+                return await self.loader.page(*args)
             if op == "drained":
                 self.loader.drained(name, *args)
                 return None

@@ -22,7 +22,7 @@ STAGE_SECONDS = 120.0  # the longest a worker may take to attach a Snapshot's fi
 
 class WorkerLink(Protocol):
     name: str
-
+    pid: int  # its process
     async def stage(self, snap: Snapshot) -> None:
         """Attach `snap`'s files and open its answers; not served yet."""
 
@@ -120,6 +120,9 @@ class Workers:
         results = await asyncio.gather(*(link.counters() for link in links),
                                        return_exceptions=True)
         return [r for r in results if isinstance(r, dict)]
+
+    def pids(self) -> list[int]:
+        return sorted(link.pid for link in list(self.links.values()))
 
     def push_status(self, doc: dict[str, Any]) -> None:
         for link in list(self.links.values()):

@@ -39,6 +39,9 @@ class LocalLoader:
     async def metrics(self) -> tuple[bytes, str]:
         return await self.loader.metrics()
 
+    async def page(self, admin: bool) -> bytes:
+        return await self.loader.page(admin)
+
     def drained(self, snap_ids: list[int]) -> None:
         self.loader.drained(self.worker, snap_ids)
 

@@ -285,6 +285,17 @@ async def readyz(request: web.Request) -> web.Response:
     })
 
 
+STATUS_CONTENT_TYPE = "text/html; charset=utf-8"
+
+
+async def status_page(request: web.Request) -> web.Response:
+    """The status page, rendered by the loader (`loaders.status`); what only admins see is at
+    `/admin/status`."""
+    body = await request.app[LOADER].page(False)
+    return web.Response(body=body, headers={"Content-Type": STATUS_CONTENT_TYPE,
+                                            "Cache-Control": NO_STORE})
+
+
 async def metrics(request: web.Request) -> web.Response:
     """Prometheus text format, rendered by the loader: its state and every worker's counts."""
     body, content_type = await request.app[LOADER].metrics()

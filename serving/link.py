@@ -17,6 +17,9 @@ class LoaderLink(Protocol):
     async def metrics(self) -> tuple[bytes, str]:
         """The `/metrics` document and its content type."""
 
+    async def page(self, admin: bool) -> bytes:
+        """The status page's HTML; `admin`: with what only admins see."""
+
     def drained(self, snap_ids: list[int]) -> None:
         """This worker dropped these Snapshots: no request of its reads them any more."""
 

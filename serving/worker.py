@@ -31,6 +31,7 @@ from serving.handlers import (
     metrics,
     openapi_handler,
     readyz,
+    status_page,
     version_pointer,
 )
 from serving.link import LOADER
@@ -43,6 +44,7 @@ class Worker:
     def __init__(self, app: web.Application, name: str, answers: Path) -> None:
         self.app = app
         self.name = name
+        self.pid = os.getpid()
         self.answers = answers
         self.serving = app[SERVING]
         self.store = app[STORE]
@@ -171,6 +173,8 @@ def create_worker_app(settings: Settings, name: str, versions: Path, answers: Pa
     app.router.add_get("/v1/version", version_pointer)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/openapi.json", openapi_handler(settings))
+    app.router.add_get("/status", status_page)
+    app.router.add_get("/", status_page)
     if settings.admin_token:
         add_routes(app, settings.admin_token)
     for spec in settings.endpoints.values():
@@ -192,6 +196,10 @@ class ChannelLoader:
 
     async def metrics(self) -> tuple[bytes, str]:
         result: tuple[bytes, str] = await self.channel.call("metrics")
+        return result
+
+    async def page(self, admin: bool) -> bytes:
+        result: bytes = await self.channel.call("page", admin)
         return result
 
     def drained(self, snap_ids: list[int]) -> None:
