@@ -22,7 +22,7 @@ log = logging.getLogger("duckswap.admin")
 def add_routes(app: web.Application, token: str) -> None:
     want = hashlib.sha256(token.encode()).digest()
 
-    def check(request: web.Request) -> None:
+    def check(request: web.Request, browser: bool = False) -> None:
         """The token, as a bearer token or (for a browser, at `/admin/status`) as the password
         of HTTP Basic with any user name."""
         scheme, _, given = request.headers.get("Authorization", "").partition(" ")
@@ -39,11 +39,12 @@ def add_routes(app: web.Application, token: str) -> None:
                         request.path, request.remote, "wrong" if given else "no")
             err = Unauthorized("admin routes need `Authorization: Bearer "
                                "<server.admin_token>` (or Basic, the token as the password)")
-            err.headers["WWW-Authenticate"] = 'Basic realm="duckswap admin", charset="UTF-8"'
+            if browser:  # the status page: a browser asks for the token
+                err.headers["WWW-Authenticate"] = 'Basic realm="duckswap-admin", charset="UTF-8"'
             raise err
 
     async def page(request: web.Request) -> web.Response:
-        check(request)
+        check(request, browser=True)
         body = await request.app[LOADER].page(True)
         return web.Response(body=body, headers={"Content-Type": STATUS_CONTENT_TYPE,
                                                 "Cache-Control": "no-store"})
