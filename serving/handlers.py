@@ -39,7 +39,7 @@ from engine.responses import (
 from engine.settings import Settings
 from engine.store import Snapshot
 from serving.link import LOADER
-from serving.state import SERVING, SETTINGS, STORE, Serving
+from serving.state import SERVING, SETTINGS, STORE
 
 log = logging.getLogger("duckswap.server")
 
@@ -102,45 +102,42 @@ def endpoint_handler(spec: EndpointSpec) -> Handler:
         start = time.perf_counter()
         serving = request.app[SERVING]
         try:
-            return await answer(request, serving)
+            app = request.app
+            raw, wanted, fmt = _query(request)
+            try:
+                params = bind_params(spec.params, request.match_info, raw)
+            except ParamError as exc:
+                raise BadParameter(f"{exc.name}: {exc.message}", parameter=exc.name) from None
+            key = with_format(cache_key(params), fmt)
+            content_type = FORMATS[fmt]
+            serving.popularity.seen(name, key)
+            cache = serving.cache
+            store = serving.store
+            snap = store.acquire()
+            try:
+                tok = serving.tokens(snap).get(name)
+                if tok is None:
+                    missing = [d for d in spec.datasets if d not in snap.versions]
+                    raise NotReady(f"dataset {missing[0]!r} has no loaded version yet",
+                                   missing=missing)
+                if wanted is not None and wanted != tok:
+                    held = cache.peek((wanted, key))
+                    if held is not None:  # an older version's exact bytes: still true for its URL
+                        return _entry_response(held, wanted, IMMUTABLE, content_type)
+                    return _moved(request, tok)
+                cache_control = spec.cache_control if wanted is None else IMMUTABLE
+                tag = etag(tok, key)
+                validator = request.headers.get("If-None-Match")
+                if if_none_match(validator, tag):
+                    return _not_modified(tag, cache_control, tok)
+                entry = cache.lookup((tok, key), name)
+                if entry is None:
+                    entry = await _compute(app, spec, snap, tok, key, params, fmt)
+                return _entry_response(entry, tok, cache_control, content_type)
+            finally:
+                store.release(snap)
         finally:
             serving.times.observe(name, time.perf_counter() - start)
-
-    async def answer(request: web.Request, serving: Serving) -> web.StreamResponse:
-        app = request.app
-        raw, wanted, fmt = _query(request)
-        try:
-            params = bind_params(spec.params, request.match_info, raw)
-        except ParamError as exc:
-            raise BadParameter(f"{exc.name}: {exc.message}", parameter=exc.name) from None
-        key = with_format(cache_key(params), fmt)
-        content_type = FORMATS[fmt]
-        serving.popularity.seen(name, key)
-        cache = serving.cache
-        store = serving.store
-        snap = store.acquire()
-        try:
-            tok = serving.tokens(snap).get(name)
-            if tok is None:
-                missing = [d for d in spec.datasets if d not in snap.versions]
-                raise NotReady(f"dataset {missing[0]!r} has no loaded version yet",
-                               missing=missing)
-            if wanted is not None and wanted != tok:
-                held = cache.peek((wanted, key))
-                if held is not None:  # an older version's exact bytes: still true for its URL
-                    return _entry_response(held, wanted, IMMUTABLE, content_type)
-                return _moved(request, tok)
-            cache_control = spec.cache_control if wanted is None else IMMUTABLE
-            tag = etag(tok, key)
-            validator = request.headers.get("If-None-Match")
-            if if_none_match(validator, tag):
-                return _not_modified(tag, cache_control, tok)
-            entry = cache.lookup((tok, key), name)
-            if entry is None:
-                entry = await _compute(app, spec, snap, tok, key, params, fmt)
-            return _entry_response(entry, tok, cache_control, content_type)
-        finally:
-            store.release(snap)
 
     return handle
 
