@@ -32,6 +32,18 @@ def render(updater: Updater, warmer: Warmer, workers: Sequence[Mapping[str, Any]
     return generate_latest(registry)
 
 
+def lookup_totals(workers: Sequence[Mapping[str, Any]],
+                  endpoints: Sequence[str]) -> dict[str, list[int]]:
+    """Each endpoint's [cache hits, misses], every worker's summed."""
+    out: dict[str, list[int]] = {e: [0, 0] for e in endpoints}
+    for w in workers:
+        for endpoint, (hits, misses) in w.get("lookups", {}).items():
+            into = out.setdefault(endpoint, [0, 0])
+            into[0] += hits
+            into[1] += misses
+    return out
+
+
 def request_totals(workers: Sequence[Mapping[str, Any]]) -> dict[str, list[float]]:
     """Each endpoint's request duration bucket counts since the start, then the sum of
     seconds, every worker's summed."""
@@ -67,15 +79,11 @@ class Metrics(Collector):
     def collect(self) -> Iterator[Metric]:
         lookups = CounterMetricFamily("duckswap_cache_lookups", "Response cache lookups",
                                       labels=["endpoint", "result"])
-        lookup_counts: dict[str, list[int]] = {e: [0, 0] for e in self.endpoints}
         errors: Counter[tuple[str, str]] = Counter()
         for w in self.workers:
-            for endpoint, (hits, misses) in w.get("lookups", {}).items():
-                into = lookup_counts.setdefault(endpoint, [0, 0])
-                into[0] += hits
-                into[1] += misses
             errors.update(w.get("query_errors", {}))
-        for endpoint, (hits, misses) in sorted(lookup_counts.items()):
+        for endpoint, (hits, misses) in sorted(lookup_totals(self.workers,
+                                                             self.endpoints).items()):
             lookups.add_metric([endpoint, "hit"], hits)
             lookups.add_metric([endpoint, "miss"], misses)
         yield lookups

@@ -20,7 +20,7 @@ from engine.buckets import quantile
 from engine.precompute import WarmReport
 from engine.settings import Settings
 from loaders.admin import dataset_doc
-from loaders.metrics import request_totals
+from loaders.metrics import lookup_totals, request_totals
 from loaders.updater import Updater
 from loaders.warm import Warmer
 
@@ -126,13 +126,9 @@ def render(updater: Updater, warmer: Warmer, settings: Settings,
             f'<td class="bad">{_e(q["reason"])}</td>'
             for d in docs for q in d["quarantined"]]))
     parts.append("<h2>Endpoints (the last minute)</h2>")
-    hits_misses: dict[str, list[int]] = {e: [0, 0] for e in settings.endpoints}
+    hits_misses = lookup_totals(workers, list(settings.endpoints))
     minute: dict[str, list[int]] = {}
     for w in workers:
-        for endpoint, (hits, misses) in w.get("lookups", {}).items():
-            into = hits_misses.setdefault(endpoint, [0, 0])
-            into[0] += hits
-            into[1] += misses
         for endpoint, counts in w.get("times", {}).get("minute", {}).items():
             got = minute.setdefault(endpoint, [0] * len(counts))
             for i, n in enumerate(counts):

@@ -124,6 +124,12 @@ class Running:
         async with self.session.get(self.url(path), **kw) as resp:
             return resp.status, await resp.json()
 
+    async def raw(self, path: str, **headers: str) -> tuple[int, Any, bytes]:
+        """Status, headers and body bytes; redirects not followed."""
+        async with self.session.get(self.url(path), headers=headers,
+                                    allow_redirects=False) as resp:
+            return resp.status, resp.headers.copy(), await resp.read()
+
     async def wait_ready(self, timeout: float = 60.0) -> None:
         async def ready() -> bool:
             status, _ = await self.get("/readyz")
@@ -234,3 +240,13 @@ def replica_updater(root: Path, datasets: Any, threads: int = 1,
     publisher = ReplicaPublisher(replica, catalog)
     updater = Updater(LocalSource(root), catalog, datasets, publisher=publisher, **kw)
     return updater, replica, publisher
+
+
+async def small_demo(root: Path, serve: Any) -> Running:
+    """The demo config serving a small demo export written under `root`, ready."""
+    from data.generate import write_export
+
+    write_export(root, 1, size="small")
+    srv: Running = await serve(demo_settings(root))
+    await srv.wait_ready()
+    return srv

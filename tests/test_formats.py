@@ -14,7 +14,7 @@ import orjson
 import pyarrow as pa
 import pytest
 
-from conftest import Running, demo_settings, wait_for
+from conftest import Running, demo_settings, small_demo, wait_for
 from data.generate import write_export
 from engine.formats import with_format
 from engine.params import bind_params, cache_key
@@ -33,15 +33,11 @@ PATHS = [  # every demo endpoint; lists, enums, ints, path and query parameters
 
 @pytest.fixture
 async def demo(tmp_path: Path, serve: Any) -> Running:
-    write_export(tmp_path, 1, size="small")
-    srv: Running = await serve(demo_settings(tmp_path))
-    await srv.wait_ready()
-    return srv
+    return await small_demo(tmp_path, serve)
 
 
 async def _get(srv: Running, path: str, **headers: str) -> tuple[int, Any, bytes]:
-    async with srv.session.get(srv.url(path), headers=headers, allow_redirects=False) as resp:
-        return resp.status, resp.headers.copy(), await resp.read()
+    return await srv.raw(path, **headers)
 
 
 def _text(value: Any) -> str:

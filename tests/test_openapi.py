@@ -19,7 +19,7 @@ from jsonschema import Draft202012Validator
 from openapi_spec_validator import validate
 
 from bench.ports import free_port
-from conftest import DEMO_CONFIG, Running, demo_settings
+from conftest import DEMO_CONFIG, Running, small_demo
 from data.generate import write_export
 from engine.openapi import document
 from engine.settings import parse_settings
@@ -36,15 +36,11 @@ DEMO_PATHS = {  # one request per declared endpoint of the demo
 
 @pytest.fixture
 async def demo(tmp_path: Path, serve: Any) -> Running:
-    write_export(tmp_path, 1, size="small")
-    srv: Running = await serve(demo_settings(tmp_path))
-    await srv.wait_ready()
-    return srv
+    return await small_demo(tmp_path, serve)
 
 
 async def _get(srv: Running, path: str, **headers: str) -> tuple[int, Any, bytes]:
-    async with srv.session.get(srv.url(path), headers=headers, allow_redirects=False) as resp:
-        return resp.status, resp.headers.copy(), await resp.read()
+    return await srv.raw(path, **headers)
 
 
 def _answer_schema(doc: dict[str, Any], path: str) -> Draft202012Validator:
