@@ -96,22 +96,33 @@ def _taskset(cpus: str | None) -> list[str]:
 
 
 class Server:
-    """A duckswap server on the demo config, in its own process."""
+    """A duckswap server on the demo config, in its own process. `data_dir` defaults to a
+    folder beside the source; `env` overrides more keys (`DUCKSWAP_...`)."""
 
-    def __init__(self, source: Path, cpus: str | None, threads: int, workers: int = 0) -> None:
+    def __init__(self, source: Path, cpus: str | None, threads: int, workers: int = 0,
+                 data_dir: Path | None = None, env: dict[str, str] | None = None,
+                 log: Path | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        env = dict(os.environ, DUCKSWAP_SOURCE__URL=f'"file://{source}"',
-                   DUCKSWAP_SERVER__PORT=str(self.port), DUCKSWAP_SERVER__THREADS=str(threads),
-                   DUCKSWAP_SERVER__WORKERS=str(workers),
-                   # the access log is off: INFO is a few lines per swap (build, warm, publish)
-                   DUCKSWAP_SERVER__LOG_LEVEL="INFO",
-                   # versions live with the run's temporary files, removed with them
-                   DUCKSWAP_SERVER__DATA_DIR=f'"{source.parent / "data"}"')
-        self.log = open(source.parent / "server.log", "wb")  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            [*_taskset(cpus), sys.executable, "-m", "serving.cli", "serve",
-             "--config", str(DEMO_CONFIG)], env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        self.env = dict(os.environ, DUCKSWAP_SOURCE__URL=f'"file://{source}"',
+                        DUCKSWAP_SERVER__PORT=str(self.port),
+                        DUCKSWAP_SERVER__THREADS=str(threads),
+                        DUCKSWAP_SERVER__WORKERS=str(workers),
+                        # the access log is off: INFO is a few lines per swap (build, warm, publish)
+                        DUCKSWAP_SERVER__LOG_LEVEL="INFO",
+                        # versions live with the run's temporary files, removed with them
+                        DUCKSWAP_SERVER__DATA_DIR=f'"{data_dir or source.parent / "data"}"',
+                        **(env or {}))
+        self.cmd = [*_taskset(cpus), sys.executable, "-m", "serving.cli", "serve",
+                    "--config", str(DEMO_CONFIG)]
+        self.log_path = log or source.parent / "server.log"
+        self.start()
+
+    def start(self) -> None:
+        """Start it (again: same port, same data dir)."""
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=log,
+                                         stderr=subprocess.STDOUT)
 
     def wait_ready(self, timeout: float = 120) -> None:
         deadline = time.monotonic() + timeout
@@ -140,14 +151,36 @@ class Server:
         threading.Thread(target=run, daemon=True, name="bench-pss").start()
         return samples
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 10) -> None:
+        """SIGTERM, and SIGKILL past `timeout` seconds."""
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
-                self.proc.wait(10)
+                self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
-        self.log.close()
+                self.proc.wait()
+
+    def kill(self, timeout: float = 10) -> None:
+        """kill -9 of the loader; returns once every process of the server is gone (the
+        workers and build processes exit on their own when the loader dies)."""
+        pids = tree(self.proc.pid)
+        self.proc.kill()
+        self.proc.wait()
+        deadline = time.monotonic() + timeout
+        while any(_alive(p) for p in pids):
+            if time.monotonic() > deadline:
+                raise SystemExit(f"processes {pids} outlived their loader")
+            time.sleep(0.02)
+
+
+def _alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie waiting for its new parent to reap it does not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def run_loadgen(url: str, rate: float, duration: float, out: Path, args: argparse.Namespace,

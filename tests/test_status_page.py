@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import os
 import shutil
-import subprocess
 from dataclasses import replace
 from html.parser import HTMLParser
 from pathlib import Path
@@ -16,6 +14,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from bench.debian import debian_program
 from conftest import Running, demo_settings, wait_for, write_seq_export
 from data.generate import write_export
 
@@ -153,23 +152,6 @@ async def test_without_a_token_there_is_no_admin_view(tmp_path: Path, serve: Any
     assert status == 200 and "duckswap status" in page
 
 
-def chromium() -> str:
-    """Debian's chromium, installed here where it is missing (apt-get, as root or with sudo):
-    the README's test command needs nothing else."""
-    names = ("chromium", "chromium-browser", "google-chrome")
-    found = next((p for n in names if (p := shutil.which(n))), None)
-    if found is None and shutil.which("apt-get"):
-        sudo = [] if os.geteuid() == 0 else ["sudo", "-n"]
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        for cmd in (["apt-get", "update", "-qq"],
-                    ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "chromium"]):
-            subprocess.run([*sudo, *cmd], env=env, check=False, capture_output=True,
-                           timeout=600)
-        found = next((p for n in names if (p := shutil.which(n))), None)
-    assert found, "no chromium, and `apt-get install chromium` did not give one"
-    return found
-
-
 @pytest.mark.timeout(900)  # the first run may install chromium
 async def test_a_real_headless_chromium_renders_it(demo: Running, tmp_path: Path) -> None:
     """The page as a browser shows it: Chromium, headless, offline (no asset from anywhere
@@ -177,7 +159,8 @@ async def test_a_real_headless_chromium_renders_it(demo: Running, tmp_path: Path
     async with demo.session.get(demo.url("/v1/champions/1/stats?role=mid&rank=gold&region=euw")
                                 ) as resp:
         assert resp.status == 200
-    base = [chromium(), "--headless", "--no-sandbox", "--disable-gpu",
+    base = [debian_program(("chromium", "chromium-browser", "google-chrome"), "chromium"),
+            "--headless", "--no-sandbox", "--disable-gpu",
             "--disable-dev-shm-usage", "--no-first-run", f"--user-data-dir={tmp_path / 'ch'}"]
     dom = await asyncio.create_subprocess_exec(
         *base, "--dump-dom", demo.url("/status"),
