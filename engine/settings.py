@@ -26,7 +26,8 @@ SETTING_KEYS: dict[str, str] = {
     "server.host": "Address to listen on (default 127.0.0.1).",
     "server.port": "TCP port (default 8080).",
     "server.workers": "HTTP worker processes, all answering on the one port (SO_REUSEPORT); "
-    "0, the default, starts one per CPU this process may use.",
+    "0, the default, starts one per CPU this process may use (its CPU affinity, and its "
+    "cgroup's CPU quota rounded down: a Kubernetes CPU limit, `docker run --cpus`).",
     "server.threads": "Queries each worker runs at once for cache misses, each on one DuckDB "
     "thread of its own; also the build and warm threads (default 2).",
     "server.query_timeout": "Seconds before a query is interrupted and answered 504 (default 5).",
@@ -161,12 +162,56 @@ class Settings:
 
     def worker_count(self) -> int:
         """HTTP workers to run: `workers`, or one per CPU this process may use."""
-        if self.workers:
-            return self.workers
-        try:
-            return len(os.sched_getaffinity(0))
-        except AttributeError:  # not Linux
-            return os.cpu_count() or 1
+        return self.workers or usable_cpus()
+
+
+def usable_cpus(proc_cgroup: Path = Path("/proc/self/cgroup"),
+                root: Path = Path("/sys/fs/cgroup")) -> int:
+    """The CPUs this process may use: its CPU affinity, and its cgroup's CPU quota (what a
+    Kubernetes CPU limit or `docker run --cpus` sets) rounded down, at least 1."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    quota = cgroup_cpu_quota(proc_cgroup, root)
+    return cpus if quota is None else max(1, min(cpus, int(quota)))
+
+
+def cgroup_cpu_quota(proc_cgroup: Path = Path("/proc/self/cgroup"),
+                     root: Path = Path("/sys/fs/cgroup")) -> float | None:
+    """The CPU quota of this process's cgroup in CPUs, the smallest along its path (cgroup v2
+    `cpu.max`, v1 `cpu.cfs_quota_us` / `cpu.cfs_period_us`); None where none is set."""
+    try:
+        lines = proc_cgroup.read_text().splitlines()
+    except OSError:
+        return None
+    quotas = []
+    files: tuple[str, ...]
+    for line in lines:
+        hierarchy, controllers, path = line.split(":", 2)
+        if hierarchy == "0" and not controllers:  # v2 (hybrid systems mount it at unified/)
+            base = root if (root / "cgroup.controllers").exists() else root / "unified"
+            files = ("cpu.max",)
+        elif "cpu" in controllers.split(","):
+            base, files = root / controllers, ("cpu.cfs_quota_us", "cpu.cfs_period_us")
+        else:
+            continue
+        for folder in _cgroup_folders(base, path):
+            try:
+                values = " ".join((folder / f).read_text() for f in files).split()
+            except OSError:
+                continue
+            if values[0] not in ("max", "-1") and int(values[1]) > 0:
+                quotas.append(int(values[0]) / int(values[1]))
+    return min(quotas, default=None)
+
+
+def _cgroup_folders(base: Path, path: str) -> list[Path]:
+    """`base/path` and its parents up to `base`. In a container without a cgroup namespace,
+    `path` names the host's hierarchy, and `base` is the container's own cgroup."""
+    parts = [p for p in path.split("/") if p]
+    folders = [base.joinpath(*parts[:i]) for i in range(len(parts), 0, -1)]
+    return [f for f in folders if f.is_dir()] + [base]
 
 def _parse_dataset(r: Reader, name: str) -> DatasetSchema:
     import duckdb

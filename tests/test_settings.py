@@ -19,7 +19,14 @@ import pytest
 from bench.ports import free_port
 from conftest import DEMO_CONFIG, REPO, seq_config_file, write_seq_export
 from engine.config import ConfigError
-from engine.settings import SETTING_KEYS, load_settings, parse_settings, reference_table
+from engine.settings import (
+    SETTING_KEYS,
+    cgroup_cpu_quota,
+    load_settings,
+    parse_settings,
+    reference_table,
+    usable_cpus,
+)
 from engine.sqlcheck import check_sql
 
 BASE: dict[str, Any] = {
@@ -264,3 +271,44 @@ def test_duckswap_version() -> None:
     res = subprocess.run([sys.executable, "-m", "serving.cli", "--version"],
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 0 and res.stdout.strip() == f"duckswap {version('duckswap')}"
+
+
+def _cgroupfs(tmp_path: Path, proc: str, files: dict[str, str]) -> tuple[Path, Path]:
+    """A cgroup filesystem as the kernel shows one (the quota a container runtime sets cannot
+    be set on this machine without privileges): /proc/self/cgroup and the files under root."""
+    root = tmp_path / "cgroup"
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    (tmp_path / "proc-cgroup").write_text(proc)
+    return tmp_path / "proc-cgroup", root
+
+
+@pytest.mark.parametrize(("proc", "files", "quota"), [
+    # cgroup v2: the smallest quota along the path counts (here the pod's, above the container)
+    ("0::/kubepods/pod1/c1\n", {"cgroup.controllers": "cpu", "kubepods/pod1/cpu.max":
+                                 "150000 100000\n", "kubepods/pod1/c1/cpu.max": "max 100000\n"},
+     1.5),
+    # v2 in a container with its own cgroup namespace: the root folder is the container's
+    ("0::/\n", {"cgroup.controllers": "cpu", "cpu.max": "400000 100000\n"}, 4.0),
+    # v1 without a cgroup namespace: the host's path, the container's cgroup mounted at root
+    ("4:cpu,cpuacct:/docker/abc\n0::/\n", {"cpu,cpuacct/cpu.cfs_quota_us": "250000\n",
+                                           "cpu,cpuacct/cpu.cfs_period_us": "100000\n"}, 2.5),
+    # no quota anywhere: v1's -1, v2's max
+    ("1:cpu:/\n0::/\n", {"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n",
+                         "unified/cpu.max": "max 100000\n"}, None),
+])
+def test_the_cgroup_cpu_quota_is_read_from_v1_and_v2(
+        tmp_path: Path, proc: str, files: dict[str, str], quota: float | None) -> None:
+    assert cgroup_cpu_quota(*_cgroupfs(tmp_path, proc, files)) == quota
+
+
+def test_the_default_workers_follow_the_cgroup_quota_rounded_down_at_least_one(
+        tmp_path: Path) -> None:
+    affinity = len(os.sched_getaffinity(0))
+    for text, workers in (("max 100000", affinity), ("50000 100000", 1),
+                          (f"{affinity * 100000 + 99999} 100000", affinity),
+                          (f"{100000 * (affinity + 8)} 100000", affinity)):
+        paths = _cgroupfs(tmp_path, "0::/\n", {"cgroup.controllers": "", "cpu.max": text})
+        assert usable_cpus(*paths) == workers, text
+    assert usable_cpus(tmp_path / "missing", tmp_path) == affinity
