@@ -20,6 +20,7 @@ class DatasetSchema:
     unique_key: tuple[str, ...] = ()  # no two rows share these columns' values
     max_file_bytes: int | None = None
     max_export_bytes: int | None = None
+    export: str | None = None  # the export to serve and no other (a fleet's rollback)
 
     def checks(self) -> dict[str, object]:
         """Everything that decides whether and how an export loads (a cached version built

@@ -75,6 +75,11 @@ SETTING_KEYS: dict[str, str] = {
     "datasets.*.max_file_mb": "Largest part file accepted, checked before the download "
     "(default none).",
     "datasets.*.max_export_mb": "Largest export accepted, all parts together (default none).",
+    "datasets.*.export": "Serve this export id and no other until the key is removed: the "
+    "rollback a fleet follows, every replica and any new one (from the data dir where it is "
+    "kept, else loaded from the source); the admin API's pin and rollback are refused (409) "
+    "meanwhile, and a group's datasets name the same one (default none: the newest valid "
+    "export).",
     "groups.*.datasets": "Datasets published together: a pipeline run writes an export of each "
     "with one export id, and the run is loaded and published as one Snapshot once every one "
     "of them has a complete export with that id; if any of them is refused, none is "
@@ -244,6 +249,9 @@ def _parse_dataset(r: Reader, name: str) -> DatasetSchema:
         positive(d, option, mb)
         return int(mb * 2**20)
 
+    export = d.get("export", str, None)
+    if export is not None and (not export or "/" in export or export.startswith(".")):
+        raise d.fail("export", f"not an export id (a folder name): {export!r}")
     extra = d.get("extra_columns", str, "keep")
     if extra not in EXTRA_COLUMNS:
         raise d.fail("extra_columns", f"must be one of {', '.join(EXTRA_COLUMNS)}, got {extra!r}")
@@ -255,6 +263,7 @@ def _parse_dataset(r: Reader, name: str) -> DatasetSchema:
         unique_key=declared("unique_key", []),
         max_file_bytes=megabytes("max_file_mb"),
         max_export_bytes=megabytes("max_export_mb"),
+        export=export,
     )
     d.finish()
     return spec
@@ -274,6 +283,10 @@ def _parse_groups(r: Reader, datasets: Mapping[str, DatasetSchema]) -> dict[str,
             if d in owner:
                 raise g.fail("datasets", f"dataset {d!r} is already in group {owner[d]!r}")
             owner[d] = name
+        named = {datasets[d].export for d in members}
+        if len(named) > 1:
+            raise g.fail("datasets", "its datasets must name the same export, or none: "
+                         + ", ".join(f"{d} {datasets[d].export or 'none'}" for d in members))
         seconds = float(g.get("incomplete_seconds", (int, float), 300.0))
         positive(g, "incomplete_seconds", seconds)
         g.finish()

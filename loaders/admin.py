@@ -59,6 +59,10 @@ def dataset_doc(updater: Updater, name: str) -> dict[str, Any]:
         "served": _record(record) if record is not None else None,
         "data_age_s": age,
         "pinned": ds.pinned,
+        "export_from_config": updater.config_export(name),
+        "config_problem": (f"the source holds no complete export {missing!r}"
+                           if (missing := updater.config_missing.get(
+                               group.name if group else name)) else None),
         "kept": [_record(r) for r in list(ds.versions)],
         "pending": updater.pending_exports(name),
         "quarantined": [_refusal(q) for q in sorted(ds.quarantine.values(),
@@ -171,6 +175,12 @@ async def _route(updater: Updater, method: str, path: str, body: bytes | None,
             return list_datasets(updater)
         return dataset_doc(updater, _dataset(updater, m["dataset"]))
     name = _dataset(updater, m["dataset"]) if m["dataset"] is not None else None
+    if action in ("rollback", "pin", "unpin") and (
+            named := updater.config_export(name or "")) is not None:
+        reason = (f"{name} serves export {named} as its config names it "
+                  f"(datasets.{name}.export): change the config to move it")
+        updater.record_action(action, name, by=remote, refused=reason)
+        raise Conflict(reason, dataset=name)
     if action in ("rollback", "pin"):
         assert name is not None
         return await _version_action(updater, action, name, body, remote)

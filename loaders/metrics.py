@@ -161,9 +161,11 @@ class Metrics(Collector):
             age.add_metric([name], seconds)
         yield age
         pinned = GaugeMetricFamily("duckswap_dataset_pinned", "1 while an operator pins the "
-                                   "dataset (the watcher does not advance it)", labels=["dataset"])
+                                   "dataset, or its config names an export (the watcher does not "
+                                   "advance it)", labels=["dataset"])
         for name, ds in sorted(self.updater.state.items()):
-            pinned.add_metric([name], 1 if ds.pinned else 0)
+            held = ds.pinned or self.updater.config_export(name)
+            pinned.add_metric([name], 1 if held else 0)
         yield pinned
         last = self.warmer.last
         yield GaugeMetricFamily("duckswap_warm_last_seconds", "Duration of the last warm",

@@ -61,6 +61,14 @@ def _cell(key: str, text: str, numeric: bool = False, cls: str = "") -> str:
     return f'<td data-k="{_e(key)}"{attr}>{text}</td>'
 
 
+def _pinned(d: Mapping[str, Any]) -> str:
+    if d["export_from_config"]:
+        problem = f", {_e(d['config_problem'])}" if d["config_problem"] else ""
+        return (f' <span class="muted">(export {_e(d["export_from_config"])} named by the '
+                f"config{problem})</span>")
+    return ' <span class="muted">(pinned)</span>' if d["pinned"] else ""
+
+
 def _table(head: Sequence[str], rows: Sequence[str]) -> str:
     if not rows:
         return '<p class="muted">none</p>'
@@ -92,7 +100,7 @@ def render(updater: Updater, warmer: Warmer, settings: Settings,
         pending = ", ".join(f"{p['export_id']} ({_age(p['age_s'])})" for p in d["pending"])
         refused = len(d["quarantined"])
         rows.append("".join([
-            f"<td><b>{_e(name)}</b>{' (pinned)' if d['pinned'] else ''}</td>",
+            f"<td><b>{_e(name)}</b>{_pinned(d)}</td>",
             _cell(f"{name}.version", f"<code>{_e(served.get('version', '-'))}</code>"),
             _cell(f"{name}.export_id", _e(served.get("export_id", "-"))),
             _cell(f"{name}.rows", _e(served.get("rows", "-")), numeric=True),

@@ -148,6 +148,8 @@ class Updater:
         self.overdue: set[tuple[str, str]] = set()  # (group, run id) reported incomplete
         self._listed: dict[str, set[str]] = {}  # dataset -> complete export ids last listed
         self._pending_logged: dict[str, set[str]] = {}  # incomplete export folders logged
+        # group -> the export its config names that the source does not hold complete (logged)
+        self.config_missing: dict[str, str] = {}
         self.source_problem: str | None = None  # why the source cannot be listed, if known
 
     @property
@@ -158,9 +160,14 @@ class Updater:
                 for e, q in list(ds.quarantine.items())}
 
     # -- loading ----------------------------------------------------------------------------
+    def config_export(self, dataset: str) -> str | None:
+        """The export `datasets.*.export` names for `dataset` (its group's members agree)."""
+        return self.schemas[dataset].export
+
     def _groups(self, names: Iterable[str]) -> list[RunGroup]:
         """The groups (a dataset in none is one of its own) that `names` belong to, none of
-        whose members is pinned: a pinned member holds its whole group."""
+        whose members is pinned by an admin, or whose config names an export: a pinned
+        member holds its whole group."""
         groups: list[RunGroup] = []
         seen: set[str] = set()
         for name in names:
@@ -168,7 +175,8 @@ class Updater:
                 continue
             group = self.group_of.get(name) or RunGroup(name, (name,))
             seen.update(group.datasets)
-            if all(self.state[d].pinned is None for d in group.datasets):
+            if self.config_export(name) is not None or all(
+                    self.state[d].pinned is None for d in group.datasets):
                 groups.append(group)
         return groups
 
@@ -176,11 +184,15 @@ class Updater:
         """The runs of `group` newer than the one it serves, newest first, that are complete
         in every member and not refused as they are now; each names the exports to load (a
         member that already serves the run's export needs none). Runs complete in some
-        members only are noted (`pending_runs`) and reported once overdue."""
+        members only are noted (`pending_runs`) and reported once overdue. A group whose
+        config names an export has that run only, older or newer, until it serves it."""
         served = [self.catalog.current.versions.get(d) for d in group.datasets]
         floor = min((v.export_id for v in served if v is not None), default="") \
             if all(served) else ""
         by_id = [{e.export_id: e for e in listed[d]} for d in group.datasets]
+        named = self.config_export(group.datasets[0])
+        if named is not None:
+            return self._named_run(group, named, served, by_id)
         ids = sorted({i for exports in by_id for i in exports if i > floor}, reverse=True)
         runs: list[_Run] = []
         pending: dict[str, float] = {}
@@ -202,6 +214,32 @@ class Updater:
         if len(group.datasets) > 1:
             self._note_pending(group, pending)
         return runs
+
+    def _named_run(self, group: RunGroup, run_id: str, served: Sequence[Version | None],
+                   by_id: Sequence[Mapping[str, Any]]) -> list[_Run]:
+        """The run the config names, to load unless it is served, refused unchanged, or not
+        complete in the source (logged once at ERROR; the served data stays)."""
+        if all(v is not None and v.export_id == run_id for v in served):
+            self.config_missing.pop(group.name, None)
+            return []
+        if not all(run_id in exports for exports in by_id):
+            if self.config_missing.get(group.name) != run_id:
+                self.config_missing[group.name] = run_id
+                log.error("the config names export %s for %s, and the source holds no "
+                          "complete export with that id; serving %s", run_id,
+                          ", ".join(group.datasets),
+                          ", ".join(v.export_id if v else "nothing" for v in served))
+            return []
+        self.config_missing.pop(group.name, None)
+        todo = {}
+        for d, exports, version in zip(group.datasets, by_id, served, strict=True):
+            if version is not None and version.export_id == run_id:
+                continue
+            refusal = self.state[d].quarantine.get(run_id)
+            if refusal is not None and refusal.fingerprint == exports[run_id].fingerprint:
+                return []
+            todo[d] = exports[run_id]
+        return [_Run(group, run_id, todo)]
 
     def _note_pending(self, group: RunGroup, pending: dict[str, float]) -> None:
         if pending:
@@ -550,7 +588,8 @@ class Updater:
             if ds.pinned is not None and ds.find(ds.pinned) is None:
                 ds.pinned = None
             self.state[name] = ds
-            for record in list(ds.versions):
+            named = self.config_export(name)  # the version the config names first, where kept
+            for record in sorted(ds.versions, key=lambda r: r.export_id != named):
                 try:
                     restored.append(self._attach(record))
                     break

@@ -65,8 +65,9 @@ sql = "SELECT k FROM seqdata"
     return config
 
 
-def seq_config(root: Path, row_limit: int = 1000, **server: Any) -> Settings:
-    raw = {
+def seq_config(root: Path, row_limit: int = 1000, export: str | None = None,
+               **server: Any) -> Settings:
+    raw: dict[str, Any] = {
         "server": {"threads": 2, **server},
         "source": {"url": f"file://{root}", "debounce_ms": 20},
         "datasets": {
@@ -92,6 +93,8 @@ def seq_config(root: Path, row_limit: int = 1000, **server: Any) -> Settings:
             },
         },
     }
+    if export is not None:
+        raw["datasets"]["seqdata"]["export"] = export
     return parse_settings(raw, "test.toml")
 
 

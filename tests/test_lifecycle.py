@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -213,6 +214,68 @@ async def test_restart_serves_the_cached_version_first(tmp_path: Path, serve: An
     assert await served_seq(again) == 3
     _, pointer_again = await again.get("/v1/version")
     assert pointer_again["datasets"] == pointer["datasets"]  # same content-derived ids
+
+
+async def test_a_config_that_names_an_export_is_the_rollback_every_replica_follows(
+        tmp_path: Path, serve: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """`datasets.*.export`: a replica with the versions on disk and a new one with none both
+    serve the named export (older than the newest) and nothing else; the admin API cannot
+    move it; a kept one is served from the data dir; without the key the source is followed."""
+    source, data, fresh = tmp_path / "src", tmp_path / "data", tmp_path / "fresh"
+    for seq in (1, 2, 3):
+        write_seq_export(source, seq)
+    srv = await serve(seq_config(source, data_dir=str(data)))
+    await srv.wait_export("/v1/rows", 3)
+    await srv.stop()
+
+    named = seq_config(source, export="export-000002", admin_token=TOKEN, data_dir=str(data))
+    replicas = [await serve(named), await serve(replace(named, data_dir=str(fresh)))]
+    write_seq_export(source, 4)  # a newer export: not taken
+    for r in replicas:
+        await r.wait_export("/v1/rows", 2)
+        status, body = await admin(r, "POST", "/admin/reload")
+        assert status == 200 and body["loads"] == []
+        assert await served_seq(r) == 2
+        _, pointer = await r.get("/v1/version")
+        assert pointer["datasets"]["seqdata"]["export_id"] == "export-000002"
+        for action in ("rollback", "pin", "unpin"):
+            status, body = await admin(r, "POST", f"/admin/datasets/seqdata/{action}")
+            assert status == 409 and "datasets.seqdata.export" in body["message"], body
+        _, doc = await admin(r, "GET", "/admin/datasets/seqdata")
+        assert doc["export_from_config"] == "export-000002" and doc["config_problem"] is None
+        async with r.session.get(r.url("/metrics")) as resp:
+            assert 'duckswap_dataset_pinned{dataset="seqdata"} 1.0' in await resp.text()
+    versions = [(await r.get("/v1/version"))[1]["datasets"] for r in replicas]
+    assert versions[0] == versions[1]  # the same content-derived version id on both
+    for r in replicas:
+        await r.stop()
+
+    # Named again: export 3, which the data dir keeps, is served from it (no build).
+    with caplog.at_level(logging.INFO, logger="duckswap"):
+        srv = await serve(replace(named, datasets={"seqdata": replace(
+            named.datasets["seqdata"], export="export-000003")}))
+        await srv.wait_export("/v1/rows", 3)
+    assert "serving cached seqdata/export-000003 before the source answers" in caplog.text
+    assert "built seqdata/export-000003" not in caplog.text
+    await srv.stop()
+
+    # An export the source does not hold: said once, at ERROR, and the served data stays.
+    caplog.clear()
+    missing = replace(named, datasets={"seqdata": replace(named.datasets["seqdata"],
+                                                          export="export-000009")})
+    with caplog.at_level(logging.ERROR, logger="duckswap"):
+        srv = await serve(missing)
+        await srv.wait_ready()
+        status, _ = await admin(srv, "POST", "/admin/reload")
+    assert status == 200 and await served_seq(srv) == 3
+    assert caplog.text.count("the config names export export-000009 for seqdata") == 1
+    _, doc = await admin(srv, "GET", "/admin/datasets/seqdata")
+    assert "export-000009" in doc["config_problem"]
+    await srv.stop()
+
+    # Without the key: the source again, its newest export.
+    srv = await serve(seq_config(source, data_dir=str(data)))
+    await srv.wait_export("/v1/rows", 4)
 
 
 async def test_startup_removes_what_a_crash_left(tmp_path: Path, serve: Any) -> None:

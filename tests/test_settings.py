@@ -107,11 +107,19 @@ def _write(tmp_path: Path, raw: dict[str, Any]) -> Path:
         ("server.cache_mb", -1, "server.cache_mb", "must not be negative"),
         ("server.warm_seconds", 5, "server.warm_seconds", "removed: the warm's time budgets"),
         ("server.no_such_key", 5, "server.no_such_key", "unknown key"),
+        ("datasets.stats.export", "../export-1", "datasets.stats.export", "not an export id"),
+        ("datasets.stats.export", 7, "datasets.stats.export", "expected"),
+        ("datasets", {"stats": {"key": ["id"], "columns": {"id": "INTEGER"}, "export": "e-2"},
+                      "more": {"key": ["id"], "columns": {"id": "INTEGER"}}},
+         "groups.run.datasets", "must name the same export, or none: stats e-2, more none"),
     ],
 )
 def test_config_errors_name_the_key(path: str, value: Any, key: str, problem: str) -> None:
+    raw = _with(path, value)
+    if path == "datasets":
+        raw["groups"] = {"run": {"datasets": ["stats", "more"]}}
     with pytest.raises(ConfigError) as info:
-        parse_settings(_with(path, value), "app.toml")
+        parse_settings(raw, "app.toml")
     assert info.value.key == key
     assert problem in info.value.problem
     assert str(info.value).startswith(f"app.toml: {key}: ")
