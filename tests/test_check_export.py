@@ -96,7 +96,7 @@ def test_the_dataset_comes_from_the_folder_or_the_flag(tmp_path: Path, config: P
 
 
 def test_a_spark_style_manifest_passes(tmp_path: Path, config: Path) -> None:
-    """The manifest the README's PySpark snippet writes after a job's parts (each part's
+    """The manifest docs/exports.md's PySpark snippet writes after a job's parts (each part's
     name, size, row count, and md5 and crc32c in base64 as GCS reports them; the total rows),
     over parts written by pyarrow and named as Spark names them: accepted whole, refused when
     it misdescribes a part."""
