@@ -565,7 +565,7 @@ class Updater:
         return event
 
     def _record(self, event: LoadEvent) -> None:
-        self.outcomes[(event.dataset, "ok" if event.ok else event.outcome)] += 1
+        self.outcomes[(event.dataset, event.outcome)] += 1
         self.history.append(event)
         del self.history[:-1000]
 
