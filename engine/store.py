@@ -32,6 +32,7 @@ class Version:
     load_seconds: float
     path: Path
     loaded_at: float = field(default_factory=time.time)  # wall clock, for the data's age
+    written_at: float = 0.0  # when the export was complete in the source (0: not known)
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,8 @@ def _iso(at: float) -> str:
 
 def _record(r: VersionRecord) -> dict[str, Any]:
     return {"version": r.version_id, "export_id": r.export_id, "rows": r.rows,
-            "loaded_at": _iso(r.loaded_at), "timings_s": r.timings}
+            "loaded_at": _iso(r.loaded_at),
+            "written_at": _iso(r.written_at) if r.written_at else None, "timings_s": r.timings}
 
 
 def _refusal(q: Refusal) -> dict[str, Any]:
@@ -58,6 +59,7 @@ def dataset_doc(updater: Updater, name: str) -> dict[str, Any]:
         "group": group.name if (group := updater.group_of.get(name)) else None,
         "served": _record(record) if record is not None else None,
         "data_age_s": age,
+        "export_age_s": updater.export_age().get(name),
         "pinned": ds.pinned,
         "export_from_config": updater.config_export(name),
         "config_problem": (f"the source holds no complete export {missing!r}"

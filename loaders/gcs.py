@@ -65,6 +65,12 @@ class RemoteExport:
         return {o.name: o.size for o in self.objects if o.name != self.marker}
 
     @property
+    def written_at(self) -> float:
+        """When it was complete (bucket clock): its marker's time, else its newest object's."""
+        return max((o.updated for o in self.objects if o.name == self.marker or not self.marker),
+                   default=0.0)
+
+    @property
     def fingerprint(self) -> str:
         """Changes whenever any object of the export is rewritten (a refused export is retried
         only then)."""
@@ -187,7 +193,8 @@ class GcsSource:
                 raise
             files = tuple(sorted(folder / o.name for o in export.objects
                                  if o.name != export.marker))
-            return Export(export.dataset, export.export_id, folder, files, export.marker)
+            return Export(export.dataset, export.export_id, folder, files, export.marker,
+                          written_at=export.written_at)
         raise Unavailable(f"the export kept changing during {self.attempts} downloads")
 
     def _download(self, obj: RemoteObject, folder: Path) -> None:

@@ -160,6 +160,13 @@ class Metrics(Collector):
         for name, seconds in sorted(self.updater.data_age().items()):
             age.add_metric([name], seconds)
         yield age
+        written = GaugeMetricFamily(
+            "duckswap_export_age_seconds", "Seconds since the served export was complete in the "
+            "source (its marker's time): the same on every replica, and across restarts",
+            labels=["dataset"])
+        for name, seconds in sorted(self.updater.export_age().items()):
+            written.add_metric([name], seconds)
+        yield written
         pinned = GaugeMetricFamily("duckswap_dataset_pinned", "1 while an operator pins the "
                                    "dataset, or its config names an export (the watcher does not "
                                    "advance it)", labels=["dataset"])

@@ -23,6 +23,7 @@ class Export:
     marker: str  # "_manifest.json", "_SUCCESS", or "" (complete by its quiet period)
     fingerprint: str = ""  # changes whenever a file of the export is rewritten
     sizes: Mapping[str, int] = field(default_factory=dict)  # part name -> bytes
+    written_at: float = 0.0  # when it was complete: its marker's time, else its newest file's
 
     @property
     def manifest(self) -> Path | None:
@@ -111,7 +112,10 @@ class LocalSource:
                 continue  # being rewritten or removed right now: next time
             stamp = ",".join(f"{n}:{st.st_size}:{st.st_mtime_ns}" for n, st in stats.items())
             sizes = {p.name: stats[p.name].st_size for p in files}
-            found.append(Export(dataset, folder.name, folder, files, marker or "", stamp, sizes))
+            written = stats[marker].st_mtime if marker else max(
+                st.st_mtime for st in stats.values())
+            found.append(Export(dataset, folder.name, folder, files, marker or "", stamp, sizes,
+                                written))
         return found
 
     def fetch(self, export: Export) -> Export:

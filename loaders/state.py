@@ -42,6 +42,7 @@ class VersionRecord:
     loaded_at: float  # wall clock, for the data's age
     checks: str  # digest of the dataset's checks it was built under
     timings: dict[str, float] = field(default_factory=dict)
+    written_at: float = 0.0  # when the export was complete in the source (0: not known)
 
 
 @dataclass

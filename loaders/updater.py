@@ -477,7 +477,7 @@ class Updater:
                 version.dataset, version.version_id, version.export_id, version.path.name,
                 version.rows, version.loaded_at,
                 checks_digest(self.schemas[version.dataset].checks()),
-                {k: round(v, 4) for k, v in (timings or {}).items()})
+                {k: round(v, 4) for k, v in (timings or {}).items()}, version.written_at)
         ds.versions = [record, *[r for r in ds.versions if r.version_id != version.version_id]]
         del ds.versions[self.keep_versions:]
         ds.quarantine.pop(version.export_id, None)
@@ -530,7 +530,8 @@ class Updater:
         seconds = time.perf_counter() - loaded.start
         timings = {"list": listed, **loaded.timings}
         version = Version(candidate.dataset, loaded.version_id, loaded.export_id,
-                          loaded.rows, seconds, loaded.path)
+                          loaded.rows, seconds, loaded.path,
+                          written_at=getattr(candidate, "written_at", 0.0))
         log.info(
             "built %s/%s as version %s: %d rows in %.3fs (%s)",
             candidate.dataset, loaded.export_id, loaded.version_id, loaded.rows, seconds,
@@ -608,7 +609,8 @@ class Updater:
         path = self._path(record)
         check_version_file(path)
         return Version(record.dataset, record.version_id, record.export_id, record.rows,
-                       record.timings.get("total", 0.0), path, record.loaded_at)
+                       record.timings.get("total", 0.0), path, record.loaded_at,
+                       record.written_at)
 
     # -- admin actions (on the loader thread: see `act`) ------------------------------------
     def _kept(self, dataset: str, version_id: str | None, default: int) -> VersionRecord:
@@ -708,6 +710,13 @@ class Updater:
         now = time.time()
         return {n: round(now - v.loaded_at, 3)
                 for n, v in self.catalog.current.versions.items()}
+
+    def export_age(self) -> dict[str, float]:
+        """Seconds since each served version's export was complete in the source (where the
+        source said when): the same on every replica, and across restarts."""
+        now = time.time()
+        return {n: round(now - v.written_at, 3)
+                for n, v in self.catalog.current.versions.items() if v.written_at}
 
     def data_age_text(self) -> str:
         ages = self.data_age()

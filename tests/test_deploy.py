@@ -704,7 +704,7 @@ def test_every_metric_and_label_of_the_dashboard_and_the_alerts_is_in_a_scrape(
     # What the dashboard and the alerts must show, still shown.
     assert {"duckswap_request_duration_seconds_count",
             "duckswap_request_duration_seconds_bucket", "duckswap_cache_lookups_total",
-            "duckswap_data_age_seconds", "duckswap_loads_total", "duckswap_refused_exports",
+            "duckswap_export_age_seconds", "duckswap_loads_total", "duckswap_refused_exports",
             "duckswap_workers", "duckswap_worker_restarts_total",
             "duckswap_event_loop_lag_seconds_bucket", "duckswap_incomplete_runs"} <= used
     # Names in descriptions and comments too: every duckswap_ name is a real one.

@@ -142,6 +142,9 @@ async def test_new_export_is_served_with_no_failed_request(bucket: Bucketish, se
     assert status == 200 and listing["served"]["export_id"] == "export-000003"
     steps = listing["served"]["timings_s"]
     assert set(steps) == {"list", "download", "validate", "build", "publish", "total"}
+    # the export's age counts from its marker's time in the source, before it was loaded
+    assert listing["served"]["written_at"] <= listing["served"]["loaded_at"]
+    assert listing["export_age_s"] >= listing["data_age_s"]
 
 
 async def test_export_without_marker_is_ignored_not_refused(bucket: Bucketish,
@@ -247,6 +250,10 @@ async def test_two_servers_agree_on_version_ids(tmp_path: Path, emulator: Emulat
         await srv.wait_ready()
     ids = [(await srv.get("/readyz"))[1]["versions"] for srv in (first, second)]
     assert ids[0] == ids[1] and ids[0]["seqdata"]
+    # and the same export age: the marker's time in the bucket, not each one's load
+    written = [srv.app[UPDATER].catalog.current.versions["seqdata"].written_at
+               for srv in (first, second)]
+    assert written[0] == written[1] > 0
 
 
 def test_object_rewritten_during_download_is_fetched_again(tmp_path: Path,

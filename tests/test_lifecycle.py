@@ -4,8 +4,11 @@ unpin, reload), versions kept on disk for rollback and for a restart, crash left
 from __future__ import annotations
 
 import logging
+import os
+import re
 import subprocess
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -276,6 +279,37 @@ async def test_a_config_that_names_an_export_is_the_rollback_every_replica_follo
     # Without the key: the source again, its newest export.
     srv = await serve(seq_config(source, data_dir=str(data)))
     await srv.wait_export("/v1/rows", 4)
+
+
+async def test_the_export_age_is_the_markers_and_survives_a_restart(tmp_path: Path,
+                                                                    serve: Any) -> None:
+    """`duckswap_export_age_seconds` counts from when the export was complete in the source
+    (its marker's time), not from when this server loaded it: a restart does not reset it,
+    so a stale-data alert holds across a fleet's restarts."""
+    source, data = tmp_path / "src", tmp_path / "data"
+    folder = write_seq_export(source, 1)
+    an_hour_ago = time.time() - 3600
+    os.utime(folder / "_SUCCESS", (an_hour_ago, an_hour_ago))
+    settings = seq_config(source, admin_token=TOKEN, data_dir=str(data))
+
+    async def ages(srv: Running) -> tuple[float, float]:
+        async with srv.session.get(srv.url("/metrics")) as resp:
+            text = await resp.text()
+        found = dict(re.findall(
+            r'^duckswap_(export|data)_age_seconds\{dataset="seqdata"\} (\S+)$', text, re.M))
+        return float(found["export"]), float(found["data"])
+
+    for _ in range(2):  # the first start loads the export, the second serves it from disk
+        srv = await serve(settings)
+        await srv.wait_export("/v1/rows", 1)
+        export_age, data_age = await ages(srv)
+        assert 3600 <= export_age < 3600 + 120, export_age
+        assert data_age < 120
+        _, doc = await admin(srv, "GET", "/admin/datasets/seqdata")
+        assert 3600 <= doc["export_age_s"] < 3600 + 120
+        assert doc["served"]["written_at"].startswith(
+            time.strftime("%Y-%m-%dT%H", time.gmtime(an_hour_ago)))
+        await srv.stop()
 
 
 async def test_startup_removes_what_a_crash_left(tmp_path: Path, serve: Any) -> None:
