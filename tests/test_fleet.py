@@ -28,7 +28,9 @@ def test_two_replicas_behind_haproxy_lose_no_request_and_agree_on_every_id(
     # both replicas served the exports, naming each with the same version id and each endpoint
     # with the same token
     assert r["exports_written"] >= 10, r
-    assert r["exports_served_by_both"] >= r["exports_written"] - 1, r
+    # (a replica that restarts loads the newest export, skipping one written meanwhile: three
+    # restarts, and the last export may land as the load ends)
+    assert r["exports_served_by_both"] >= r["exports_written"] - 4, r
     assert r["version_ids_compared"] >= 5 * r["exports_served_by_both"], r
     assert r["version_ids_differing"] == [], r["version_ids_differing"]
     assert r["token_sets_compared"] >= r["exports_served_by_both"], r
