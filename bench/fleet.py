@@ -34,7 +34,8 @@ from bench.ports import free_port
 from bench.report import latency, read_rows
 from data.generate import DATASETS, SIZES, write_export
 
-HAPROXY_CFG = Path(__file__).resolve().parent.parent / "deploy" / "haproxy" / "haproxy.cfg"
+# The repository's file (not part of the installed package): run from the repository's root.
+HAPROXY_CFG = Path("deploy") / "haproxy" / "haproxy.cfg"
 # Answers checked under `?v=` through the balancer: one per endpoint kind of the overlay.
 VERSIONED = {
     "champion_stats": "/v1/champions/3/stats?role=mid&rank=gold&region=kr",
@@ -46,13 +47,14 @@ VERSIONED = {
 class Haproxy:
     """HAProxy in the foreground on a free loopback port, its backend the replicas."""
 
-    def __init__(self, work: Path, replicas: dict[str, Server]) -> None:
+    def __init__(self, work: Path, replicas: dict[str, Server], config: Path = HAPROXY_CFG
+                 ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.sock = work / "haproxy.sock"
         servers = "\n".join(f"    server {name} 127.0.0.1:{r.port} check"
                             for name, r in replicas.items())
-        text = HAPROXY_CFG.read_text()
+        text = config.read_text()
         text = text.replace("bind :8080", f"bind 127.0.0.1:{self.port}")
         # no global maxconn: HAProxy derives one from this process's open-file limit
         text = text.replace("    maxconn 50000\n", "")
@@ -226,7 +228,8 @@ def rolling_restart(lb: Haproxy, replicas: dict[str, Server]) -> None:
 
 
 def scenario(work: Path, duration: float = 60, rate: float = 200, every: float = 3,
-             size: str = "small", workers: int = 1) -> dict[str, Any]:
+             size: str = "small", workers: int = 1, haproxy_cfg: Path = HAPROXY_CFG
+             ) -> dict[str, Any]:
     """Run the whole scenario in `work`; returns the report."""
     source, staging = work / "source", work / "staging"
     write_export(source, 1, size)
@@ -241,7 +244,7 @@ def scenario(work: Path, duration: float = 60, rate: float = 200, every: float =
     try:
         for r in replicas.values():
             r.wait_ready()
-        lb = Haproxy(work, replicas)
+        lb = Haproxy(work, replicas, haproxy_cfg)
         for name in replicas:
             lb.wait(name, "UP")
         w, v, written = Watch(), Versioned(), {"export-000001": 0.0}
@@ -353,10 +356,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--every", type=float, default=3.0, help="seconds between exports")
     p.add_argument("--size", choices=sorted(SIZES), default="small")
     p.add_argument("--workers", type=int, default=1, help="HTTP workers per replica")
+    p.add_argument("--haproxy-cfg", type=Path, default=HAPROXY_CFG,
+                   help="the HAProxy config whose bind and server lines are replaced")
     p.add_argument("--out", type=Path, default=Path("bench-results") / "fleet.json")
     a = p.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="duckswap-fleet-") as tmp:
-        r = scenario(Path(tmp), a.duration, a.rate, a.every, a.size, a.workers)
+        r = scenario(Path(tmp), a.duration, a.rate, a.every, a.size, a.workers, a.haproxy_cfg)
         for log in Path(tmp).glob("*.log"):
             a.out.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(log, a.out.parent / f"fleet-{log.name}")

@@ -9,12 +9,14 @@ from pathlib import Path
 import pytest
 
 from bench.fleet import scenario
+from conftest import REPO
 
 
 @pytest.mark.timeout(400)  # ~75 s; the first run may install HAProxy
 def test_two_replicas_behind_haproxy_lose_no_request_and_agree_on_every_id(
         tmp_path: Path) -> None:
-    r = scenario(tmp_path, duration=45, rate=300, every=3)
+    r = scenario(tmp_path, duration=45, rate=300, every=3,
+                 haproxy_cfg=REPO / "deploy" / "haproxy" / "haproxy.cfg")
     assert r["harness_errors"] == [], r["harness_errors"]
     assert r["requests"] >= 300 * 45 * 0.95, r["requests"]
     # no request fails: not while exports swap, not during a rolling restart, and a kill -9
