@@ -789,3 +789,48 @@ def test_the_dashboard_is_importable() -> None:
         assert grid["x"] + grid["w"] <= 24 and grid["h"] > 0, p["title"]
     for var in dashboard["templating"]["list"]:
         assert var["datasource"] == source
+
+
+def _docker_engine() -> bool:
+    """Whether a Docker engine answers here (the CI machines have none: only a client, or
+    nothing; nothing else in this file needs one)."""
+    if shutil.which("docker") is None:
+        return False
+    done = subprocess.run(["docker", "info"], capture_output=True, timeout=30, check=False)
+    return done.returncode == 0
+
+
+@pytest.mark.timeout(1200)
+@pytest.mark.skipif(not _docker_engine(), reason="no Docker engine answers `docker info` here: "
+                    "the image is built and run by this test where one does")
+def test_the_image_builds_serves_the_demo_and_stops_on_sigterm(tmp_path: Path) -> None:
+    """Where Docker runs: `docker build`, then `docker run` serves the demo (ready, healthy by
+    its own HEALTHCHECK), and `docker stop` ends it with exit code 0 within the grace."""
+    tag = f"duckswap-test:{os.getpid()}"
+    subprocess.run(["docker", "build", "-t", tag, str(REPO)], check=True, timeout=900)
+    port = free_port()
+    name = f"duckswap-test-{os.getpid()}"
+    subprocess.run(["docker", "run", "-d", "--name", name, "-p", f"127.0.0.1:{port}:8080",
+                    tag], check=True, capture_output=True, timeout=60)
+    try:
+        deadline = time.monotonic() + 300
+        while get(f"http://127.0.0.1:{port}/readyz")[0] != 200:
+            assert time.monotonic() < deadline, "the container's server never became ready"
+            time.sleep(0.5)
+
+        def health() -> str:
+            out = subprocess.run(["docker", "inspect", "-f", "{{.State.Health.Status}}", name],
+                                 capture_output=True, text=True, check=True, timeout=30)
+            return out.stdout.strip()
+
+        while health() != "healthy":
+            assert time.monotonic() < deadline, health()
+            time.sleep(0.5)
+        subprocess.run(["docker", "stop", "-t", "30", name], check=True, capture_output=True,
+                       timeout=60)
+        code = subprocess.run(["docker", "inspect", "-f", "{{.State.ExitCode}}", name],
+                              capture_output=True, text=True, check=True, timeout=30)
+        assert code.stdout.strip() == "0"
+    finally:
+        subprocess.run(["docker", "rm", "-f", name], capture_output=True, check=False)
+        subprocess.run(["docker", "rmi", "-f", tag], capture_output=True, check=False)
