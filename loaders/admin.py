@@ -62,9 +62,7 @@ def dataset_doc(updater: Updater, name: str) -> dict[str, Any]:
         "export_age_s": updater.export_age().get(name),
         "pinned": ds.pinned,
         "export_from_config": updater.config_export(name),
-        "config_problem": (f"the source holds no complete export {missing!r}"
-                           if (missing := updater.config_missing.get(
-                               group.name if group else name)) else None),
+        "config_problem": updater.config_problems.get(group.name if group else name),
         "kept": [_record(r) for r in list(ds.versions)],
         "pending": updater.pending_exports(name),
         "quarantined": [_refusal(q) for q in sorted(ds.quarantine.values(),

@@ -44,10 +44,13 @@ class LoadEvent:
     held: bool = False  # built, but its run was not published: another member failed
 
     @property
-    def outcome(self) -> str:
+    def outcome(self) -> str:  # one of OUTCOMES
         if self.ok:
             return "loaded"
         return "unavailable" if self.retry else "held" if self.held else "refused"
+
+
+OUTCOMES = ("loaded", "refused", "unavailable", "held")
 
 
 @dataclass(frozen=True)
@@ -140,7 +143,9 @@ class Updater:
         self.listings = 0  # refresh rounds started
         self.history: list[LoadEvent] = []
         self.actions: list[dict[str, Any]] = []  # admin actions, newest last
-        self.outcomes: Counter[tuple[str, str]] = Counter()
+        # every (dataset, outcome) from 0, so a rate over `duckswap_loads_total` sees the first
+        self.outcomes: Counter[tuple[str, str]] = Counter(
+            {(d, o): 0 for d in self.schemas for o in OUTCOMES})
         self.groups = {g.name: g for g in groups}
         self.group_of = {d: g for g in self.groups.values() for d in g.datasets}
         # group -> run id -> when first seen complete in some members only
@@ -148,8 +153,8 @@ class Updater:
         self.overdue: set[tuple[str, str]] = set()  # (group, run id) reported incomplete
         self._listed: dict[str, set[str]] = {}  # dataset -> complete export ids last listed
         self._pending_logged: dict[str, set[str]] = {}  # incomplete export folders logged
-        # group -> the export its config names that the source does not hold complete (logged)
-        self.config_missing: dict[str, str] = {}
+        # group -> why the export its config names is not served (missing, refused), logged
+        self.config_problems: dict[str, str] = {}
         self.source_problem: str | None = None  # why the source cannot be listed, if known
 
     @property
@@ -218,28 +223,47 @@ class Updater:
     def _named_run(self, group: RunGroup, run_id: str, served: Sequence[Version | None],
                    by_id: Sequence[Mapping[str, Any]]) -> list[_Run]:
         """The run the config names, to load unless it is served, refused unchanged, or not
-        complete in the source (logged once at ERROR; the served data stays)."""
+        complete in the source (then the served data stays, and why is logged once at ERROR
+        and shown: `config_problems`)."""
         if all(v is not None and v.export_id == run_id for v in served):
-            self.config_missing.pop(group.name, None)
+            self.config_problems.pop(group.name, None)
             return []
-        if not all(run_id in exports for exports in by_id):
-            if self.config_missing.get(group.name) != run_id:
-                self.config_missing[group.name] = run_id
-                log.error("the config names export %s for %s, and the source holds no "
-                          "complete export with that id; serving %s", run_id,
-                          ", ".join(group.datasets),
-                          ", ".join(v.export_id if v else "nothing" for v in served))
-            return []
-        self.config_missing.pop(group.name, None)
+        problem = None
         todo = {}
-        for d, exports, version in zip(group.datasets, by_id, served, strict=True):
-            if version is not None and version.export_id == run_id:
+        if not all(run_id in exports for exports in by_id):
+            problem = f"the source holds no complete export {run_id}"
+        else:
+            for d, exports, version in zip(group.datasets, by_id, served, strict=True):
+                if version is not None and version.export_id == run_id:
+                    continue
+                refusal = self.state[d].quarantine.get(run_id)
+                if refusal is not None and refusal.fingerprint == exports[run_id].fingerprint:
+                    problem = f"export {run_id} of {d} was refused: {refusal.reason}"
+                    break
+                todo[d] = exports[run_id]
+        if problem is None:
+            self.config_problems.pop(group.name, None)
+            return [_Run(group, run_id, todo)]
+        if self.config_problems.get(group.name) != problem:
+            self.config_problems[group.name] = problem
+            log.error("the config names export %s for %s, and %s; serving %s", run_id,
+                      ", ".join(group.datasets), problem,
+                      ", ".join(v.export_id if v else "nothing" for v in served))
+        return []
+
+    def awaiting_named(self) -> dict[str, str]:
+        """Datasets not serving the export their config names, with it, while nothing says it
+        cannot be loaded (a replica is not ready meanwhile: it serves what it kept)."""
+        current = self.catalog.current.versions
+        out = {}
+        for name in self.schemas:
+            named = self.config_export(name)
+            group = self.group_of.get(name)
+            if named is None or (group.name if group else name) in self.config_problems:
                 continue
-            refusal = self.state[d].quarantine.get(run_id)
-            if refusal is not None and refusal.fingerprint == exports[run_id].fingerprint:
-                return []
-            todo[d] = exports[run_id]
-        return [_Run(group, run_id, todo)]
+            if (v := current.get(name)) is None or v.export_id != named:
+                out[name] = named
+        return out
 
     def _note_pending(self, group: RunGroup, pending: dict[str, float]) -> None:
         if pending:
@@ -554,6 +578,10 @@ class Updater:
         # Logged first: whoever sees the refusal in the state can find it in the log.
         log.error("refused export %s/%s: %s (previous version keeps serving)",
                   candidate.dataset, candidate.export_id, reason)
+        if self.config_export(candidate.dataset) == candidate.export_id:  # said at once
+            group = self.group_of.get(candidate.dataset)
+            self.config_problems[group.name if group else candidate.dataset] = (
+                f"export {candidate.export_id} of {candidate.dataset} was refused: {reason}")
         quarantine = self.state[candidate.dataset].quarantine
         quarantine[candidate.export_id] = Refusal(
             candidate.dataset, candidate.export_id, candidate.fingerprint, reason, time.time())
@@ -590,6 +618,10 @@ class Updater:
                 ds.pinned = None
             self.state[name] = ds
             named = self.config_export(name)  # the version the config names first, where kept
+            if named is not None and ds.pinned is not None:
+                log.warning("%s: dropping the admin API's pin of version %s: the config names "
+                            "export %s", name, ds.pinned, named)
+                ds.pinned = None
             for record in sorted(ds.versions, key=lambda r: r.export_id != named):
                 try:
                     restored.append(self._attach(record))

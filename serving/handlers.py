@@ -269,6 +269,10 @@ async def readyz(request: web.Request) -> web.Response:
             "waiting for datasets to load", missing=missing,
             pending={n: [p["export_id"] for p in pending.get(n, [])] for n in missing},  # ids
             source_problem=status.get("source_problem")))
+    awaiting = status.get("awaiting")
+    if awaiting:  # serving what it kept, not yet the exports its config names
+        return error_response(NotReady("waiting for the exports the config names (serving "
+                                       "what the data dir kept meanwhile)", awaiting=awaiting))
     if not status.get("settled"):  # data is served; answers are still being computed
         return error_response(NotReady("warming the first version's answers", warming=True))
     now = time.time()

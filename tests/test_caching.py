@@ -390,6 +390,8 @@ async def test_hit_ratio_is_in_metrics(demo: Running) -> None:
     assert after["hit"] - before["hit"] == 2 and after["miss"] - before["miss"] == 1
     text = (await _raw(demo, "/metrics"))[2].decode()
     assert 'duckswap_loads_total{dataset="champion_stats",outcome="loaded"} 1.0' in text
+    # every outcome is there from 0: a rate() sees the first refusal too
+    assert 'duckswap_loads_total{dataset="champion_stats",outcome="refused"} 0.0' in text
     assert "duckswap_cache_bytes" in text
 
 

@@ -221,21 +221,29 @@ async def test_restart_serves_the_cached_version_first(tmp_path: Path, serve: An
 
 async def test_a_config_that_names_an_export_is_the_rollback_every_replica_follows(
         tmp_path: Path, serve: Any, caplog: pytest.LogCaptureFixture) -> None:
-    """`datasets.*.export`: a replica with the versions on disk and a new one with none both
-    serve the named export (older than the newest) and nothing else; the admin API cannot
-    move it; a kept one is served from the data dir; without the key the source is followed."""
+    """`datasets.*.export`: a replica with the versions on disk (and an admin pin) and a new one
+    with none are ready only once they serve the named export (older than the newest), and
+    take nothing else; the admin API cannot move it; a kept one is served from the data dir; one
+    the source lacks or refuses is said (and the replica serves what it kept); without the key
+    the source is followed."""
     source, data, fresh = tmp_path / "src", tmp_path / "data", tmp_path / "fresh"
     for seq in (1, 2, 3):
         write_seq_export(source, seq)
-    srv = await serve(seq_config(source, data_dir=str(data)))
+    srv = await serve(seq_config(source, admin_token=TOKEN, data_dir=str(data)))
     await srv.wait_export("/v1/rows", 3)
+    assert (await admin(srv, "POST", "/admin/datasets/seqdata/pin"))[0] == 200
     await srv.stop()
 
     named = seq_config(source, export="export-000002", admin_token=TOKEN, data_dir=str(data))
     replicas = [await serve(named), await serve(replace(named, data_dir=str(fresh)))]
     write_seq_export(source, 4)  # a newer export: not taken
     for r in replicas:
-        await r.wait_export("/v1/rows", 2)
+        async def ready(r: Running = r) -> bool:
+            return (await r.get("/readyz"))[0] == 200
+
+        await wait_for(ready, 30, "ready")  # and at once, it serves the named export
+        _, pointer = await r.get("/v1/version")
+        assert pointer["datasets"]["seqdata"]["export_id"] == "export-000002"
         status, body = await admin(r, "POST", "/admin/reload")
         assert status == 200 and body["loads"] == []
         assert await served_seq(r) == 2
@@ -246,6 +254,7 @@ async def test_a_config_that_names_an_export_is_the_rollback_every_replica_follo
             assert status == 409 and "datasets.seqdata.export" in body["message"], body
         _, doc = await admin(r, "GET", "/admin/datasets/seqdata")
         assert doc["export_from_config"] == "export-000002" and doc["config_problem"] is None
+        assert doc["pinned"] is None  # the admin pin the data dir held gave way to the config
         async with r.session.get(r.url("/metrics")) as resp:
             assert 'duckswap_dataset_pinned{dataset="seqdata"} 1.0' in await resp.text()
     versions = [(await r.get("/v1/version"))[1]["datasets"] for r in replicas]
@@ -273,10 +282,27 @@ async def test_a_config_that_names_an_export_is_the_rollback_every_replica_follo
     assert status == 200 and await served_seq(srv) == 3
     assert caplog.text.count("the config names export export-000009 for seqdata") == 1
     _, doc = await admin(srv, "GET", "/admin/datasets/seqdata")
-    assert "export-000009" in doc["config_problem"]
+    assert doc["config_problem"] == "the source holds no complete export export-000009"
     await srv.stop()
 
-    # Without the key: the source again, its newest export.
+    # An export the server refuses: the same, with the reason.
+    bad = write_seq_export(source, 5)
+    (bad / "part-00000.parquet").write_bytes(b"not parquet")
+    refused = replace(named, datasets={"seqdata": replace(named.datasets["seqdata"],
+                                                          export="export-000005")})
+    srv = await serve(refused)
+
+    async def said() -> bool:
+        doc = (await admin(srv, "GET", "/admin/datasets/seqdata"))[1]
+        return bool(doc["config_problem"]) and (await srv.get("/readyz"))[0] == 200
+
+    await wait_for(said, 30, "the refusal of the named export")
+    _, doc = await admin(srv, "GET", "/admin/datasets/seqdata")
+    assert doc["config_problem"].startswith("export export-000005 of seqdata was refused: ")
+    assert await served_seq(srv) == 3
+    await srv.stop()
+
+    # Without the key: the source again, its newest valid export.
     srv = await serve(seq_config(source, data_dir=str(data)))
     await srv.wait_export("/v1/rows", 4)
 
