@@ -7,6 +7,7 @@ runs it (the image's environment, the ConfigMap's config, the Secret's variable)
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import re
@@ -814,7 +815,14 @@ def test_the_image_builds_serves_the_demo_and_stops_on_sigterm(tmp_path: Path) -
                     tag], check=True, capture_output=True, timeout=60)
     try:
         deadline = time.monotonic() + 300
-        while get(f"http://127.0.0.1:{port}/readyz")[0] != 200:
+
+        def ready() -> bool:  # refused, or reset by docker's proxy, until the server listens
+            try:
+                return get(f"http://127.0.0.1:{port}/readyz")[0] == 200
+            except (OSError, http.client.HTTPException):
+                return False
+
+        while not ready():
             assert time.monotonic() < deadline, "the container's server never became ready"
             time.sleep(0.5)
 
