@@ -335,6 +335,7 @@ class Updater:
                 self.last_listed = time.time()
                 self._note_incomplete_exports(name)
                 self._listed[name] = {e.export_id for e in listed[name]}
+                self._backfill_written(name, listed[name])
             walks[group.datasets] = self._runs(group, listed)
         events: list[LoadEvent] = []
         built: list[tuple[Version, dict[str, float]]] = []
@@ -747,8 +748,26 @@ class Updater:
         """Seconds since each served version's export was complete in the source (where the
         source said when): the same on every replica, and across restarts."""
         now = time.time()
-        return {n: round(now - v.written_at, 3)
-                for n, v in self.catalog.current.versions.items() if v.written_at}
+        out = {}
+        for name, v in list(self.catalog.current.versions.items()):
+            record = self.state[name].find(v.version_id)
+            written = record.written_at if record is not None else v.written_at
+            if written:
+                out[name] = round(now - written, 3)
+        return out
+
+    def _backfill_written(self, name: str, listed: Sequence[Any]) -> None:
+        """A version kept by a server that did not record when its export was written (an
+        older state.json) learns it from the listing, once."""
+        served = self.catalog.current.versions.get(name)
+        record = self.state[name].find(served.version_id) if served is not None else None
+        if record is None or record.written_at:
+            return
+        export = next((e for e in listed if e.export_id == record.export_id), None)
+        written = float(getattr(export, "written_at", 0.0)) if export is not None else 0.0
+        if written:
+            record.written_at = written
+            self._save()
 
     def data_age_text(self) -> str:
         ages = self.data_age()

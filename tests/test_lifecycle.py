@@ -3,6 +3,7 @@ unpin, reload), versions kept on disk for rollback and for a restart, crash left
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -336,6 +337,23 @@ async def test_the_export_age_is_the_markers_and_survives_a_restart(tmp_path: Pa
         assert doc["served"]["written_at"].startswith(
             time.strftime("%Y-%m-%dT%H", time.gmtime(an_hour_ago)))
         await srv.stop()
+
+    # A state.json written before export ages were kept: learnt from the next listing.
+    state = json.loads((data / "state.json").read_text())
+    for ds in state["datasets"].values():
+        for version in ds["versions"]:
+            del version["written_at"]
+    (data / "state.json").write_text(json.dumps(state))
+    srv = await serve(settings)
+    await srv.wait_ready()
+
+    async def learnt() -> bool:
+        try:
+            return 3600 <= (await ages(srv))[0] < 3600 + 120
+        except KeyError:  # no export age yet: not listed yet
+            return False
+
+    await wait_for(learnt, 10, "the export age of a version from an older state.json")
 
 
 async def test_startup_removes_what_a_crash_left(tmp_path: Path, serve: Any) -> None:
