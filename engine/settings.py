@@ -77,9 +77,10 @@ SETTING_KEYS: dict[str, str] = {
     "datasets.*.max_export_mb": "Largest export accepted, all parts together (default none).",
     "datasets.*.export": "Serve this export id and no other until the key is removed: the "
     "rollback a fleet follows, every replica and any new one (from the data dir where it is "
-    "kept, else loaded from the source); the admin API's pin and rollback are refused (409) "
-    "meanwhile, and a group's datasets name the same one (default none: the newest valid "
-    "export).",
+    "kept, else loaded from the source; `/readyz` answers 503 until it is served). One the "
+    "source lacks or refuses is logged and shown (admin API, status page), and what was kept "
+    "is served. The admin API's pin, rollback and unpin answer 409 meanwhile; a group's "
+    "datasets name the same one (default none: the newest valid export).",
     "groups.*.datasets": "Datasets published together: a pipeline run writes an export of each "
     "with one export id, and the run is loaded and published as one Snapshot once every one "
     "of them has a complete export with that id; if any of them is refused, none is "
@@ -198,16 +199,20 @@ def cgroup_cpu_quota(proc_cgroup: Path = Path("/proc/self/cgroup"),
             base = root if (root / "cgroup.controllers").exists() else root / "unified"
             files = ("cpu.max",)
         elif "cpu" in controllers.split(","):
-            base, files = root / controllers, ("cpu.cfs_quota_us", "cpu.cfs_period_us")
+            # mounted under its name as listed, or the other way round (`cpuacct,cpu` listed,
+            # `cpu,cpuacct` mounted), or the `cpu` link
+            names = (controllers, ",".join(reversed(controllers.split(","))), "cpu")
+            base = next((root / n for n in names if (root / n).is_dir()), root / controllers)
+            files = ("cpu.cfs_quota_us", "cpu.cfs_period_us")
         else:
             continue
         for folder in _cgroup_folders(base, path):
             try:
                 values = " ".join((folder / f).read_text() for f in files).split()
-            except OSError:
+                if values[0] not in ("max", "-1") and int(values[1]) > 0:
+                    quotas.append(int(values[0]) / int(values[1]))
+            except (OSError, ValueError, IndexError):  # absent, or not what the kernel writes
                 continue
-            if values[0] not in ("max", "-1") and int(values[1]) > 0:
-                quotas.append(int(values[0]) / int(values[1]))
     return min(quotas, default=None)
 
 

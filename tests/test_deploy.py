@@ -74,8 +74,9 @@ def manifests() -> dict[str, list[dict[str, Any]]]:
             for p in sorted(K8S.glob("*.yaml")) if p.name != "kustomization.yaml"}
 
 
-def obj(kind: str) -> dict[str, Any]:
-    (found,) = [d for docs in manifests().values() for d in docs if d["kind"] == kind]
+def obj(kind: str, name: str | None = None) -> dict[str, Any]:
+    (found,) = [d for docs in manifests().values() for d in docs
+                if d["kind"] == kind and name in (None, d["metadata"]["name"])]
     return found
 
 
@@ -308,7 +309,7 @@ def test_the_manifests_pass_the_kubernetes_schemas() -> None:
                     pytest.fail(f"{name}: {doc['kind']} on Kubernetes {version}: {exc}")
             checked.append(doc["kind"])
     assert sorted(checked) == ["ConfigMap", "Deployment", "PodDisruptionBudget", "Secret",
-                               "Service", "ServiceAccount"]
+                               "Service", "Service", "ServiceAccount"]
 
 
 def test_the_kustomization_lists_the_manifests() -> None:
@@ -325,7 +326,7 @@ def test_the_kustomization_lists_the_manifests() -> None:
 
 def test_the_service_monitor_scrapes_the_http_port() -> None:
     """No schema for the operator's CRD here: checked by hand."""
-    monitor, service = obj("ServiceMonitor"), obj("Service")
+    monitor, service = obj("ServiceMonitor"), obj("Service", "duckswap")
     assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
     labels = service["metadata"]["labels"]
     assert monitor["spec"]["selector"]["matchLabels"].items() <= labels.items()
@@ -335,10 +336,14 @@ def test_the_service_monitor_scrapes_the_http_port() -> None:
     # The operator's target label `endpoint` would rename duckswap's own `endpoint` label.
     assert endpoint["honorLabels"] is True
     assert set(endpoint) <= {"port", "path", "interval", "scrapeTimeout", "honorLabels"}
+    # one scrape per pod: the headless Service's pods are the same ones
+    headless = obj("Service", "duckswap-headless")["metadata"]["labels"]
+    assert not monitor["spec"]["selector"]["matchLabels"].items() <= headless.items()
 
 
 def test_the_service_and_the_probes_target_the_server_port(tmp_path: Path) -> None:
-    deployment, service, pdb = obj("Deployment"), obj("Service"), obj("PodDisruptionBudget")
+    deployment, service = obj("Deployment"), obj("Service", "duckswap")
+    pdb, headless = obj("PodDisruptionBudget"), obj("Service", "duckswap-headless")
     settings = load_settings(_config_file(tmp_path), {})
     (port,) = container()["ports"]
     assert port["name"] == "http" and port["containerPort"] == settings.port == 8080
@@ -347,6 +352,13 @@ def test_the_service_and_the_probes_target_the_server_port(tmp_path: Path) -> No
     assert service_port["port"] == 80 and service_port["targetPort"] == "http"
     pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
     assert service["spec"]["selector"].items() <= pod_labels.items()
+    # every replica's own address, on the server's port: what HAProxy's server-template names
+    (headless_port,) = headless["spec"]["ports"]
+    assert headless["spec"]["clusterIP"] == "None" and headless_port["targetPort"] == "http"
+    assert headless["spec"]["selector"].items() <= pod_labels.items()
+    haproxy = (REPO / "deploy" / "haproxy" / "haproxy.cfg").read_text()
+    assert (f" {headless['metadata']['name']}.default.svc.cluster.local:"
+            f"{headless_port['port']} check") in haproxy
     assert deployment["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
     assert pdb["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
     assert deployment["spec"]["replicas"] == 2
@@ -620,6 +632,8 @@ def expressions() -> list[tuple[str, str]]:
         for target in panel.get("targets", []):
             out.append((f"panel {panel['title']!r}", target["expr"]))
     for var in dashboard["templating"]["list"]:
+        if var["type"] == "datasource":
+            continue  # DS_PROMETHEUS, for a dashboard provisioned from a file
         match = re.fullmatch(r"label_values\((.+), *(\w+)\)", var["query"]["query"])
         assert match, var
         # label_values(SELECTOR, LABEL): the selector, grouped by the label.
@@ -788,7 +802,11 @@ def test_the_dashboard_is_importable() -> None:
         assert len({t["refId"] for t in p["targets"]}) == len(p["targets"])
         grid = p["gridPos"]
         assert grid["x"] + grid["w"] <= 24 and grid["h"] > 0, p["title"]
-    for var in dashboard["templating"]["list"]:
+    variables = dashboard["templating"]["list"]
+    # provisioned from a file (no import to fill the input), a variable of that name does
+    assert variables[0]["name"] == "DS_PROMETHEUS" and variables[0]["type"] == "datasource"
+    assert variables[0]["query"] == "prometheus"
+    for var in variables[1:]:
         assert var["datasource"] == source
 
 

@@ -90,6 +90,11 @@ def test_a_short_admin_token_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="server.admin_token: must be at least 16") as err:
         seq_config(tmp_path, admin_token="short-secret")
     assert "short-secret" not in str(err.value)
+    # a token of digits only is read as a TOML integer: refused, and not echoed either
+    with pytest.raises(ValueError, match="server.admin_token: expected a string, got an integer") \
+            as err:
+        seq_config(tmp_path, admin_token=12345678901234567890)
+    assert "12345678901234567890" not in str(err.value)
 
 
 # -- admin: actions -------------------------------------------------------------------------

@@ -302,6 +302,11 @@ def _cgroupfs(tmp_path: Path, proc: str, files: dict[str, str]) -> tuple[Path, P
     # v1 without a cgroup namespace: the host's path, the container's cgroup mounted at root
     ("4:cpu,cpuacct:/docker/abc\n0::/\n", {"cpu,cpuacct/cpu.cfs_quota_us": "250000\n",
                                            "cpu,cpuacct/cpu.cfs_period_us": "100000\n"}, 2.5),
+    # v1 listed `cpuacct,cpu` (RHEL 7), mounted `cpu,cpuacct`
+    ("3:cpuacct,cpu:/\n", {"cpu,cpuacct/cpu.cfs_quota_us": "300000\n",
+                           "cpu,cpuacct/cpu.cfs_period_us": "100000\n"}, 3.0),
+    # what the kernel never writes is no quota, not a failed start
+    ("0::/\n", {"cgroup.controllers": "cpu", "cpu.max": "\n"}, None),
     # no quota anywhere: v1's -1, v2's max
     ("1:cpu:/\n0::/\n", {"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n",
                          "unified/cpu.max": "max 100000\n"}, None),
