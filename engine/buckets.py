@@ -10,13 +10,13 @@ REQUEST_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5
                    5.0)
 
 
-def quantile(counts: Sequence[int], q: float) -> float | None:
+def quantile(counts: Sequence[float], q: float) -> float | None:
     """The `q` quantile of a `REQUEST_BUCKETS` histogram: the upper bound of the bucket it
     falls in (None without requests; above the largest bound, that bound)."""
     total = sum(counts)
     if not total:
         return None
-    rank, seen = q * total, 0
+    rank, seen = q * total, 0.0
     for i, n in enumerate(counts):
         seen += n
         if seen >= rank:

@@ -44,12 +44,13 @@ def lookup_totals(workers: Sequence[Mapping[str, Any]],
     return out
 
 
-def request_totals(workers: Sequence[Mapping[str, Any]]) -> dict[str, list[float]]:
-    """Each endpoint's request duration bucket counts since the start, then the sum of
-    seconds, every worker's summed."""
+def request_totals(workers: Sequence[Mapping[str, Any]], window: str = "total"
+                   ) -> dict[str, list[float]]:
+    """Each endpoint's request duration bucket counts, every worker's summed: since the start
+    (`total`, then the sum of seconds) or over the last minute (`minute`)."""
     out: dict[str, list[float]] = {}
     for w in workers:
-        for endpoint, counts in w.get("times", {}).get("total", {}).items():
+        for endpoint, counts in w.get("times", {}).get(window, {}).items():
             into = out.setdefault(endpoint, [0.0] * len(counts))
             for i, n in enumerate(counts):
                 into[i] += n

@@ -135,12 +135,7 @@ def render(updater: Updater, warmer: Warmer, settings: Settings,
             for d in docs for q in d["quarantined"]]))
     parts.append("<h2>Endpoints (the last minute)</h2>")
     hits_misses = lookup_totals(workers, list(settings.endpoints))
-    minute: dict[str, list[int]] = {}
-    for w in workers:
-        for endpoint, counts in w.get("times", {}).get("minute", {}).items():
-            got = minute.setdefault(endpoint, [0] * len(counts))
-            for i, n in enumerate(counts):
-                got[i] += n
+    minute = request_totals(workers, "minute")
     totals = request_totals(workers)
     rows = []
     for name in settings.endpoints:
