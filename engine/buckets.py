@@ -10,6 +10,14 @@ REQUEST_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5
                    5.0)
 
 
+def add_counts(into: dict[str, list[float]], key: str, counts: Sequence[float]) -> None:
+    """Add `counts` (per bucket, or any list of counts) into `into[key]`, element by element:
+    how every worker's counts, or every slot's, are summed."""
+    got = into.setdefault(key, [0.0] * len(counts))
+    for i, n in enumerate(counts):
+        got[i] += n
+
+
 def quantile(counts: Sequence[float], q: float) -> float | None:
     """The `q` quantile of a `REQUEST_BUCKETS` histogram: the upper bound of the bucket it
     falls in (None without requests; above the largest bound, that bound)."""

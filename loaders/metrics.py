@@ -16,7 +16,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from engine.buckets import LAG_BUCKETS, REQUEST_BUCKETS
+from engine.buckets import LAG_BUCKETS, REQUEST_BUCKETS, add_counts
 from engine.store import Snapshot
 from loaders.updater import Updater
 from loaders.warm import Warmer
@@ -33,14 +33,12 @@ def render(updater: Updater, warmer: Warmer, workers: Sequence[Mapping[str, Any]
 
 
 def lookup_totals(workers: Sequence[Mapping[str, Any]],
-                  endpoints: Sequence[str]) -> dict[str, list[int]]:
+                  endpoints: Sequence[str]) -> dict[str, list[float]]:
     """Each endpoint's [cache hits, misses], every worker's summed."""
-    out: dict[str, list[int]] = {e: [0, 0] for e in endpoints}
+    out: dict[str, list[float]] = {e: [0, 0] for e in endpoints}
     for w in workers:
-        for endpoint, (hits, misses) in w.get("lookups", {}).items():
-            into = out.setdefault(endpoint, [0, 0])
-            into[0] += hits
-            into[1] += misses
+        for endpoint, hits_misses in w.get("lookups", {}).items():
+            add_counts(out, endpoint, hits_misses)
     return out
 
 
@@ -51,9 +49,7 @@ def request_totals(workers: Sequence[Mapping[str, Any]], window: str = "total"
     out: dict[str, list[float]] = {}
     for w in workers:
         for endpoint, counts in w.get("times", {}).get(window, {}).items():
-            into = out.setdefault(endpoint, [0.0] * len(counts))
-            for i, n in enumerate(counts):
-                into[i] += n
+            add_counts(out, endpoint, counts)
     return out
 
 

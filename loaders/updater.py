@@ -555,8 +555,7 @@ class Updater:
         seconds = time.perf_counter() - loaded.start
         timings = {"list": listed, **loaded.timings}
         version = Version(candidate.dataset, loaded.version_id, loaded.export_id,
-                          loaded.rows, seconds, loaded.path,
-                          written_at=getattr(candidate, "written_at", 0.0))
+                          loaded.rows, seconds, loaded.path, written_at=candidate.written_at)
         log.info(
             "built %s/%s as version %s: %d rows in %.3fs (%s)",
             candidate.dataset, loaded.export_id, loaded.version_id, loaded.rows, seconds,
@@ -764,9 +763,8 @@ class Updater:
         if record is None or record.written_at:
             return
         export = next((e for e in listed if e.export_id == record.export_id), None)
-        written = float(getattr(export, "written_at", 0.0)) if export is not None else 0.0
-        if written:
-            record.written_at = written
+        if export is not None and export.written_at:
+            record.written_at = export.written_at
             self._save()
 
     def data_age_text(self) -> str:

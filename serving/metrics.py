@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from engine.buckets import LAG_BUCKETS, REQUEST_BUCKETS
+from engine.buckets import LAG_BUCKETS, REQUEST_BUCKETS, add_counts
 
 
 class LoopLag:
@@ -74,11 +74,9 @@ class RequestTimes:
         """`total`: endpoint -> bucket counts and the sum of seconds; `minute`: endpoint ->
         bucket counts over the last full minute (the current slot and five before)."""
         now = int(self.clock() // SLOT_SECONDS)
-        minute: dict[str, list[int]] = {}
+        minute: dict[str, list[float]] = {}
         for slot, per in self._slots:
             if slot > now - SLOTS:
                 for endpoint, counts in per.items():
-                    into = minute.setdefault(endpoint, [0] * len(counts))
-                    for i, n in enumerate(counts):
-                        into[i] += n
+                    add_counts(minute, endpoint, counts)
         return {"total": {e: list(t) for e, t in self.total.items()}, "minute": minute}
