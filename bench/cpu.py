@@ -17,7 +17,7 @@ WORKER_PROCESS = "duckswap-http"  # an HTTP worker's name (`serving.worker.NAME`
 TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
-def _ticks(path: str) -> int:
+def process_ticks(path: str) -> int:
     """utime + stime of a /proc stat file, in clock ticks (0 when it is gone)."""
     try:
         fields = Path(path).read_text().rsplit(")", 1)[1].split()
@@ -26,7 +26,7 @@ def _ticks(path: str) -> int:
     return int(fields[11]) + int(fields[12])
 
 
-def _comm(pid: int) -> str:
+def process_name(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/comm").read_text().strip()
     except OSError:
@@ -106,13 +106,14 @@ class CpuSampler:
         used = dict.fromkeys(PARTS[:4], 0)
         kids = _children()
         if self.server is not None:
-            used["loader"] += self._delta(str(self.server), _ticks(f"/proc/{self.server}/stat"))
+            used["loader"] += self._delta(str(self.server),
+                                          process_ticks(f"/proc/{self.server}/stat"))
             for pid in _tree(self.server, kids):
-                part = "workers" if _comm(pid) == WORKER_PROCESS else "builder"
-                used[part] += self._delta(str(pid), _ticks(f"/proc/{pid}/stat"))
+                part = "workers" if process_name(pid) == WORKER_PROCESS else "builder"
+                used[part] += self._delta(str(pid), process_ticks(f"/proc/{pid}/stat"))
         if self.generator is not None:
             for pid in [self.generator, *_tree(self.generator, kids)]:
-                used["generator"] += self._delta(str(pid), _ticks(f"/proc/{pid}/stat"))
+                used["generator"] += self._delta(str(pid), process_ticks(f"/proc/{pid}/stat"))
         box = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
         return used, box
 

@@ -14,6 +14,11 @@ Two engines write the same file, one JSON line per request:
   requests are written as prebuilt bytes on a pool of connections, like wrk2; latency from each
   request's intended send time, like `python`. ~0.13 ms of CPU per request, so the server under
   test gets the box.
+
+`--closed` runs the lean engine closed-loop instead (like wrk): each connection sends its next
+request as soon as the last answer arrives, for `--duration` seconds from `--start-at`; it
+writes one JSON summary (answers and failures inside the window, an encoded HDR histogram of
+their latencies) for `bench.scale` to add up across generator processes.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from typing import cast
 import aiohttp
 import httptools
 import orjson
+from hdrh.histogram import HdrHistogram
 
 from bench.mix import DEFAULT_MIX, Mix
 
@@ -81,7 +87,7 @@ async def generate(url: str, paths: list[tuple[str, str]], rate: float, out: Pat
 class _Conn(asyncio.Protocol):
     """One keep-alive connection of the lean engine: one request in flight at a time."""
 
-    def __init__(self, gen: _Lean) -> None:
+    def __init__(self, gen: _Lean | _Closed) -> None:
         self.gen = gen
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
@@ -267,6 +273,91 @@ async def generate_lean(url: str, paths: list[tuple[str, str]], rate: float, out
     out.write_bytes(b"\n".join(gen.rows(wall_start)) + b"\n")
 
 
+class _Closed:
+    """Closed-loop sender: every connection keeps one request in flight from `start` to
+    `end`; latency from its actual send (there is no schedule to be late for)."""
+
+    def __init__(self, host: str, port: int, paths: list[tuple[str, str]], start: float,
+                 duration: float, connections: int) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.host, self.port, self.connections = host, port, connections
+        self.requests = [(f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
+                          "User-Agent: duckswap-bench\r\n\r\n").encode() for _, path in paths]
+        self.start, self.end = start, start + duration  # wall clock, shared by the processes
+        self.next = 0
+        self.sent_at: dict[_Conn, float] = {}
+        self.ok = 0
+        self.failed: dict[str, int] = {}
+        self.hist = HdrHistogram(1, 60_000_000, 3)
+        self.finished = self.loop.create_future()
+
+    async def run(self) -> None:
+        conns = []
+        for _ in range(self.connections):
+            _, conn = await self.loop.create_connection(lambda: _Conn(self), self.host, self.port)
+            conns.append(conn)
+        await asyncio.sleep(max(0.0, self.start - time.time()))
+        for conn in conns:
+            self.send(conn)
+        await self.finished
+        for conn in conns:
+            if conn.transport is not None:
+                conn.transport.close()
+
+    def send(self, conn: _Conn) -> None:
+        if time.time() >= self.end:
+            self.sent_at.pop(conn, None)
+            if not self.sent_at and not self.finished.done():
+                self.finished.set_result(None)
+            return
+        conn.request = self.next
+        self.sent_at[conn] = time.perf_counter()
+        assert conn.transport is not None
+        conn.transport.write(self.requests[self.next % len(self.requests)])
+        self.next += 1
+
+    def counts(self) -> bool:
+        """Whether an answer arriving now falls inside the window."""
+        return time.time() < self.end
+
+    def done(self, conn: _Conn, status: int, keep_alive: bool) -> None:
+        conn.request = -1
+        if self.counts():
+            if status == 200:
+                self.ok += 1
+                self.hist.record_value(max(1, int((time.perf_counter() - self.sent_at[conn])
+                                                  * 1e6)))
+            else:
+                self.failed[f"status {status}"] = self.failed.get(f"status {status}", 0) + 1
+        if keep_alive:
+            self.send(conn)
+        else:
+            self.fail(conn, "closed by the server")
+
+    def fail(self, conn: _Conn, kind: str) -> None:
+        if conn.request >= 0 and self.counts():
+            self.failed[kind] = self.failed.get(kind, 0) + 1
+        conn.request = -1
+        if conn.transport is not None:
+            conn.transport.abort()
+        self.sent_at.pop(conn, None)  # this connection is done; the others go on
+        if not self.sent_at and not self.finished.done():
+            self.finished.set_result(None)
+
+    def summary(self) -> dict[str, object]:
+        return {"ok": self.ok, "failed": self.failed, "seconds": self.end - self.start,
+                "histogram": self.hist.encode().decode()}
+
+
+async def generate_closed(url: str, paths: list[tuple[str, str]], start: float, duration: float,
+                          out: Path, connections: int) -> None:
+    u = urllib.parse.urlsplit(url)
+    assert u.scheme == "http" and u.hostname, f"the lean engine speaks plain http only: {url}"
+    gen = _Closed(u.hostname, u.port or 80, paths, start, duration, connections)
+    await gen.run()
+    out.write_bytes(orjson.dumps(gen.summary()))
+
+
 K6_SCRIPT = Path(__file__).with_name("k6.js")
 K6_TIMEOUT = 1050  # k6 error code of a request that ran past its timeout
 
@@ -309,7 +400,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=5.0)
     p.add_argument("--connections", type=int, default=256)
     p.add_argument("--engine", choices=["python", "k6", "lean"], default="python")
+    p.add_argument("--closed", action="store_true",
+                   help="closed loop on --connections connections (the lean engine; --rate is "
+                   "ignored)")
+    p.add_argument("--start-at", type=float, default=None,
+                   help="--closed: the window's start, seconds since the epoch (default: now)")
     a = p.parse_args(argv)
+    if a.closed:
+        import uvloop
+        mix = Mix(a.mix, a.champions, a.unique, a.seed)
+        paths = [mix.next() for _ in range(20_000)]  # cycled through
+        uvloop.run(generate_closed(a.url.rstrip("/"), paths, a.start_at or time.time(),
+                                   a.duration, a.out, a.connections))
+        return 0
     n = max(1, int(a.rate * a.duration))
     if a.path:
         paths = [("path", a.path)] * n
