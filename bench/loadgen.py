@@ -389,7 +389,7 @@ def run_k6(url: str, paths: list[tuple[str, str]], rate: float, duration: float,
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--url", required=True)
-    p.add_argument("--rate", type=float, required=True)
+    p.add_argument("--rate", type=float, default=0.0, help="requests a second (open loop)")
     p.add_argument("--duration", type=float, required=True)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--mix", type=Path, default=DEFAULT_MIX)
@@ -401,25 +401,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--connections", type=int, default=256)
     p.add_argument("--engine", choices=["python", "k6", "lean"], default="python")
     p.add_argument("--closed", action="store_true",
-                   help="closed loop on --connections connections (the lean engine; --rate is "
-                   "ignored)")
+                   help="closed loop on --connections connections (the lean engine; no --rate)")
     p.add_argument("--start-at", type=float, default=None,
                    help="--closed: the window's start, seconds since the epoch (default: now)")
     a = p.parse_args(argv)
-    if a.closed:
-        import uvloop
-        mix = Mix(a.mix, a.champions, a.unique, a.seed)
-        paths = [mix.next() for _ in range(20_000)]  # cycled through
-        uvloop.run(generate_closed(a.url.rstrip("/"), paths, a.start_at or time.time(),
-                                   a.duration, a.out, a.connections))
-        return 0
-    n = max(1, int(a.rate * a.duration))
+    if not a.closed and a.rate <= 0:
+        p.error("--rate must be above 0 (or use --closed)")
+    n = 20_000 if a.closed else max(1, int(a.rate * a.duration))  # closed: cycled through
     if a.path:
         paths = [("path", a.path)] * n
     else:
         mix = Mix(a.mix, a.champions, a.unique, a.seed)
         paths = [mix.next() for _ in range(n)]
-    if a.engine == "k6":
+    if a.closed:
+        import uvloop
+        uvloop.run(generate_closed(a.url.rstrip("/"), paths, a.start_at or time.time(),
+                                   a.duration, a.out, a.connections))
+    elif a.engine == "k6":
         run_k6(a.url.rstrip("/"), paths, a.rate, a.duration, a.out, a.timeout)
     elif a.engine == "lean":
         import uvloop

@@ -58,7 +58,7 @@ def _generators(args: argparse.Namespace, url: str, start: float, duration: floa
     for i, cpu in enumerate(cpus):
         out = work / f"{label}-gen{i}.json"
         cmd = [*(["taskset", "-c", str(cpu)] if cpu is not None else []), sys.executable,
-               "-m", "bench.loadgen", "--closed", "--url", url, "--rate", "0",
+               "-m", "bench.loadgen", "--closed", "--url", url,
                "--duration", str(duration), "--start-at", str(start), "--out", str(out),
                "--mix", str(args.mix), "--champions", str(SIZES[args.size].champions),
                "--connections", str(args.connections), "--seed", str(i + 1)]
@@ -161,7 +161,8 @@ def summarise(results: list[dict[str, Any]], counts: list[int]) -> list[dict[str
             "failed": sum(sum(r["failed"].values()) for r in runs),
             "p50_ms": statistics.median(r["latency_ms"]["p50"] for r in runs),
             "p99_ms": statistics.median(r["latency_ms"]["p99"] for r in runs),
-            "worker_cores": statistics.median(sum(r["cores"]["workers"]) for r in runs),
+            "worker_cores": round(statistics.median(sum(r["cores"]["workers"]) for r in runs),
+                                  2),
             "generator_cores": statistics.median(r["cores"]["generators"] for r in runs),
         })
     return rows

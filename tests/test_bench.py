@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from hdrh.histogram import HdrHistogram
 
 from bench.cli import lag_summary
 from bench.report import read_rows
@@ -134,6 +135,51 @@ async def test_generator_is_open_loop(tmp_path: Path, engine: str) -> None:
     # where a closed-loop client would report ~100 ms each.
     lat = sorted(r["lat_us"] / 1e6 for r in rows)
     assert lat[-1] > 1.5 and lat[len(lat) // 2] > 0.8
+
+
+async def test_closed_loop_keeps_one_request_in_flight_per_connection(tmp_path: Path) -> None:
+    """`--closed`: 3 connections against 50 ms answers for 1 s: never more than 3 requests at
+    once, each connection's next request right after its answer (~20 answers a connection),
+    latency from the actual send."""
+    now = {"in": 0, "max": 0}
+
+    async def slow(request: web.Request) -> web.Response:
+        now["in"] += 1
+        now["max"] = max(now["max"], now["in"])
+        await asyncio.sleep(0.05)
+        now["in"] -= 1
+        return web.Response(text="ok")
+
+    server = await _one_route("/slow", slow)
+    out = tmp_path / "closed.json"
+    try:
+        assert await _loadgen(str(server.make_url("")), "/slow", out, "--closed",
+                              "--connections", "3", "--duration", "1") == 0
+    finally:
+        await server.close()
+    summary = json.loads(out.read_text())
+    assert now["max"] == 3
+    assert summary["failed"] == {} and 45 <= summary["ok"] <= 60
+    hist = HdrHistogram.decode(summary["histogram"])
+    assert hist.get_total_count() == summary["ok"]
+    assert 50_000 <= hist.get_value_at_percentile(50) < 80_000  # µs: the handler's 50 ms
+
+
+def test_scale_reports_throughput_and_cpu_per_worker_count(tmp_path: Path) -> None:
+    res = subprocess.run([sys.executable, "-m", "bench.scale", "--workers", "1,2", "--rounds",
+                          "1", "--duration", "2", "--warmup", "0", "--size", "small",
+                          "--connections", "16", "--lead", "1.5", "--out", str(tmp_path)],
+                         capture_output=True, text=True, cwd=REPO, timeout=110)
+    assert res.returncode == 0, res.stdout + res.stderr
+    doc = json.loads((tmp_path / "scale.json").read_text())
+    assert [r["workers"] for r in doc["runs"]] == [1, 2]
+    for run in doc["runs"]:
+        assert run["failed"] == {} and run["ok"] > 100 and run["rate"] == run["ok"] / 2
+        assert len(run["cores"]["workers"]) == run["workers"]  # one figure per worker process
+        assert sum(run["cores"]["workers"]) > 0.2 and run["cores"]["generators"] > 0
+    assert [r["ratio"] for r in doc["summary"]][0] == 1.0
+    assert "| 2 |" in res.stdout
+    assert (tmp_path / "scale.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 async def test_lean_generator_counts_timeouts_and_refused_connections(tmp_path: Path) -> None:
