@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.metadata
 import logging
 import os
 import signal
@@ -13,6 +12,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
+
+from engine import openapi
 
 if TYPE_CHECKING:
     from engine.settings import Settings
@@ -249,7 +250,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="duckswap", description="Hot-swappable DuckDB serving")
     parser.add_argument("--version", action="version",
-                        version=f"duckswap {importlib.metadata.version('duckswap')}")
+                        version=f"duckswap {openapi.version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="serve the endpoints of a config (default: the demo)")
     serve.add_argument("--config", help="TOML config file; omit to serve the bundled demo")
