@@ -84,6 +84,18 @@ async def generate(url: str, paths: list[tuple[str, str]], rate: float, out: Pat
     out.write_bytes(b"\n".join(results) + b"\n")
 
 
+def requests(host: str, port: int, paths: list[tuple[str, str]]) -> list[bytes]:
+    """Each path's GET request, as the lean engines write it."""
+    return [(f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
+             "User-Agent: duckswap-bench\r\n\r\n").encode() for _, path in paths]
+
+
+def host_port(url: str) -> tuple[str, int]:
+    u = urllib.parse.urlsplit(url)
+    assert u.scheme == "http" and u.hostname, f"the lean engine speaks plain http only: {url}"
+    return u.hostname, u.port or 80
+
+
 class _Conn(asyncio.Protocol):
     """One keep-alive connection of the lean engine: one request in flight at a time."""
 
@@ -118,8 +130,7 @@ class _Lean:
         self.loop = asyncio.get_running_loop()
         self.host, self.port, self.rate, self.timeout = host, port, rate, timeout
         self.names = [name for name, _ in paths]
-        self.requests = [(f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
-                          "User-Agent: duckswap-bench\r\n\r\n").encode() for _, path in paths]
+        self.requests = requests(host, port, paths)
         self.n = len(paths)
         self.limit = connections
         self.idle: list[_Conn] = []
@@ -262,9 +273,7 @@ class _Lean:
 
 async def generate_lean(url: str, paths: list[tuple[str, str]], rate: float, out: Path,
                         timeout: float, connections: int) -> None:
-    u = urllib.parse.urlsplit(url)
-    assert u.scheme == "http" and u.hostname, f"the lean engine speaks plain http only: {url}"
-    gen = _Lean(u.hostname, u.port or 80, paths, rate, timeout, connections)
+    gen = _Lean(*host_port(url), paths, rate, timeout, connections)
     await gen.run()
     wall_start = time.time() - (time.monotonic() - gen.start)
     for conn in gen.idle:
@@ -275,15 +284,16 @@ async def generate_lean(url: str, paths: list[tuple[str, str]], rate: float, out
 
 class _Closed:
     """Closed-loop sender: every connection keeps one request in flight from `start` to
-    `end`; latency from its actual send (there is no schedule to be late for)."""
+    `end`; latency from its actual send (there is no schedule to be late for). A request still
+    unanswered `timeout` seconds after `end` counts as a timeout."""
 
     def __init__(self, host: str, port: int, paths: list[tuple[str, str]], start: float,
-                 duration: float, connections: int) -> None:
+                 duration: float, timeout: float, connections: int) -> None:
         self.loop = asyncio.get_running_loop()
         self.host, self.port, self.connections = host, port, connections
-        self.requests = [(f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
-                          "User-Agent: duckswap-bench\r\n\r\n").encode() for _, path in paths]
+        self.requests = requests(host, port, paths)
         self.start, self.end = start, start + duration  # wall clock, shared by the processes
+        self.timeout = timeout
         self.next = 0
         self.sent_at: dict[_Conn, float] = {}
         self.ok = 0
@@ -299,7 +309,13 @@ class _Closed:
         await asyncio.sleep(max(0.0, self.start - time.time()))
         for conn in conns:
             self.send(conn)
-        await self.finished
+        try:
+            await asyncio.wait_for(asyncio.shield(self.finished),
+                                   max(0.0, self.end - time.time()) + self.timeout)
+        except TimeoutError:
+            for conn in list(self.sent_at):
+                self.failed["timeout"] = self.failed.get("timeout", 0) + 1
+                conn.request = -1
         for conn in conns:
             if conn.transport is not None:
                 conn.transport.close()
@@ -350,10 +366,8 @@ class _Closed:
 
 
 async def generate_closed(url: str, paths: list[tuple[str, str]], start: float, duration: float,
-                          out: Path, connections: int) -> None:
-    u = urllib.parse.urlsplit(url)
-    assert u.scheme == "http" and u.hostname, f"the lean engine speaks plain http only: {url}"
-    gen = _Closed(u.hostname, u.port or 80, paths, start, duration, connections)
+                          out: Path, timeout: float, connections: int) -> None:
+    gen = _Closed(*host_port(url), paths, start, duration, timeout, connections)
     await gen.run()
     out.write_bytes(orjson.dumps(gen.summary()))
 
@@ -416,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.closed:
         import uvloop
         uvloop.run(generate_closed(a.url.rstrip("/"), paths, a.start_at or time.time(),
-                                   a.duration, a.out, a.connections))
+                                   a.duration, a.out, a.timeout, a.connections))
     elif a.engine == "k6":
         run_k6(a.url.rstrip("/"), paths, a.rate, a.duration, a.out, a.timeout)
     elif a.engine == "lean":

@@ -165,6 +165,25 @@ async def test_closed_loop_keeps_one_request_in_flight_per_connection(tmp_path: 
     assert 50_000 <= hist.get_value_at_percentile(50) < 80_000  # µs: the handler's 50 ms
 
 
+async def test_closed_loop_counts_unanswered_requests_as_timeouts(tmp_path: Path) -> None:
+    async def hang(request: web.Request) -> web.Response:
+        await asyncio.sleep(30)
+        return web.Response(text="late")
+
+    server = await _one_route("/hang", hang)
+    out = tmp_path / "closed.json"
+    started = time.monotonic()
+    try:
+        assert await _loadgen(str(server.make_url("")), "/hang", out, "--closed",
+                              "--connections", "2", "--duration", "0.5",
+                              "--timeout", "0.5") == 0
+    finally:
+        await server.close()
+    assert time.monotonic() - started < 10  # not the handler's 30 s
+    summary = json.loads(out.read_text())
+    assert summary["ok"] == 0 and summary["failed"] == {"timeout": 2}
+
+
 def test_scale_reports_throughput_and_cpu_per_worker_count(tmp_path: Path) -> None:
     res = subprocess.run([sys.executable, "-m", "bench.scale", "--workers", "1,2", "--rounds",
                           "1", "--duration", "2", "--warmup", "0", "--size", "small",
