@@ -26,6 +26,12 @@ def process_ticks(path: str) -> int:
     return int(fields[11]) + int(fields[12])
 
 
+def box_ticks() -> list[int]:
+    """The whole box's first 8 /proc/stat counters: user, nice, system, idle, iowait, irq,
+    softirq, steal (clock ticks)."""
+    return [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+
+
 def process_name(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/comm").read_text().strip()
@@ -114,8 +120,7 @@ class CpuSampler:
         if self.generator is not None:
             for pid in [self.generator, *_tree(self.generator, kids)]:
                 used["generator"] += self._delta(str(pid), process_ticks(f"/proc/{pid}/stat"))
-        box = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
-        return used, box
+        return used, box_ticks()
 
     def _run(self) -> None:
         _, box0 = self._read()

@@ -30,7 +30,7 @@ import orjson
 from hdrh.histogram import HdrHistogram
 
 from bench.cli import Server
-from bench.cpu import TICK, WORKER_PROCESS, process_name, process_ticks, tree
+from bench.cpu import TICK, WORKER_PROCESS, box_ticks, process_name, process_ticks, tree
 from bench.mix import DEFAULT_MIX
 from data.generate import SIZES, write_export
 
@@ -46,8 +46,8 @@ def cpu_list(spec: str | None) -> list[int]:
 
 
 def _box_busy() -> tuple[int, int]:
-    """(busy, all) ticks of the whole box from /proc/stat."""
-    d = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    """(busy, all) ticks of the whole box: all but idle, iowait and steal."""
+    d = box_ticks()
     return sum(d) - d[3] - d[4] - d[7], sum(d)
 
 
