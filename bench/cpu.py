@@ -91,6 +91,8 @@ class CpuSampler:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._seen: dict[str, int] = {}  # "pid" or "pid/tid" -> ticks at the last sample
+        self._by_process: dict[str, int] = {}  # "worker 1234" -> ticks over the samples
+        self._span = 0.0  # seconds the samples cover
 
     def start(self) -> CpuSampler:
         if Path("/proc/stat").exists():
@@ -107,16 +109,24 @@ class CpuSampler:
         self._seen[key] = ticks
         return 0 if before is None else max(0, ticks - before)
 
+    def _count(self, label: str, pid: int) -> int:
+        """Ticks process `pid` used since the last read, also counted under `label`."""
+        ticks = self._delta(str(pid), process_ticks(f"/proc/{pid}/stat"))
+        self._by_process[label] = self._by_process.get(label, 0) + ticks
+        return ticks
+
     def _read(self) -> tuple[dict[str, int], list[int]]:
         """Ticks each part used since the last read, and the box's /proc/stat counters."""
         used = dict.fromkeys(PARTS[:4], 0)
         kids = _children()
         if self.server is not None:
-            used["loader"] += self._delta(str(self.server),
-                                          process_ticks(f"/proc/{self.server}/stat"))
+            used["loader"] += self._count("loader", self.server)
             for pid in _tree(self.server, kids):
-                part = "workers" if process_name(pid) == WORKER_PROCESS else "builder"
-                used[part] += self._delta(str(pid), process_ticks(f"/proc/{pid}/stat"))
+                name = process_name(pid)
+                part = "workers" if name == WORKER_PROCESS else "builder"
+                used[part] += self._count(
+                    f"{'worker' if part == 'workers' else name.removeprefix('duckswap-')} {pid}",
+                    pid)
         if self.generator is not None:
             for pid in [self.generator, *_tree(self.generator, kids)]:
                 used["generator"] += self._delta(str(pid), process_ticks(f"/proc/{pid}/stat"))
@@ -129,6 +139,7 @@ class CpuSampler:
             used, box = self._read()
             now = time.monotonic()
             elapsed = now - last
+            self._span += elapsed
             d = [b - a for a, b in zip(box0, box, strict=True)]
             total_busy = sum(d) - d[3] - d[4] - d[7]  # all but idle, iowait and steal
             cores = {k: v / TICK / elapsed for k, v in used.items()}
@@ -147,6 +158,10 @@ class CpuSampler:
 
         out: dict[str, Any] = {"samples": len(self.samples),
                                "mean_cores": mean([s for _, s in self.samples])}
+        if self._span:  # each server process, busiest first ("build" processes come and go)
+            cores = {k: round(v / TICK / self._span, 2) for k, v in self._by_process.items()}
+            out["mean_cores_by_process"] = dict(sorted(
+                ((k, v) for k, v in cores.items() if v >= 0.01), key=lambda kv: -kv[1]))
         if windows:
             inside = [s for t, s in self.samples if any(a <= t <= b for a, b in windows)]
             out["mean_cores_during_swaps"] = mean(inside)

@@ -161,6 +161,9 @@ def table(s: dict[str, Any]) -> str:
             if s["cpu"].get(key):
                 lines.append(f"{name:<17}" + "  ".join(
                     f"{part} {v:g}" for part, v in s["cpu"][key].items()))
+        if s["cpu"].get("mean_cores_by_process"):
+            lines.append(f"{'cores by process':<17}" + "  ".join(
+                f"{who} {v:g}" for who, v in s["cpu"]["mean_cores_by_process"].items()))
     return "\n".join(lines)
 
 

@@ -41,6 +41,11 @@ def test_ci_gate_fails_on_an_impossible_bound_and_draws_the_swaps(tmp_path: Path
     cpu = summary["cpu"]  # where the box's CPU went, sampled every 0.5 s
     assert cpu["samples"] >= 8 and cpu["mean_cores"]["workers"] > 0
     assert cpu["mean_cores"]["generator"] > 0 and cpu["mean_cores"]["builder"] > 0
+    by_process = cpu["mean_cores_by_process"]  # and each server process on its own
+    workers = [v for k, v in by_process.items() if k.startswith("worker ")]
+    assert workers and abs(sum(workers) - cpu["mean_cores"]["workers"]) <= 0.05
+    assert any(k.startswith("build ") for k in by_process)
+    assert "cores by process" in res.stdout
     assert "duckswap.loader: published" in (tmp_path / "ci-server.log").read_text()
     png = tmp_path / "ci-100.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
