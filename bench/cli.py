@@ -257,7 +257,7 @@ def one_run(args: argparse.Namespace, rate: float, work: Path, server: Server | 
     before, lag_before = cache_lookups(scraped), loop_lag(scraped)
     gen = run_loadgen(url, rate, args.duration, out, args)
     memory = server.watch_memory(stop) if server else []
-    cpu = CpuSampler(server.proc.pid if server else None, gen.pid).start()
+    cpu = CpuSampler(server.proc.pid if server else None, [gen.pid]).start()
     if thread:
         thread.start()
     gen.wait()

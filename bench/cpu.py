@@ -85,8 +85,9 @@ class CpuSampler:
     """Samples every `interval` s in a thread until `stop()`; `samples` are (seconds since the
     epoch, {part: cores over the interval before})."""
 
-    def __init__(self, server: int | None, generator: int | None, interval: float = 0.5) -> None:
-        self.server, self.generator, self.interval = server, generator, interval
+    def __init__(self, server: int | None, generators: list[int],
+                 interval: float = 0.5) -> None:
+        self.server, self.generators, self.interval = server, generators, interval
         self.samples: list[tuple[float, dict[str, float]]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -127,8 +128,8 @@ class CpuSampler:
                 used[part] += self._count(
                     f"{'worker' if part == 'workers' else name.removeprefix('duckswap-')} {pid}",
                     pid)
-        if self.generator is not None:
-            for pid in [self.generator, *_tree(self.generator, kids)]:
+        for gen in self.generators:
+            for pid in [gen, *_tree(gen, kids)]:
                 used["generator"] += self._delta(str(pid), process_ticks(f"/proc/{pid}/stat"))
         return used, box_ticks()
 
@@ -149,6 +150,12 @@ class CpuSampler:
             self.samples.append((time.time(), {k: round(v, 3) for k, v in cores.items()}))
             box0, last = box, now
 
+    def cores_by_process(self) -> dict[str, float]:
+        """Mean cores of each server process over the samples ("loader", "worker PID",
+        "build PID", ...)."""
+        span = self._span or 1.0
+        return {k: round(v / TICK / span, 2) for k, v in self._by_process.items()}
+
     def summary(self, windows: list[tuple[float, float]] | None = None) -> dict[str, Any]:
         """Mean cores per part over the run, and over the samples inside `windows` (the
         swaps: from an export written to it served)."""
@@ -159,9 +166,9 @@ class CpuSampler:
         out: dict[str, Any] = {"samples": len(self.samples),
                                "mean_cores": mean([s for _, s in self.samples])}
         if self._span:  # each server process, busiest first ("build" processes come and go)
-            cores = {k: round(v / TICK / self._span, 2) for k, v in self._by_process.items()}
             out["mean_cores_by_process"] = dict(sorted(
-                ((k, v) for k, v in cores.items() if v >= 0.01), key=lambda kv: -kv[1]))
+                ((k, v) for k, v in self.cores_by_process().items() if v >= 0.01),
+                key=lambda kv: -kv[1]))
         if windows:
             inside = [s for t, s in self.samples if any(a <= t <= b for a, b in windows)]
             out["mean_cores_during_swaps"] = mean(inside)

@@ -30,7 +30,7 @@ import orjson
 from hdrh.histogram import HdrHistogram
 
 from bench.cli import Server
-from bench.cpu import TICK, WORKER_PROCESS, box_ticks, process_name, process_ticks, tree
+from bench.cpu import CpuSampler
 from bench.mix import DEFAULT_MIX
 from data.generate import SIZES, write_export
 
@@ -43,12 +43,6 @@ def cpu_list(spec: str | None) -> list[int]:
             a, _, b = part.partition("-")
             cpus.extend(range(int(a), int(b or a) + 1))
     return cpus
-
-
-def _box_busy() -> tuple[int, int]:
-    """(busy, all) ticks of the whole box: all but idle, iowait and steal."""
-    d = box_ticks()
-    return sum(d) - d[3] - d[4] - d[7], sum(d)
 
 
 def _generators(args: argparse.Namespace, url: str, start: float, duration: float,
@@ -71,16 +65,10 @@ def closed_loop(args: argparse.Namespace, server: Server, work: Path, label: str
     """One closed-loop window from every generator; the CPU of each process over it."""
     start = time.time() + args.lead
     gens = _generators(args, server.url, start, duration, work, label)
-    pids = tree(server.proc.pid)
-    gen_pids = [p.pid for p, _ in gens]
     time.sleep(max(0.0, start - time.time()))
-    before = {pid: process_ticks(f"/proc/{pid}/stat") for pid in pids + gen_pids}
-    box_before = _box_busy()
+    cpu = CpuSampler(server.proc.pid, [p.pid for p, _ in gens], interval=0.25).start()
     time.sleep(max(0.0, start + duration - time.time()))
-    after = {pid: process_ticks(f"/proc/{pid}/stat") for pid in pids + gen_pids}
-    box_after = _box_busy()
-    roles = {pid: ("loader" if pid == server.proc.pid else "worker"
-                   if process_name(pid) == WORKER_PROCESS else "builder") for pid in pids}
+    cpu.stop()
     for proc, _ in gens:
         if proc.wait(60 + duration) != 0:
             raise SystemExit(f"a generator exited with {proc.returncode}")
@@ -93,20 +81,20 @@ def closed_loop(args: argparse.Namespace, server: Server, work: Path, label: str
             failed[k] = failed.get(k, 0) + v
         hist.add(HdrHistogram.decode(s["histogram"]))
 
-    def cores(pid: int) -> float:
-        return round((after[pid] - before[pid]) / TICK / duration, 2)
-
-    busy = (box_after[0] - box_before[0]) / max(1, box_after[1] - box_before[1])
+    by_process = cpu.cores_by_process()
+    mean = cpu.summary()["mean_cores"]
     return {
         "rate": round(ok / duration, 1), "ok": ok, "failed": failed,
         "latency_ms": {f"p{p:g}": round(hist.get_value_at_percentile(p) / 1000, 3)
                        for p in (50, 99, 99.9)},
         "cores": {
-            "loader": sum(cores(p) for p in pids if roles[p] == "loader"),
-            "workers": [cores(p) for p in pids if roles[p] == "worker"],
-            "builder": round(sum(cores(p) for p in pids if roles[p] == "builder"), 2),
-            "generators": round(sum(cores(p) for p in gen_pids), 2),
-            "box_busy_fraction": round(busy, 3),
+            "loader": by_process.get("loader", 0.0),
+            "workers": [v for k, v in by_process.items() if k.startswith("worker ")],
+            "builder": round(sum(v for k, v in by_process.items()
+                                 if k != "loader" and not k.startswith("worker ")), 2),
+            "generators": mean.get("generator", 0.0),
+            "box_busy_fraction": round(1 - (mean.get("idle", 0.0) + mean.get("steal", 0.0))
+                                       / max(sum(mean.values()), 1e-9), 3),
         },
     }
 
