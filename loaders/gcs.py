@@ -193,8 +193,7 @@ class GcsSource:
                 raise
             files = tuple(sorted(folder / o.name for o in export.objects
                                  if o.name != export.marker))
-            return Export(export.dataset, export.export_id, folder, files, export.marker,
-                          written_at=export.written_at)
+            return Export(export.dataset, export.export_id, folder, files, export.marker)
         raise Unavailable(f"the export kept changing during {self.attempts} downloads")
 
     def _download(self, obj: RemoteObject, folder: Path) -> None:

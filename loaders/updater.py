@@ -101,6 +101,10 @@ class Publisher(Protocol):
         """Every worker serves `snap`; returns once all do."""
 
 
+def _refused(export_id: str, dataset: str, reason: str) -> str:
+    return f"export {export_id} of {dataset} was refused: {reason}"
+
+
 class Updater:
     def __init__(
         self,
@@ -178,7 +182,7 @@ class Updater:
         for name in names:
             if name in seen or name not in self.schemas:
                 continue
-            group = self.group_of.get(name) or RunGroup(name, (name,))
+            group = self.group(name)
             seen.update(group.datasets)
             if self.config_export(name) is not None or all(
                     self.state[d].pinned is None for d in group.datasets):
@@ -238,18 +242,29 @@ class Updater:
                     continue
                 refusal = self.state[d].quarantine.get(run_id)
                 if refusal is not None and refusal.fingerprint == exports[run_id].fingerprint:
-                    problem = f"export {run_id} of {d} was refused: {refusal.reason}"
+                    problem = _refused(run_id, d, refusal.reason)
                     break
                 todo[d] = exports[run_id]
         if problem is None:
             self.config_problems.pop(group.name, None)
             return [_Run(group, run_id, todo)]
-        if self.config_problems.get(group.name) != problem:
-            self.config_problems[group.name] = problem
-            log.error("the config names export %s for %s, and %s; serving %s", run_id,
-                      ", ".join(group.datasets), problem,
-                      ", ".join(v.export_id if v else "nothing" for v in served))
+        self._config_problem(group, run_id, problem)
         return []
+
+    def _config_problem(self, group: RunGroup, run_id: str, problem: str) -> None:
+        """Why the export the config names is not served: shown (`config_problems`), and
+        logged at ERROR when it changes."""
+        if self.config_problems.get(group.name) == problem:
+            return
+        self.config_problems[group.name] = problem
+        served = [self.catalog.current.versions.get(d) for d in group.datasets]
+        log.error("the config names export %s for %s, and %s; serving %s", run_id,
+                  ", ".join(group.datasets), problem,
+                  ", ".join(v.export_id if v else "nothing" for v in served))
+
+    def group(self, name: str) -> RunGroup:
+        """The group `name` is published with (a dataset in none: a group of its own)."""
+        return self.group_of.get(name) or RunGroup(name, (name,))
 
     def awaiting_named(self) -> dict[str, str]:
         """Datasets not serving the export their config names, with it, while nothing says it
@@ -258,8 +273,7 @@ class Updater:
         out = {}
         for name in self.schemas:
             named = self.config_export(name)
-            group = self.group_of.get(name)
-            if named is None or (group.name if group else name) in self.config_problems:
+            if named is None or self.group(name).name in self.config_problems:
                 continue
             if (v := current.get(name)) is None or v.export_id != named:
                 out[name] = named
@@ -579,9 +593,8 @@ class Updater:
         log.error("refused export %s/%s: %s (previous version keeps serving)",
                   candidate.dataset, candidate.export_id, reason)
         if self.config_export(candidate.dataset) == candidate.export_id:  # said at once
-            group = self.group_of.get(candidate.dataset)
-            self.config_problems[group.name if group else candidate.dataset] = (
-                f"export {candidate.export_id} of {candidate.dataset} was refused: {reason}")
+            self._config_problem(self.group(candidate.dataset), candidate.export_id,
+                                 _refused(candidate.export_id, candidate.dataset, reason))
         quarantine = self.state[candidate.dataset].quarantine
         quarantine[candidate.export_id] = Refusal(
             candidate.dataset, candidate.export_id, candidate.fingerprint, reason, time.time())
@@ -746,14 +759,17 @@ class Updater:
     def export_age(self) -> dict[str, float]:
         """Seconds since each served version's export was complete in the source (where the
         source said when): the same on every replica, and across restarts."""
-        now = time.time()
-        out = {}
-        for name, v in list(self.catalog.current.versions.items()):
-            record = self.state[name].find(v.version_id)
-            written = record.written_at if record is not None else v.written_at
-            if written:
-                out[name] = round(now - written, 3)
-        return out
+        ages = {name: self.export_age_of(name) for name in list(self.catalog.current.versions)}
+        return {name: age for name, age in ages.items() if age is not None}
+
+    def export_age_of(self, name: str) -> float | None:
+        """`export_age` of one dataset (None: not served, or its source gave no time)."""
+        v = self.catalog.current.versions.get(name)
+        if v is None:
+            return None
+        record = self.state[name].find(v.version_id)
+        written = record.written_at if record is not None else v.written_at
+        return round(time.time() - written, 3) if written else None
 
     def _backfill_written(self, name: str, listed: Sequence[Any]) -> None:
         """A version kept by a server that did not record when its export was written (an
