@@ -32,7 +32,9 @@ class Reader:
     def fail(self, name: str, problem: str) -> ConfigError:
         return ConfigError(self.file, self.key(name), problem)
 
-    def get(self, name: str, kind: type | tuple[type, ...], default: Any = ..., ) -> Any:
+    def get(self, name: str, kind: type | tuple[type, ...], default: Any = ...,
+            secret: bool = False) -> Any:
+        """`name` checked to be of `kind`; a `secret` value is never shown in an error."""
         self.used.add(name)
         if name not in self.table:
             if default is ...:
@@ -42,7 +44,7 @@ class Reader:
         kinds = kind if isinstance(kind, tuple) else (kind,)
         if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds):
             # a secret's value is never echoed, whatever its type
-            shown = kind_names((type(value),)) if "token" in name else repr(value)
+            shown = kind_names((type(value),)) if secret else repr(value)
             raise self.fail(name, f"expected {kind_names(kinds)}, got {shown}")
         return value
 
