@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from aiohttp.test_utils import TestServer
+from prometheus_client.parser import text_string_to_metric_families
 
 from engine.settings import Settings, load_settings, parse_settings
 from engine.store import Replica, Snapshot
@@ -253,3 +254,10 @@ async def small_demo(root: Path, serve: Any) -> Running:
     srv: Running = await serve(demo_settings(root))
     await srv.wait_ready()
     return srv
+
+
+async def metric_samples(srv: Running, name: str) -> dict[tuple[str, ...], float]:
+    async with srv.session.get(srv.url("/metrics")) as resp:
+        text = await resp.text()
+    return {tuple(s.labels.values()): s.value for f in text_string_to_metric_families(text)
+            for s in f.samples if s.name == name}

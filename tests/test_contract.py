@@ -13,9 +13,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import Running, seq_config, wait_for, write_seq_export
+from conftest import Running, metric_samples, seq_config, wait_for, write_seq_export
 from engine.config import ConfigError
 from engine.settings import Settings, parse_settings
 from engine.sqlcheck import check_sql
@@ -115,13 +114,6 @@ def write_bad_export(root: Path, seq: int) -> Path:
 async def admin(srv: Running, method: str, path: str) -> tuple[int, Any]:
     async with srv.session.request(method, srv.url(path), headers=AUTH) as resp:
         return resp.status, await resp.json()
-
-
-async def metric_samples(srv: Running, name: str) -> dict[tuple[str, ...], float]:
-    async with srv.session.get(srv.url("/metrics")) as resp:
-        text = await resp.text()
-    return {tuple(s.labels.values()): s.value for f in text_string_to_metric_families(text)
-            for s in f.samples if s.name == name}
 
 
 async def test_the_newest_valid_export_wins_over_refused_ones(

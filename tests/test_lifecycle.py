@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ import pytest
 
 from conftest import (
     Running,
+    metric_samples,
     replica_updater,
     seq_config,
     seq_config_file,
@@ -244,10 +244,7 @@ async def test_a_config_that_names_an_export_is_the_rollback_every_replica_follo
     replicas = [await serve(named), await serve(replace(named, data_dir=str(fresh)))]
     write_seq_export(source, 4)  # a newer export: not taken
     for r in replicas:
-        async def ready(r: Running = r) -> bool:
-            return (await r.get("/readyz"))[0] == 200
-
-        await wait_for(ready, 30, "ready")  # and at once, it serves the named export
+        await r.wait_ready(30)  # and at once, it serves the named export
         _, pointer = await r.get("/v1/version")
         assert pointer["datasets"]["seqdata"]["export_id"] == "export-000002"
         status, body = await admin(r, "POST", "/admin/reload")
@@ -325,11 +322,8 @@ async def test_the_export_age_is_the_markers_and_survives_a_restart(tmp_path: Pa
     settings = seq_config(source, admin_token=TOKEN, data_dir=str(data))
 
     async def ages(srv: Running) -> tuple[float, float]:
-        async with srv.session.get(srv.url("/metrics")) as resp:
-            text = await resp.text()
-        found = dict(re.findall(
-            r'^duckswap_(export|data)_age_seconds\{dataset="seqdata"\} (\S+)$', text, re.M))
-        return float(found["export"]), float(found["data"])
+        return ((await metric_samples(srv, "duckswap_export_age_seconds"))[("seqdata",)],
+                (await metric_samples(srv, "duckswap_data_age_seconds"))[("seqdata",)])
 
     for _ in range(2):  # the first start loads the export, the second serves it from disk
         srv = await serve(settings)
