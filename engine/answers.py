@@ -60,6 +60,9 @@ class AnswersWriter:
                              sync=False, metasync=False, readahead=False, max_dbs=0)
         with self.env.begin(write=True) as txn:
             txn.put(HEADER_KEY, header.encode(), overwrite=False)
+        # An earlier warm's answers are in the file (the pass before the publish, for the one
+        # after it): `had` looks them up; a new file needs no lookup per key.
+        self._earlier = int(self.env.stat()["entries"]) > 1
 
     def write(self, items: Iterable[tuple[tuple[Any, ...], bytes, str]]) -> bool:
         """Add (cache key, body, ETag) answers in one transaction, visible to readers as a
@@ -72,7 +75,10 @@ class AnswersWriter:
             return False
         return True
 
-    def has(self, key: tuple[Any, ...]) -> bool:
+    def had(self, key: tuple[Any, ...]) -> bool:
+        """Whether `key` was answered before this writer opened the file."""
+        if not self._earlier:
+            return False
         with self.env.begin() as txn:
             return txn.get(key_bytes(key)) is not None
 

@@ -197,7 +197,7 @@ def compute(files: dict[str, str], tasks: list[WarmTask], seconds: float, thread
             hot: list[tuple[int, int, int, Want]] = []
             hot_keys = [hot_wants(job.task.spec, job.task.hot) for job in jobs]
             for job in jobs:
-                done = spooler.has(job)
+                done = spooler.had(job)
                 hot.extend((-w[2], pos, job.index, w)
                            for pos, w in enumerate(hot_keys[job.index]) if not done(w[1]))
             hot.sort(key=lambda w: (w[0], w[1]))
@@ -207,7 +207,7 @@ def compute(files: dict[str, str], tasks: list[WarmTask], seconds: float, thread
             rest: list[tuple[int, int, int, Want]] = []
             if not budget.expired() and not spooler.full:
                 for job in jobs:
-                    done = spooler.has(job)
+                    done = spooler.had(job)
                     seen = {w[1] for w in hot_keys[job.index]}
                     left = (w for w in warm_wants(con, job.task.spec)
                             if w[1] not in seen and not done(w[1]))
@@ -416,9 +416,9 @@ class _Spooler:
     def full(self) -> bool:
         return self._full or self.bytes >= self.max_bytes
 
-    def has(self, job: _Job) -> Callable[[tuple[Any, ...]], bool]:
+    def had(self, job: _Job) -> Callable[[tuple[Any, ...]], bool]:
         """Whether a key of `job` is in its answers file already (an earlier pass)."""
-        return self.writers[job.index].has
+        return self.writers[job.index].had
 
     def add(self, job: _Job, ck: tuple[Any, ...], result: Result) -> None:
         _, fmt = split_format(ck, len(job.task.spec.params))
