@@ -1,7 +1,9 @@
-"""Builds run in a separate, lower-priority process that writes one DuckDB file per version.
+"""Builds run in separate, lower-priority processes that write one DuckDB file per version.
 
 The server only attaches finished files read-only: a build's CPU, its GIL-free sort and its
-memory peak stay out of the serving process, and the OS scheduler lets requests go first.
+memory peak stay out of the serving process, and the OS scheduler lets requests go first. The
+processes exist while there is work: they exit once idle for `IDLE_SECONDS`, and the next
+build or warm starts them again.
 """
 
 from __future__ import annotations
@@ -35,6 +37,11 @@ NICE = 10
 # one build's serial steps (digests, the order check, writing its file) leave no core idle;
 # each has its own memory peak (~150 MB building the demo export).
 PROCESSES = 2
+# The build processes exit after this long without a task: between exports (hours, in
+# production) the server is the loader and its workers alone, not ~200 MB more of two idle
+# processes that held a warm's heap. Starting them again costs the next export ~0.5 s (a fresh
+# interpreter importing DuckDB and pyarrow); exports a minute apart or less never pay it.
+IDLE_SECONDS = 60.0
 
 
 class BuildDied(LoadError):
@@ -45,8 +52,8 @@ def _child_init(nice: int, idle: bool, server: int) -> None:
     exit_with(server)
     with contextlib.suppress(OSError):  # Linux: the name `ps -o comm` and `top` show
         Path("/proc/self/comm").write_text("duckswap-build")
-    # The value itself, not an increment: the forkserver may have been started from a niced
-    # thread (a test's, say) and passed its nice value on.
+    # The value itself, not an increment: the process may have been started from a niced
+    # thread (a test's, say) and inherited its nice value.
     if nice > 0 and hasattr(os, "setpriority") and os.getpriority(os.PRIO_PROCESS, 0) < nice:
         os.setpriority(os.PRIO_PROCESS, 0, nice)
     if idle and hasattr(os, "SCHED_IDLE"):
@@ -58,43 +65,57 @@ def _child_init(nice: int, idle: bool, server: int) -> None:
             log.warning("could not set SCHED_IDLE on the build process: %s", exc)
 
 
-def process_context(
-    preload: list[str],
-) -> multiprocessing.context.ForkServerContext | multiprocessing.context.SpawnContext:
-    """forkserver: a clean single-threaded parent (never fork a process running DuckDB and an
-    event loop) that has imported DuckDB once, so each builder starts in milliseconds."""
-    if "forkserver" in multiprocessing.get_all_start_methods():
-        ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload(preload)
-        return ctx
-    return multiprocessing.get_context("spawn")
-
-
 class Builder:
-    def __init__(self, nice: int = NICE, threads: int = 2,
-                 preload: tuple[str, ...] = ("loaders.build",), idle: bool = True,
-                 processes: int = PROCESSES) -> None:
+    def __init__(self, nice: int = NICE, threads: int = 2, idle: bool = True,
+                 processes: int = PROCESSES, idle_seconds: float = IDLE_SECONDS) -> None:
         self.nice = nice
         self.processes = processes
         self.idle = idle
         self.threads = threads
-        self.preload = list(preload)
+        self.idle_seconds = idle_seconds
         self._pool: ProcessPoolExecutor | None = None
         self._lock = threading.Lock()
         self._stopped = False
+        self._tasks = 0  # running now, all threads
+        self._retire: threading.Timer | None = None
 
     def _executor(self) -> ProcessPoolExecutor:
+        """The pool, started if need be, with one more task counted on it."""
         with self._lock:
             if self._stopped:
                 raise Unavailable(SHUTTING_DOWN)
+            if self._retire is not None:
+                self._retire.cancel()
+                self._retire = None
             if self._pool is None:
+                # spawn: a fresh interpreter, never a fork of one running DuckDB and threads.
                 self._pool = ProcessPoolExecutor(
-                    self.processes, mp_context=process_context(self.preload),
+                    self.processes, mp_context=multiprocessing.get_context("spawn"),
                     initializer=_child_init, initargs=(self.nice, self.idle, os.getpid()))
+            self._tasks += 1
             return self._pool
 
+    def _done(self, pool: ProcessPoolExecutor) -> None:
+        """A task on `pool` ended: once none runs, the processes exit after `idle_seconds`."""
+        with self._lock:
+            self._tasks -= 1
+            if self._tasks or self._stopped or self._pool is not pool:
+                return
+            self._retire = threading.Timer(self.idle_seconds, self._idle, (pool,))
+            self._retire.daemon = True
+            self._retire.name = "duckswap-build-idle"
+            self._retire.start()
+
+    def _idle(self, pool: ProcessPoolExecutor) -> None:
+        with self._lock:
+            if self._tasks or self._pool is not pool:  # busy again, or replaced
+                return
+            self._pool = self._retire = None
+        pool.shutdown(wait=True)  # idle processes: they exit at once
+        log.debug("build processes exited after %gs idle", self.idle_seconds)
+
     def run(self, fn: Callable[..., T], *args: Any) -> T:
-        """Call a module-level `fn(*args)` in the builder process and wait for its result."""
+        """Call a module-level `fn(*args)` in a build process and wait for its result."""
         pool = self._executor()
         try:
             return pool.submit(fn, *args).result()
@@ -105,6 +126,8 @@ class Builder:
             if self._stopped:
                 raise Unavailable(SHUTTING_DOWN) from None
             raise BuildDied("the build process died") from None
+        finally:
+            self._done(pool)
 
     def build(self, export: Export, schema: DatasetSchema,
               path: Path) -> tuple[int, dict[str, float]]:
@@ -123,6 +146,7 @@ class Builder:
         with self._lock:
             self._stopped = True
             pool, self._pool = self._pool, None
+            self._cancel_retire()
         if pool is not None:
             # ProcessPoolExecutor has no public way to end its workers before Python 3.14
             # (`kill_workers`); a build or a warm is seconds to minutes of CPU a stop must not
@@ -135,5 +159,11 @@ class Builder:
     def close(self) -> None:
         with self._lock:
             pool, self._pool = self._pool, None
+            self._cancel_retire()
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
+
+    def _cancel_retire(self) -> None:
+        if self._retire is not None:
+            self._retire.cancel()
+            self._retire = None

@@ -26,8 +26,6 @@ from loaders.warm import Warmer, WarmPolicy
 from loaders.workers import Workers
 
 log = logging.getLogger("duckswap.loader")
-# What the build process's forkserver imports once.
-PRELOAD = ("loaders.build", "engine.precompute")
 STATUS_SECONDS = 0.2  # how often the workers are told the loader's status when it changed
 STOP_SECONDS = 30.0  # the longest a stop waits for the loader's threads (a build ends at once)
 
@@ -60,7 +58,7 @@ class Loader:
         batch = {n: batch_sql(replace(e, sql=folded[n].sql) if n in folded else e)
                  for n, e in settings.endpoints.items()}
         # A lower-priority process builds versions and computes their warm answers.
-        self.builder = Builder(threads=settings.threads, preload=PRELOAD)
+        self.builder = Builder(threads=settings.threads)
         self.warmer = Warmer(
             settings.endpoints, {n: fingerprint(e) for n, e in settings.endpoints.items()},
             batch, warm.seconds, warm.keys, self.builder, self.data.answers,

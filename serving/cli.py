@@ -11,10 +11,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from aiohttp import web
-
-from engine import openapi
-
+# The build processes import this module again (multiprocessing's spawn): aiohttp and pyarrow
+# are imported where they are used, not here.
 if TYPE_CHECKING:
     from engine.settings import Settings
     from loaders.loader import Loader
@@ -51,6 +49,8 @@ def _load(config: str | None) -> Settings:
 def check_routes(settings: Settings) -> None:
     """Each endpoint's path is a route template the server's router takes (aiohttp's own
     check, so whatever `serve` would refuse is refused by `check-config` too)."""
+    from aiohttp import web
+
     from engine.config import ConfigError
 
     router = web.UrlDispatcher()
@@ -248,6 +248,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from engine import openapi
+
     parser = argparse.ArgumentParser(prog="duckswap", description="Hot-swappable DuckDB serving")
     parser.add_argument("--version", action="version",
                         version=f"duckswap {openapi.version()}")

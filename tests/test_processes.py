@@ -142,7 +142,7 @@ async def test_a_killed_loader_leaves_no_process_behind(tmp_path: Path) -> None:
     write_seq_export(tmp_path / "src", 1, rows=KEYS)
     with _server(tmp_path) as (proc, base):
         await wait_for(lambda: _ready(base), 90, "/readyz")
-        children = descendants(proc.pid)  # workers, the build process and its forkserver
+        children = descendants(proc.pid)  # workers, the build processes
         assert len(_workers(proc.pid)) == 2 and len(children) > 2
         proc.kill()
         proc.wait()

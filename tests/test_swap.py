@@ -17,6 +17,7 @@ from conftest import (
     Running,
     demo_settings,
     replica_updater,
+    running,
     seq_config,
     wait_for,
     write_seq_export,
@@ -178,7 +179,29 @@ def test_the_build_process_yields_the_cpu_to_requests(idle: bool) -> None:
     finally:
         builder.close()
     assert policy == (os.SCHED_IDLE if idle else os.SCHED_OTHER)
-    assert nice >= 7  # more if the shared forkserver was started from a niced thread
+    assert nice >= 7  # more if started from a niced thread
+
+
+async def test_idle_build_processes_exit_and_the_next_task_starts_them_again() -> None:
+    """Between exports the server is its loader and workers alone: the build processes exit
+    once idle for `idle_seconds`, not while a task runs, and the next task starts them again."""
+    from loaders.builder import Builder
+
+    builder = Builder(threads=1, processes=1, idle_seconds=0.5)
+    try:
+        first = builder.run(os.getpid)
+        assert running({first})
+        await asyncio.to_thread(builder.run, time.sleep, 1.0)  # longer than idle_seconds
+        assert builder.run(os.getpid) == first  # a running task kept it
+
+        async def exited() -> bool:
+            return not running({first})
+
+        await wait_for(exited, 10, "the idle build process to exit")
+        second = builder.run(os.getpid)
+        assert second != first and running({second})
+    finally:
+        builder.close()
 
 
 async def test_the_loader_thread_keeps_the_request_threads_priority(
