@@ -31,15 +31,16 @@ RUN python -m pip wheel --no-cache-dir --wheel-dir /wheels .
 FROM python:3.11-slim AS runtime
 
 # tini as PID 1. The server handles SIGTERM itself (drains, stops its workers and build
-# processes, reaps them, exits 0), and does so as PID 1 too; but as PID 1 the kernel gives it
-# no default signal actions, and it inherits every orphan. Both were seen with the server as
-# PID 1 of its own PID namespace: a SIGTERM sent while Python was still starting, before the
-# server installs its handlers, was ignored (the server went on to serve, until the grace
-# period's SIGKILL); and with the multiprocessing forkserver killed (as the OOM killer might),
-# its build processes were handed to PID 1, which reaps only the children it started: one
-# stayed a zombie. tini forwards SIGTERM and SIGINT to the server, reaps orphans, and exits
-# with the server's exit code (with tini, the early SIGTERM ended the server at once, and no
-# zombie was left). So no `docker run --init` is needed, and Kubernetes gets the same.
+# processes, reaps them, exits 0), and does so as PID 1 too; but as PID 1 the kernel gives it no
+# default signal actions, and it inherits every orphan. Both were seen with the server as PID 1
+# of its own PID namespace: a SIGTERM sent while Python was still starting, before the server
+# installs its handlers, was ignored (the server went on to serve, until the grace period's
+# SIGKILL); and the orphans of a killed process (a forkserver the server then kept between
+# itself and its build processes, as the OOM killer might kill one) were handed to PID 1, which
+# reaps only the children it started: one stayed a zombie. tini forwards SIGTERM and SIGINT to
+# the server, reaps orphans, and exits with the server's exit code (with tini, the early SIGTERM
+# ended the server at once, and no zombie was left). So no `docker run --init` is needed, and
+# Kubernetes gets the same.
 RUN apt-get update \
     && apt-get install -y --no-install-recommends tini \
     && rm -rf /var/lib/apt/lists/*

@@ -95,11 +95,13 @@ class Builder:
             self._tasks += 1
             return self._pool
 
-    def _done(self, pool: ProcessPoolExecutor) -> None:
-        """A task on `pool` ended: once none runs, the processes exit after `idle_seconds`."""
+    def _done(self) -> None:
+        """A task ended: once none runs, the processes exit after `idle_seconds` (the current
+        pool's, whichever pool the task ran on: one that broke is replaced)."""
         with self._lock:
             self._tasks -= 1
-            if self._tasks or self._stopped or self._pool is not pool:
+            pool = self._pool
+            if self._tasks or self._stopped or pool is None:
                 return
             self._retire = threading.Timer(self.idle_seconds, self._idle, (pool,))
             self._retire.daemon = True
@@ -126,8 +128,12 @@ class Builder:
             if self._stopped:
                 raise Unavailable(SHUTTING_DOWN) from None
             raise BuildDied("the build process died") from None
+        except RuntimeError:  # submitted after `stop` shut the pool down
+            if self._stopped:
+                raise Unavailable(SHUTTING_DOWN) from None
+            raise
         finally:
-            self._done(pool)
+            self._done()
 
     def build(self, export: Export, schema: DatasetSchema,
               path: Path) -> tuple[int, dict[str, float]]:

@@ -367,7 +367,7 @@ sql = "SELECT k, export_seq FROM seqdata ORDER BY k LIMIT 1"
         b.write(2, rows=100_000)  # ~1 MB of parts: seconds at 64 KiB/s
         staged = data / "staging"
         _wait(lambda: any(staged.glob("duckswap-*/*.part")), 30, "export 2 downloading")
-        builders = descendants(server.pid)  # the build processes
+        builders = descendants(server.pid)  # its workers and build processes
         assert builders
         os.kill(server.pid, signal.SIGKILL)
         server.wait()

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import shutil
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -182,22 +183,34 @@ def test_the_build_process_yields_the_cpu_to_requests(idle: bool) -> None:
     assert nice >= 7  # more if started from a niced thread
 
 
-async def test_idle_build_processes_exit_and_the_next_task_starts_them_again() -> None:
+async def test_idle_build_processes_exit_and_the_next_task_starts_them_again(
+    tmp_path: Path,
+) -> None:
     """Between exports the server is its loader and workers alone: the build processes exit
     once idle for `idle_seconds`, not while a task runs, and the next task starts them again."""
     from loaders.builder import Builder
 
-    builder = Builder(threads=1, processes=1, idle_seconds=0.5)
+    builder = Builder(threads=1, processes=2, idle_seconds=1.0)
     try:
+        # A task ends while another runs on for longer than idle_seconds: the processes stay
+        # (the next task runs on one of them).
+        started = tmp_path / "started"
+        long = asyncio.create_task(asyncio.to_thread(
+            builder.run, subprocess.check_output,
+            ["sh", "-c", f"touch '{started}'; sleep 2.5; echo $PPID"]))
+
+        async def running_long() -> bool:
+            return started.exists()
+
+        await wait_for(running_long, 30, "the long task to start")
         first = builder.run(os.getpid)
-        assert running({first})
-        await asyncio.to_thread(builder.run, time.sleep, 1.0)  # longer than idle_seconds
-        assert builder.run(os.getpid) == first  # a running task kept it
+        other = int(await long)  # ~2 s after the quick task ended
+        assert builder.run(os.getpid) in {first, other}
 
         async def exited() -> bool:
             return not running({first})
 
-        await wait_for(exited, 10, "the idle build process to exit")
+        await wait_for(exited, 10, "the idle build processes to exit")
         second = builder.run(os.getpid)
         assert second != first and running({second})
     finally:
