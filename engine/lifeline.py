@@ -14,9 +14,9 @@ def exit_with(server: int) -> None:
     """End this process when the server process (the loader) ends, and only then or when the
     server stops it. A server killed with SIGKILL (the OOM killer, a `kill -9`) runs no cleanup:
     its HTTP workers would go on serving stale data, and a build process would wait for work
-    on its queue forever, holding its memory. SIGINT and SIGTERM
-    are ignored: a terminal's Ctrl-C and systemd's stop signal the whole process group, and the
-    server stops its children itself, in order."""
+    on its queue forever, holding its memory. SIGINT and SIGTERM are ignored: a terminal's
+    Ctrl-C and systemd's stop signal the whole process group, and the server stops its
+    children itself, in order."""
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)
     try:

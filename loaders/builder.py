@@ -84,9 +84,7 @@ class Builder:
         with self._lock:
             if self._stopped:
                 raise Unavailable(SHUTTING_DOWN)
-            if self._retire is not None:
-                self._retire.cancel()
-                self._retire = None
+            self._cancel_retire()
             if self._pool is None:
                 # spawn: a fresh interpreter, never a fork of one running DuckDB and threads.
                 self._pool = ProcessPoolExecutor(
