@@ -123,11 +123,11 @@ class CpuSampler:
         if self.server is not None:
             used["loader"] += self._count("loader", self.server)
             for pid in _tree(self.server, kids):
-                name = process_name(pid)
-                part = "workers" if name == WORKER_PROCESS else "builder"
-                used[part] += self._count(
-                    f"{'worker' if part == 'workers' else name.removeprefix('duckswap-')} {pid}",
-                    pid)
+                # Every child but the workers is a build process's (one just started is still
+                # named "python" for its first ~0.5 s) or multiprocessing's, which takes none.
+                worker = process_name(pid) == WORKER_PROCESS
+                used["workers" if worker else "builder"] += self._count(
+                    f"{'worker' if worker else 'build'} {pid}", pid)
         for gen in self.generators:
             for pid in [gen, *_tree(gen, kids)]:
                 used["generator"] += self._delta(str(pid), process_ticks(f"/proc/{pid}/stat"))
