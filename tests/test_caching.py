@@ -314,15 +314,16 @@ async def test_hot_keys_are_warmed_before_a_publish_whatever_the_budget(tmp_path
     write_export(tmp_path, 1, size="small")
     demo = await _demo(serve, tmp_path, warm=WarmPolicy(seconds=1e-9, tail_seconds=0,
                                                            busy_seconds=0))
-    # Neither has a warm_sql row nor a small parameter space: only popularity warms them.
-    hot = ["/v1/matchups/3/5?role=mid", "/v1/champions/2/trend?role=jungle&ranks=iron,gold"]
+    # Neither is a warm_sql row nor in a small parameter space: only popularity warms them.
+    hot = ["/v1/champions/4/builds?role=bot&limit=3",
+           "/v1/champions/2/trend?role=jungle&ranks=iron,gold"]
     for path in hot:
         assert (await _raw(demo, path))[0] == 200
-    old = (await _pointer(demo))["endpoints"]["matchup"]["token"]
+    old = (await _pointer(demo))["endpoints"]["champion_builds"]["token"]
     write_export(tmp_path, 2, size="small")
 
     async def swapped() -> bool:
-        return (await _pointer(demo))["endpoints"]["matchup"]["token"] != old
+        return (await _pointer(demo))["endpoints"]["champion_builds"]["token"] != old
 
     await wait_for(swapped, what="export 2")
     cache = demo.app[SERVING].cache

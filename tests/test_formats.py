@@ -145,7 +145,7 @@ async def test_popular_csv_answers_are_warmed_before_a_publish(tmp_path: Path,
     srv: Running = await serve(demo_settings(tmp_path),
                                WarmPolicy(seconds=1e-9, tail_seconds=0, busy_seconds=0))
     await srv.wait_ready()
-    path = "/v1/matchups/3/5?role=mid"  # no warm_sql row: only popularity warms it
+    path = "/v1/matchups/3/5?role=mid"  # declared as JSON only: popularity warms its CSV
     for _ in range(3):
         assert (await _get(srv, path + "&format=csv"))[0] == 200
     _, doc = await srv.get("/v1/version")
