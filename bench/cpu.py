@@ -26,13 +26,13 @@ def process_ticks(path: str) -> int:
     return int(fields[11]) + int(fields[12])
 
 
-def box_ticks() -> list[int]:
+def _box_ticks() -> list[int]:
     """The whole box's first 8 /proc/stat counters: user, nice, system, idle, iowait, irq,
     softirq, steal (clock ticks)."""
     return [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
 
 
-def process_name(pid: int) -> str:
+def _process_name(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/comm").read_text().strip()
     except OSError:
@@ -125,13 +125,13 @@ class CpuSampler:
             for pid in _tree(self.server, kids):
                 # Every child but the workers is a build process's (one just started is still
                 # named "python" for its first ~0.5 s) or multiprocessing's, which takes none.
-                worker = process_name(pid) == WORKER_PROCESS
+                worker = _process_name(pid) == WORKER_PROCESS
                 used["workers" if worker else "builder"] += self._count(
                     f"{'worker' if worker else 'build'} {pid}", pid)
         for gen in self.generators:
             for pid in [gen, *_tree(gen, kids)]:
                 used["generator"] += self._delta(str(pid), process_ticks(f"/proc/{pid}/stat"))
-        return used, box_ticks()
+        return used, _box_ticks()
 
     def _run(self) -> None:
         _, box0 = self._read()
