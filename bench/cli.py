@@ -192,7 +192,11 @@ def run_loadgen(url: str, rate: float, duration: float, out: Path, args: argpars
     if path:
         cmd += ["--path", path]
     if args.unique:
-        cmd.append("--unique")
+        # Past every value an earlier generator of this bench sent (the warm-up, a sweep's
+        # lower rates): the same URLs again would be answers the server has cached or warmed.
+        start = getattr(args, "unique_from", 1)
+        args.unique_from = start + max(1, int(rate * duration))
+        cmd += ["--unique", "--unique-from", str(start)]
     return subprocess.Popen(cmd)
 
 

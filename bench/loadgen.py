@@ -410,6 +410,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--path", default=None, help="send only this path (e.g. /healthz)")
     p.add_argument("--champions", type=int, default=None)
     p.add_argument("--unique", action="store_true")
+    p.add_argument("--unique-from", type=int, default=1,
+                   help="--unique: the first value of the growing counter")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--timeout", type=float, default=5.0)
     p.add_argument("--connections", type=int, default=256)
@@ -425,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.path:
         paths = [("path", a.path)] * n
     else:
-        mix = Mix(a.mix, a.champions, a.unique, a.seed)
+        mix = Mix(a.mix, a.champions, a.unique, a.seed, a.unique_from)
         paths = [mix.next() for _ in range(n)]
     if a.closed:
         import uvloop

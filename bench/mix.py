@@ -21,14 +21,14 @@ class Entry:
 
 class Mix:
     def __init__(self, file: Path, champions: int | None = None, unique: bool = False,
-                 seed: int = 1) -> None:
+                 seed: int = 1, unique_from: int = 1) -> None:
         doc = tomllib.loads(file.read_text())
         self.entries = [Entry(r["name"], float(r["weight"]), r["path"], r.get("unique"))
                         for r in doc["request"]]
         self.champions = int(champions or doc["champions"])
         self.unique = unique
         self.rng = random.Random(seed)
-        self.counter = itertools.count(1)
+        self.counter = itertools.count(unique_from)
         zipf = float(doc.get("zipf", 1.0))
         ids = list(range(1, self.champions + 1))
         self._champ_ids = ids

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import os
@@ -17,7 +18,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from hdrh.histogram import HdrHistogram
 
-from bench.cli import lag_summary
+from bench.cli import lag_summary, run_loadgen
+from bench.mix import DEFAULT_MIX
 from bench.report import read_rows
 from data.generate import write_export
 
@@ -140,6 +142,34 @@ async def test_generator_is_open_loop(tmp_path: Path, engine: str) -> None:
     # where a closed-loop client would report ~100 ms each.
     lat = sorted(r["lat_us"] / 1e6 for r in rows)
     assert lat[-1] > 1.5 and lat[len(lat) // 2] > 0.8
+
+
+async def test_unique_runs_of_one_bench_never_repeat_a_url(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--unique` makes a URL of an endpoint with a counter parameter a miss only if no
+    generator of the bench sent it before (the warm-up, then the run; a sweep's rates one after
+    the other): a repeat is an answer the server has cached or warmed."""
+    seen: list[str] = []
+
+    async def record(request: web.Request) -> web.Response:
+        seen.append(str(request.rel_url))
+        return web.Response(text="{}")
+
+    server = await _one_route("/{tail:.*}", record)
+    monkeypatch.chdir(REPO)
+    args = argparse.Namespace(loadgen_cpus=None, mix=DEFAULT_MIX, size="small", timeout=5.0,
+                              generator="python", unique=True)
+    try:
+        for n, seed in enumerate((0, 1, 1)):  # a warm-up, then two rates of a sweep
+            proc = run_loadgen(str(server.make_url("")), 100, 1.0, tmp_path / f"{n}.jsonl",
+                               args, seed=seed)
+            assert await asyncio.to_thread(proc.wait) == 0
+    finally:
+        await server.close()
+    assert len(seen) == 300
+    varied = [u for u in seen if "min_games=" in u]  # the mix's tier lists and builds
+    assert len(varied) > 30
+    assert len(set(varied)) == len(varied), "a generator sent a URL an earlier one had sent"
 
 
 async def test_closed_loop_keeps_one_request_in_flight_per_connection(tmp_path: Path) -> None:
