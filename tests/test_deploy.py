@@ -401,6 +401,15 @@ def _config_file(folder: Path) -> Path:
     return path
 
 
+def test_the_configmap_serves_the_demo_endpoints() -> None:
+    """The ConfigMap copies the demo's datasets, groups and endpoints (kustomize reads no file
+    outside its folder): a change to data/demo.toml must be made there too."""
+    pod, demo = tomllib.loads(configmap_toml()), tomllib.loads(
+        (REPO / "data" / "demo.toml").read_text())
+    for table in ("datasets", "groups", "endpoints"):
+        assert pod[table] == demo[table], f"[{table}] differs from data/demo.toml"
+
+
 def test_the_configmap_is_a_valid_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                          capsys: pytest.CaptureFixture[str]) -> None:
     """The config the pod gets (the ConfigMap's file, the image's environment and the
