@@ -236,9 +236,9 @@ class ReplicaPublisher:
 
 def replica_updater(root: Path, datasets: Any, threads: int = 1,
                     **kw: Any) -> tuple[Updater, Replica, ReplicaPublisher]:
-    """An updater on the `file://` folder `root` publishing to a Replica (versions in a
-    temporary folder the caller removes with `replica.close()`)."""
-    versions = Path(tempfile.mkdtemp(prefix="duckswap-versions-"))
+    """An updater on the `file://` folder `root` publishing to a Replica (versions in a new
+    folder beside `root`: a test's `tmp_path` is its root or holds it, and pytest removes it)."""
+    versions = Path(tempfile.mkdtemp(prefix="duckswap-versions-", dir=root.parent))
     replica = Replica(versions, threads=threads)
     catalog = Catalog(versions)
     publisher = ReplicaPublisher(replica, catalog)
