@@ -64,13 +64,14 @@ class AnswersWriter:
         # after it): `had` looks them up; a new file needs no lookup per key.
         self._earlier = int(self.env.stat()["entries"]) > 1
 
-    def write(self, items: Iterable[tuple[tuple[Any, ...], bytes, str]]) -> bool:
-        """Add (cache key, body, ETag) answers in one transaction, visible to readers as a
-        whole. False when the file is full (nothing of this batch is written then)."""
+    def write(self, items: Iterable[tuple[bytes, bytes, str]]) -> bool:
+        """Add (encoded cache key (`key_bytes`), body, ETag) answers in one transaction,
+        visible to readers as a whole. False when the file is full (nothing of this batch is
+        written then)."""
         try:
             with self.env.begin(write=True) as txn:
                 for key, body, tag in items:
-                    txn.put(key_bytes(key), tag.encode() + body)
+                    txn.put(key, tag.encode() + body)
         except lmdb.MapFullError:
             return False
         return True

@@ -23,11 +23,11 @@ from typing import Any, BinaryIO
 
 import duckdb
 
-from engine.answers import AnswersWriter, path_of
+from engine.answers import AnswersWriter, key_bytes, path_of
 from engine.endpoints import EndpointSpec
 from engine.fold import Folded, binding, evaluate
 from engine.formats import encode_answer, split_format
-from engine.keys import Want, hot_wants, warm_wants
+from engine.keys import key_params, warm_keys
 from engine.plan import BatchPlan
 from engine.query import (
     Columns,
@@ -38,7 +38,7 @@ from engine.query import (
     fetch_group,
     start_group,
 )
-from engine.responses import BodyEncoder, entry_size, etag, versions_header
+from engine.responses import BodyEncoder, entry_size, key_etag, versions_header
 from engine.sql import lock_down
 from engine.store import QUERY_CONFIG, attach_sql, view_sql
 
@@ -123,7 +123,8 @@ class WarmTask:
     folded: Folded | None = None  # its constant subqueries as parameters (`engine.fold`)
 
 
-WarmItem = tuple[tuple[Any, ...], bytes, str]  # (cache key, body, ETag)
+Key = tuple[Any, ...]  # a cache key (`engine.keys`)
+WarmItem = tuple[bytes, bytes, str]  # (encoded cache key, body, ETag)
 
 WRITE_CHUNK = 1000  # answers per transaction of an answers file (visible to readers at once)
 HOT_SLICE = 2000  # hot keys per pickled slice of a worker's hot keys file (~0.5 ms of CPU)
@@ -194,24 +195,23 @@ def compute(files: dict[str, str], tasks: list[WarmTask], seconds: float, thread
             # The most requested keys first, hottest first, before anything is enumerated, and
             # all of them whatever the deadline: they are what the first requests after the
             # publish ask for, and a publish without them is a miss storm.
-            hot: list[tuple[int, int, int, Want]] = []
-            hot_keys = [hot_wants(job.task.spec, job.task.hot) for job in jobs]
+            hot: list[tuple[int, int, int, Key]] = []
             for job in jobs:
                 done = spooler.had(job)
-                hot.extend((-w[2], pos, job.index, w)
-                           for pos, w in enumerate(hot_keys[job.index]) if not done(w[1]))
+                hot.extend((-count, pos, job.index, key)
+                           for pos, (key, count) in enumerate(job.task.hot) if not done(key))
             hot.sort(key=lambda w: (w[0], w[1]))
             _rounds(con, jobs, hot, None, spooler, ahead)
             # Then the rest (`warm_sql` rows and small parameter spaces), round-robin across
             # endpoints so a small endpoint is not left behind a large one's long tail.
-            rest: list[tuple[int, int, int, Want]] = []
+            rest: list[tuple[int, int, int, Key]] = []
             if not budget.expired() and not spooler.full:
                 for job in jobs:
                     done = spooler.had(job)
-                    seen = {w[1] for w in hot_keys[job.index]}
-                    left = (w for w in warm_wants(con, job.task.spec)
-                            if w[1] not in seen and not done(w[1]))
-                    rest.extend((0, pos, job.index, w) for pos, w in enumerate(left))
+                    seen = {key for key, _ in job.task.hot}
+                    left = (k for k in warm_keys(con, job.task.spec)
+                            if k not in seen and not done(k))
+                    rest.extend((0, pos, job.index, k) for pos, k in enumerate(left))
                 rest.sort(key=lambda w: w[1])
                 _rounds(con, jobs, rest, budget, spooler, ahead)
             else:
@@ -228,7 +228,7 @@ def compute(files: dict[str, str], tasks: list[WarmTask], seconds: float, thread
 
 
 def _rounds(con: duckdb.DuckDBPyConnection, jobs: list[_Job],
-            wants: list[tuple[int, int, int, Want]], budget: Budget | None,
+            wants: list[tuple[int, int, int, Key]], budget: Budget | None,
             spooler: _Spooler, ahead: _Ahead) -> None:
     """Answer `wants` in growing rounds (a batched query scans its tables once whatever the
     key count) until the budget or the byte budget, checked between rounds. Without a budget
@@ -244,19 +244,21 @@ def _rounds(con: duckdb.DuckDBPyConnection, jobs: list[_Job],
         if expired() or spooler.full:
             report.skipped += len(wants) - start
             return
-        per_job: dict[int, list[Want]] = {}
+        per_job: dict[int, list[Key]] = {}
         round_, start, size = wants[start:start + size], start + size, size * 2
         for _, _, i, w in round_:
             per_job.setdefault(i, []).append(w)
         items = list(per_job.items())
         for (i, keys), outcome in zip(items, ahead.answers(items), strict=True):
             job = jobs[i]
-            for k, ck, _ in _batched(job, keys, outcome, spooler):
+            for key in _batched(job, keys, outcome, spooler):
                 if job.failed or expired() or spooler.full:
                     report.skipped += 1
                     continue
+                spec = job.task.spec
                 try:
-                    result = execute(con, job.sql, {**k, **job.fixed}, job.task.spec.row_limit)
+                    result = execute(con, job.sql, {**key_params(spec, key), **job.fixed},
+                                     spec.row_limit)
                 except duckdb.Error as exc:
                     # Its other keys are left to requests, each of which gets its own answer
                     # or error; the rest of the warm goes on.
@@ -265,7 +267,7 @@ def _rounds(con: duckdb.DuckDBPyConnection, jobs: list[_Job],
                     log.warning("warm query of %s failed (%s); its other keys are left to "
                                 "requests", job.task.spec.name, str(exc).splitlines()[0])
                     continue
-                spooler.add(job, ck, result)
+                spooler.add(job, key, result)
                 report.single += 1
 
 
@@ -301,14 +303,14 @@ class _Ahead:
         job = self.jobs[i]
         return None if job.unbatched else job.task.plan
 
-    def _start(self, n: int, i: int, keys: list[Want]
+    def _start(self, n: int, i: int, keys: list[Key]
                ) -> tuple[list[Group], Columns] | duckdb.Error | None:
         """On the query thread: item `n`'s first query, on cursor `n % 2`."""
         plan, job = self._plan(i), self.jobs[i]
         if plan is None:
             return None
         try:
-            groups = batch_groups(job.task.spec, plan, [w[0] for w in keys])
+            groups = batch_groups(job.task.spec, plan, keys)
             return groups, start_group(self.curs[n % 2], plan, groups[0], job.fixed)
         except duckdb.Error as exc:
             return exc
@@ -323,7 +325,7 @@ class _Ahead:
                 columns = start_group(cur, plan, group, job.fixed)
             yield from fetch_group(cur, job.task.spec, group, columns)
 
-    def answers(self, items: list[tuple[int, list[Want]]]) -> Iterator[Batch]:
+    def answers(self, items: list[tuple[int, list[Key]]]) -> Iterator[Batch]:
         """Each item's batched answers, in order; the next item's query runs meanwhile. Each
         must be consumed before the next is asked for (its cursor runs the one after)."""
         nxt = self.pool.submit(self._start, 0, *items[0]) if items else None
@@ -338,11 +340,11 @@ class _Ahead:
                 yield self._fetch(n, items[n][0], *started)
 
 
-def _batched(job: _Job, keys: list[Want], outcome: Batch, spooler: _Spooler) -> list[Want]:
+def _batched(job: _Job, keys: list[Key], outcome: Batch, spooler: _Spooler) -> list[Key]:
     """Spool what the batched query answered; return the keys left for single queries."""
     if outcome is None:
         return keys
-    rest: list[Want] = []
+    rest: list[Key] = []
     done = [False] * len(keys)
     try:
         if isinstance(outcome, duckdb.Error):
@@ -352,7 +354,7 @@ def _batched(job: _Job, keys: list[Want], outcome: Batch, spooler: _Spooler) -> 
             if result is None:
                 rest.append(keys[i])
             elif not spooler.full:
-                spooler.add(job, keys[i][1], result)
+                spooler.add(job, keys[i], result)
                 spooler.report.batched += 1
             else:
                 spooler.report.skipped += 1
@@ -424,10 +426,11 @@ class _Spooler:
         _, fmt = split_format(ck, len(job.task.spec.params))
         body = encode_answer(fmt, job.encode, result.columns, result.types, result.rows,
                              result.truncated)
-        tag = etag(job.task.token, ck)
+        encoded = key_bytes(ck)
+        tag = key_etag(job.task.token, encoded)
         self.bytes += entry_size((body, tag, ""))
         pending = job.pending
-        pending.append((ck, body, tag))
+        pending.append((encoded, body, tag))
         if len(pending) >= WRITE_CHUNK:
             self.flush(job)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
@@ -77,7 +77,7 @@ class QueryRunner:
         return result
 
     async def run_batch(
-        self, spec: EndpointSpec, plan: BatchPlan, keys: list[dict[str, Any]],
+        self, spec: EndpointSpec, plan: BatchPlan, keys: Sequence[tuple[Any, ...]],
         snapshot: Snapshot, constants: Constants,
     ) -> list[Result | None]:
         """Many parameter sets of one endpoint in one query; see `execute_batch`. `plan` is
@@ -162,9 +162,10 @@ _ARROW = {"int": pa.int64(), "float": pa.float64(), "string": pa.string(), "enum
 
 def execute_batch(
     cur: duckdb.DuckDBPyConnection, spec: EndpointSpec, plan: BatchPlan,
-    keys: list[dict[str, Any]], fixed: Mapping[str, Any] | None = None,
+    keys: Sequence[tuple[Any, ...]], fixed: Mapping[str, Any] | None = None,
 ) -> list[Result | None]:
-    """Answer many parameter sets of one endpoint in one query per group of LIMIT values.
+    """Answer many parameter sets (cache keys) of one endpoint in one query per group of
+    LIMIT values.
     `fixed`: parameters bound alike for every key (constants, see `engine.fold`).
     A key whose answer has more rows than the row limit gets None: which rows are kept is the
     single query's business."""
@@ -185,18 +186,23 @@ class Group:
     table: pa.Table  # `__keys`: `__i` (the position) and one column per other parameter
 
 
-def batch_groups(spec: EndpointSpec, plan: BatchPlan, keys: list[dict[str, Any]]) -> list[Group]:
+def batch_groups(spec: EndpointSpec, plan: BatchPlan,
+                 keys: Sequence[tuple[Any, ...]]) -> list[Group]:
+    """`keys`: cache keys (`engine.params.cache_key`: the values in spec order; a trailing
+    format is ignored)."""
+    at = {name: i for i, name in enumerate(spec.params)}
+    bound = [at[b] for b in plan.bound]
     groups: dict[tuple[Any, ...], list[int]] = {}
     for i, k in enumerate(keys):
-        groups.setdefault(tuple(k[b] for b in plan.bound), []).append(i)
+        groups.setdefault(tuple(k[b] for b in bound), []).append(i)
     out = []
     for values, members in groups.items():
         columns: dict[str, Any] = {"__i": pa.array(members, pa.int64())}
         for name, p in spec.params.items():
             if name in plan.bound:
                 continue
-            t = _ARROW[p.type]
-            columns[name] = pa.array([keys[i][name] for i in members],
+            t, pos = _ARROW[p.type], at[name]
+            columns[name] = pa.array([keys[i][pos] for i in members],
                                      pa.list_(t) if p.is_list else t)
         out.append(Group(dict(zip(plan.bound, values, strict=True)), members,
                          pa.table(columns)))

@@ -65,7 +65,12 @@ def endpoint_tokens(endpoints: Mapping[str, EndpointSpec], fingerprints: Mapping
 
 def etag(version_token: str, key: tuple[Any, ...]) -> str:
     """Strong validator: version token plus normalised parameters."""
-    return f'"{version_token}-{_digest(dumps(key), 8)}"'
+    return key_etag(version_token, dumps(key))
+
+
+def key_etag(version_token: str, encoded_key: bytes) -> str:
+    """`etag` of a cache key already encoded (`dumps(key)`: an answers file's key)."""
+    return f'"{version_token}-{_digest(encoded_key, 8)}"'
 
 
 class BodyEncoder:

@@ -16,6 +16,7 @@ from typing import Any
 from engine.endpoints import EndpointSpec
 from engine.errors import QueryFailed
 from engine.fold import Constants
+from engine.params import cache_key
 from engine.plan import BatchPlan
 from engine.query import QueryRunner, Result
 from engine.store import Snapshot
@@ -77,7 +78,7 @@ class Batcher:
                 self.batched += len(batch)
                 try:
                     results: list[Result | None] = await self.runner.run_batch(
-                        spec, sql, [p for p, _ in batch], snap, self.constants)
+                        spec, sql, [cache_key(p) for p, _ in batch], snap, self.constants)
                 except QueryFailed as exc:  # DuckDB refused the batched form: go key by key
                     log.warning("batched query of %s failed (%s); answering it key by key",
                                 spec.name, exc.message)
