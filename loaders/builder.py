@@ -69,6 +69,14 @@ def _libc() -> Any:
 _LIBC = _libc()
 
 
+def _threads() -> list[int]:
+    """This process's thread ids (Linux), else [0]: the calling thread."""
+    try:
+        return [int(t) for t in os.listdir("/proc/self/task")]
+    except OSError:
+        return [0]
+
+
 class BuildDied(LoadError):
     """A build process died (the OOM killer, a crash): every task it was running fails."""
 
@@ -77,17 +85,23 @@ def _child_init(nice: int, idle: bool, server: int) -> None:
     exit_with(server)
     with contextlib.suppress(OSError):  # Linux: the name `ps -o comm` and `top` show
         Path("/proc/self/comm").write_text("duckswap-build")
-    # The value itself, not an increment: the process may have been started from a niced
-    # thread (a test's, say) and inherited its nice value.
-    if nice > 0 and hasattr(os, "setpriority") and os.getpriority(os.PRIO_PROCESS, 0) < nice:
-        os.setpriority(os.PRIO_PROCESS, 0, nice)
-    if idle and hasattr(os, "SCHED_IDLE"):
-        # CPU only when nothing else wants it (DuckDB's threads inherit the policy): nice 10
-        # still took ~10% of a core from the server whenever both were runnable.
+    # Every thread's: nice and the policy are per thread on Linux, and threads that importing
+    # pyarrow and DuckDB started (jemalloc's, Arrow's) ran at the server's priority. Threads
+    # started from now on inherit them. The value itself, not an increment: the process may
+    # have been started from a niced thread (a test's, say) and inherited its nice value.
+    for tid in _threads():
         try:
-            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+            if nice > 0 and os.getpriority(os.PRIO_PROCESS, tid) < nice:
+                os.setpriority(os.PRIO_PROCESS, tid, nice)
+            if idle and hasattr(os, "SCHED_IDLE"):
+                # CPU only when nothing else wants it: nice 10 still took ~10% of a core from
+                # the server whenever both were runnable.
+                os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
+        except ProcessLookupError:  # the thread ended meanwhile
+            continue
         except OSError as exc:
-            log.warning("could not set SCHED_IDLE on the build process: %s", exc)
+            log.warning("could not lower the build process's priority: %s", exc)
+            return
 
 
 class Builder:
