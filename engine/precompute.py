@@ -375,6 +375,7 @@ class _Job:
     unbatched: bool = False  # its batched query failed: key by key from now
     failed: bool = False  # a single query failed: its other keys are left to requests
     pending: list[WarmItem] = field(default_factory=list)
+    pending_bytes: int = 0  # their `entry_size`s
     encode: BodyEncoder = field(init=False, repr=False)
     header: str = field(init=False)  # X-Duckswap-Versions of its answers
     sql: str = field(init=False)  # what each single query runs, with `fixed` bound
@@ -428,7 +429,9 @@ class _Spooler:
                              result.truncated)
         encoded = key_bytes(ck)
         tag = key_etag(job.task.token, encoded)
-        self.bytes += entry_size((body, tag, ""))
+        size = entry_size((body, tag, ""))
+        self.bytes += size
+        job.pending_bytes += size
         pending = job.pending
         pending.append((encoded, body, tag))
         if len(pending) >= WRITE_CHUNK:
@@ -437,11 +440,11 @@ class _Spooler:
     def flush(self, job: _Job) -> None:
         if not job.pending:
             return
-        items, job.pending = job.pending, []
+        items, nbytes, job.pending, job.pending_bytes = job.pending, job.pending_bytes, [], 0
         if not self.writers[job.index].write(items):
             self._full = True  # the map is full: the byte budget, however counted
             return
-        n, nbytes = len(items), sum(entry_size((b, t, "")) for _, b, t in items)
+        n = len(items)
         report, name, token = self.report, job.task.spec.name, job.task.token
         report.entries += n
         report.per_endpoint[name] = report.per_endpoint.get(name, 0) + n
