@@ -215,15 +215,15 @@ async def test_idle_build_processes_exit_and_the_next_task_starts_them_again(
             return started.exists()
 
         await wait_for(running_long, 30, "the long task to start")
-        first = builder.run(os.getpid)
+        first = await asyncio.to_thread(builder.run, os.getpid)
         other = int(await long)  # ~2 s after the quick task ended
-        assert builder.run(os.getpid) in {first, other}
+        assert await asyncio.to_thread(builder.run, os.getpid) in {first, other}
 
         async def exited() -> bool:
             return not running({first})
 
         await wait_for(exited, 10, "the idle build processes to exit")
-        second = builder.run(os.getpid)
+        second = await asyncio.to_thread(builder.run, os.getpid)
         assert second != first and running({second})
     finally:
         builder.close()
