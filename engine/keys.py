@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable
 from typing import Any
 
 import duckdb
@@ -68,14 +68,14 @@ def declared_keys(cur: duckdb.DuckDBPyConnection, spec: EndpointSpec) -> list[tu
     given = dict(zip(names, zip(*rows, strict=True), strict=False)) if rows else {}
     bad = object()
     any_bad = False
-    columns: list[Sequence[Any]] = []
+    columns: list[Iterable[Any]] = []
     for name, p in spec.params.items():
         raw_column = given.get(name)
         if raw_column is None:
             if name not in names and p.required:
                 log.warning("warm_sql of %s lacks required parameter %s", spec.name, name)
                 return []
-            columns.append(itertools.repeat(_parse_declared(p, None, bad), len(rows)))  # type: ignore[arg-type]
+            columns.append(itertools.repeat(_parse_declared(p, None, bad), len(rows)))
             continue
         try:  # scalar values: map each distinct one once
             parsed = {v: _parse_declared(p, v, bad) for v in set(raw_column)}
