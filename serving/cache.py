@@ -75,22 +75,28 @@ class ResponseCache:
         """The answers file opened for `token`."""
         return self._files.get(token)
 
-    def open(self, token: str, path: Path) -> None:
-        """Serve the answers file at `path` (if the warm wrote one) as `token`'s warmed
-        answers. The file may grow later: its new answers are served as soon as they are
-        written."""
-        if token not in self._files and path.exists():
-            self._files[token] = AnswersFile(path, self.answers_budget)
+    def open(self, files: Mapping[str, Path]) -> dict[str, AnswersFile]:
+        """The answers files (token -> path) a warm wrote, of tokens not served yet, opened
+        for `serve`: off the event loop (an open took up to 10 ms under load)."""
+        return {token: AnswersFile(path, self.answers_budget) for token, path in files.items()
+                if token not in self._files and path.exists()}
+
+    def serve(self, opened: Mapping[str, AnswersFile]) -> None:
+        """Serve answers files from `open` as their tokens' warmed answers. A file may grow
+        later: its new answers are served as soon as they are written."""
+        self._files.update(opened)
 
     async def retain(self, live: frozenset[str], chunk: int = 500,
                      pause: float = 0.002) -> None:
         """Drop the answers of every token not in `live` (versions neither served nor just
         replaced: a `?v=` for them is a redirect anyway): answers files are closed (the
         loader removes them), computed answers go a chunk at a time between requests."""
-        for t in [t for t in self._files if t not in live]:
-            answers = self._files.pop(t)
-            self.pruned += len(answers)
-            answers.close()
+        dropped = [self._files.pop(t) for t in [t for t in self._files if t not in live]]
+        if dropped:
+            self.pruned += sum(len(answers) for answers in dropped)
+            # Off the event loop: unmapping the pages requests read held it 40 ms under load.
+            # Nothing on the loop holds a dropped file past here (a lookup never awaits).
+            await asyncio.to_thread(_close, dropped)
         keys = list(self._lru)
         for start in range(0, len(keys), chunk):
             n = 0
@@ -120,6 +126,11 @@ class ResponseCache:
 
     def __len__(self) -> int:
         return len(self._lru) + sum(len(a) for a in self._files.values())
+
+
+def _close(files: list[AnswersFile]) -> None:
+    for answers in files:
+        answers.close()
 
 
 class Popularity:

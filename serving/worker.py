@@ -53,10 +53,11 @@ class Worker:
         self._ddl = ThreadPoolExecutor(1, thread_name_prefix="duckswap-attach")
 
     async def stage(self, snap: Snapshot) -> None:
-        """Attach `snap`'s version files (off the event loop) and open its answers files."""
-        await asyncio.get_running_loop().run_in_executor(self._ddl, self.store.stage, snap)
-        for token in self.serving.tokens(snap).values():
-            self.serving.cache.open(token, path_of(self.answers, token))
+        """Attach `snap`'s version files and open its answers files (off the event loop)."""
+        loop, cache = asyncio.get_running_loop(), self.serving.cache
+        await loop.run_in_executor(self._ddl, self.store.stage, snap)
+        files = {t: path_of(self.answers, t) for t in self.serving.tokens(snap).values()}
+        cache.serve(await loop.run_in_executor(self._ddl, cache.open, files))
 
     async def commit(self, snap: Snapshot) -> None:
         """Serve `snap` (one assignment; staged first if it was not: a worker that started

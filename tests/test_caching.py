@@ -209,14 +209,14 @@ async def test_a_swap_never_holds_three_versions_answers(demo: Running, tmp_path
     written, so a swap's peak is two versions' answers, not three."""
     cache = demo.app[SERVING].cache
     answers = demo.app[DATA].answers
-    seen: list[set[str]] = []  # the tokens with answers files whenever a worker opens one
-    opened = cache.open
+    seen: list[set[str]] = []  # the tokens with answers files whenever a worker opens some
+    serve = cache.serve
 
-    def recording(token: str, path: Path) -> None:
-        opened(token, path)
+    def recording(opened: Any) -> None:
+        serve(opened)
         seen.append({p.stem for p in answers.glob("*.lmdb")})
 
-    cache.open = recording  # type: ignore[method-assign]
+    cache.serve = recording  # type: ignore[method-assign]
     tokens = [(await _pointer(demo))["endpoints"]["champion_stats"]["token"]]
     for seq in (2, 3, 4):
         assert (await _raw(demo, STATS))[0] == 200  # a hot key: warmed before each publish
@@ -423,11 +423,11 @@ async def test_warmed_answers_come_from_their_file_and_computed_ones_from_a_boun
         cache.put(("t0", (i,)), (b"x" * 1000, "tag", ""))
     assert 8_000 < cache.bytes <= 10_000
     path = path_of(tmp_path, "t1")
-    cache.open("t1", path)  # nothing written for it: nothing opened
-    assert cache.answers("t1") is None
+    assert cache.open({"t1": path}) == {}  # nothing written for it: nothing opened
     # The build process writes them (LMDB opens a file once per process).
     _write_aside(path, "d=v1", [((i,), b"x" * 1000) for i in range(4)])
-    cache.open("t1", path)
+    cache.serve(cache.open({"t1": path}))
+    assert cache.open({"t1": path}) == {}  # served already: not opened again
     assert cache.lookup(("t1", (2,)), "e") == (b"x" * 1000, etag("t1", (2,)), "d=v1")
     assert cache.hits == 1 and len(cache) == 4 + len(cache._lru)
     assert cache.lookup(("t1", (9,)), "e") is None and cache.misses == 1
@@ -444,6 +444,8 @@ async def test_warmed_answers_come_from_their_file_and_computed_ones_from_a_boun
     cache.put(("t0", (99,)), (b"x" * 20_000, "tag", ""))  # over the budget: not kept
     assert ("t0", (99,)) not in cache
     await cache.retain(frozenset({"t0"}), pause=0)
+    with pytest.raises(lmdb.Error):  # closed (off the event loop)
+        answers.env.stat()
     assert cache.lookup(("t1", (2,)), "e") is None and cache.answers("t1") is None
     assert "t1" not in cache.tokens() and path.exists()  # the loader removes the file
     cache.close()
