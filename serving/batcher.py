@@ -16,7 +16,6 @@ from typing import Any
 from engine.endpoints import EndpointSpec
 from engine.errors import QueryFailed
 from engine.fold import Constants
-from engine.params import cache_key
 from engine.plan import BatchPlan
 from engine.query import QueryRunner, Result
 from engine.store import Snapshot
@@ -30,7 +29,9 @@ class Batcher:
     def __init__(self, runner: QueryRunner, constants: Constants) -> None:
         self.runner = runner
         self.constants = constants
-        self._pending: dict[tuple[str, int], list[tuple[dict[str, Any], asyncio.Future[Any]]]] = {}
+        # (parameters, cache key, the waiter) per endpoint and Snapshot
+        self._pending: dict[tuple[str, int], list[tuple[dict[str, Any], tuple[Any, ...],
+                                                        asyncio.Future[Any]]]] = {}
         self._running: set[tuple[str, int]] = set()
         self.disabled: set[str] = set()
         self._singles: dict[tuple[str, int], int] = {}
@@ -38,7 +39,9 @@ class Batcher:
         self.batched = 0
 
     async def run(self, spec: EndpointSpec, sql: BatchPlan, snap: Snapshot,
-                  params: dict[str, Any]) -> Result:
+                  params: dict[str, Any], key: tuple[Any, ...]) -> Result:
+        """`key`: the cache key of `params` (`engine.params.cache_key`; a trailing format is
+        ignored)."""
         k = (spec.name, snap.id)
         if self._singles.get(k, 0) < BATCH_AFTER and k not in self._pending:
             self._singles[k] = self._singles.get(k, 0) + 1
@@ -51,7 +54,7 @@ class Batcher:
                 else:
                     del self._singles[k]
         fut: asyncio.Future[Result | None] = asyncio.get_running_loop().create_future()
-        self._pending.setdefault(k, []).append((params, fut))
+        self._pending.setdefault(k, []).append((params, key, fut))
         if k not in self._running:
             self._running.add(k)
             asyncio.create_task(self._drain(spec, sql, snap, k))
@@ -78,19 +81,19 @@ class Batcher:
                 self.batched += len(batch)
                 try:
                     results: list[Result | None] = await self.runner.run_batch(
-                        spec, sql, [cache_key(p) for p, _ in batch], snap, self.constants)
+                        spec, sql, [key for _, key, _ in batch], snap, self.constants)
                 except QueryFailed as exc:  # DuckDB refused the batched form: go key by key
                     log.warning("batched query of %s failed (%s); answering it key by key",
                                 spec.name, exc.message)
                     self.disabled.add(spec.name)
                     results = [None] * len(batch)
                 except Exception as exc:
-                    for _, fut in batch:
+                    for _, _, fut in batch:
                         if not fut.done():
                             fut.set_exception(exc)
                             fut.exception()  # the waiter re-raises; no "never retrieved"
                     continue
-                for (_, fut), result in zip(batch, results, strict=True):
+                for (_, _, fut), result in zip(batch, results, strict=True):
                     if not fut.done():
                         fut.set_result(result)
         finally:

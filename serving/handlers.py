@@ -158,7 +158,7 @@ async def _compute(app: web.Application, spec: EndpointSpec, snap: Snapshot, tok
         serving = app[SERVING]
         sql = serving.batch_sql.get(spec.name)
         if sql is not None and spec.name not in serving.batcher.disabled:
-            result = await serving.batcher.run(spec, sql, snap, params)
+            result = await serving.batcher.run(spec, sql, snap, params, key)
         else:
             result = await serving.batcher.runner.run_endpoint(spec, params, serving.constants,
                                                                 snap)
