@@ -44,6 +44,11 @@ def key_bytes(key: tuple[Any, ...]) -> bytes:
     return dumps(key)
 
 
+def value(tag: str, body: bytes) -> bytes:
+    """An answer as its file holds it: the ETag (quoted, no quote inside), then the body."""
+    return tag.encode() + body
+
+
 def remove(path: Path) -> None:
     """Remove an answers file and its lock file (readers that have it open keep their map)."""
     for p in (path, Path(f"{path}-lock")):
@@ -64,14 +69,13 @@ class AnswersWriter:
         # after it): `had` looks them up; a new file needs no lookup per key.
         self._earlier = int(self.env.stat()["entries"]) > 1
 
-    def write(self, items: Iterable[tuple[bytes, bytes, str]]) -> bool:
-        """Add (encoded cache key (`key_bytes`), body, ETag) answers in one transaction,
-        visible to readers as a whole. False when the file is full (nothing of this batch is
-        written then)."""
+    def write(self, items: Iterable[tuple[bytes, bytes]]) -> bool:
+        """Add (encoded cache key (`key_bytes`), `value(ETag, body)`) answers in one
+        transaction, visible to readers as a whole. False when the file is full (nothing of
+        this batch is written then)."""
         try:
             with self.env.begin(write=True) as txn:
-                for key, body, tag in items:
-                    txn.put(key, tag.encode() + body)
+                txn.cursor().putmulti(items)
         except lmdb.MapFullError:
             return False
         return True
@@ -120,7 +124,7 @@ class AnswersFile:
             return None
         if raw is None:
             return None
-        end = raw.index(b'"', 1) + 1  # a value is the ETag (quoted, no quote inside), the body
+        end = raw.index(b'"', 1) + 1  # see `value`
         return raw[end:], raw[:end].decode(), self.header
 
     def __contains__(self, key: tuple[Any, ...]) -> bool:

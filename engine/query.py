@@ -171,9 +171,9 @@ def execute_batch(
     single query's business."""
     out: list[Result | None] = [None] * len(keys)
     for group in batch_groups(spec, plan, keys):
-        columns = start_group(cur, plan, group, fixed)
-        for i, result in fetch_group(cur, spec, group, columns):
-            out[i] = result
+        names, types = start_group(cur, plan, group, fixed)
+        for i, rows in fetch_group(cur, spec, group):
+            out[i] = None if rows is None else Result(names, rows, False, types=types)
     return out
 
 
@@ -226,13 +226,12 @@ def start_group(cur: duckdb.DuckDBPyConnection, plan: BatchPlan, group: Group,
     return [d[0] for d in desc], [d[1] for d in desc]
 
 
-def fetch_group(cur: duckdb.DuckDBPyConnection, spec: EndpointSpec, group: Group,
-                columns: Columns) -> Iterator[tuple[int, Result | None]]:
-    """Each member's answer as its rows arrive (they come in key order), so a batch of 10^5
-    keys is never all Python objects at once. Converting rows holds the GIL: in chunks, so an
-    event loop gets it back between them."""
+def fetch_group(cur: duckdb.DuckDBPyConnection, spec: EndpointSpec,
+                group: Group) -> Iterator[tuple[int, list[tuple[Any, ...]] | None]]:
+    """Each member's rows as they arrive (they come in key order), None for a member with
+    more rows than the row limit, so a batch of 10^5 keys is never all Python objects at once.
+    Converting rows holds the GIL: in chunks, so an event loop gets it back between them."""
     limit = spec.row_limit
-    names, types = columns
     members = iter(group.members)
     current = -1  # the key whose rows are coming
     rows: list[tuple[Any, ...]] = []
@@ -242,19 +241,17 @@ def fetch_group(cur: duckdb.DuckDBPyConnection, spec: EndpointSpec, group: Group
                 i = row[0]
                 if i != current:
                     if current >= 0:
-                        yield current, (Result(names, rows, False, types=types)
-                                        if len(rows) <= limit else None)
+                        yield current, rows if len(rows) <= limit else None
                     for member in members:  # keys with no rows before this one
                         if member == i:
                             break
-                        yield member, Result(names, [], False, types=types)
+                        yield member, []
                     current, rows = i, []
                 rows.append(row[1:])
         if current >= 0:
-            yield current, (Result(names, rows, False, types=types)
-                            if len(rows) <= limit else None)
+            yield current, rows if len(rows) <= limit else None
         for member in members:
-            yield member, Result(names, [], False, types=types)
+            yield member, []
     finally:
         cur.unregister("__keys")
 

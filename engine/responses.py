@@ -99,9 +99,12 @@ class BodyEncoder:
 Entry = tuple[bytes, str, str]
 
 
+ENTRY_OVERHEAD = 350  # bytes of an entry's Python objects and key, measured
+
+
 def entry_size(entry: Entry) -> int:
-    """Bytes held, Python object overheads and the key included (measured: ~350)."""
-    return len(entry[0]) + len(entry[1]) + 350
+    """Bytes held, Python object overheads and the key included."""
+    return len(entry[0]) + len(entry[1]) + ENTRY_OVERHEAD
 
 
 def versions_header(versions: Mapping[str, str]) -> str:

@@ -21,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from bench.cli import loop_lag
 from conftest import DEMO_CONFIG, Running, demo_settings, wait_for, write_seq_export
 from data.generate import RANKS, REGIONS, ROLES, export_id, write_export
-from engine.answers import HEADER_KEY, AnswersWriter, key_bytes, path_of
+from engine.answers import HEADER_KEY, AnswersWriter, key_bytes, path_of, value
 from engine.endpoints import DEFAULT_CACHE_CONTROL
 from engine.keys import enumerate_keys
 from engine.plan import batch_sql
@@ -460,11 +460,12 @@ def _raise(exc: Exception) -> Any:
 def _write_aside(path: Path, header: str, answers: list[tuple[tuple[Any, ...], bytes]]) -> None:
     """Add answers to the answers file at `path` from another process, as a warm does."""
     script = ("import sys, pickle; from pathlib import Path; "
-              "from engine.answers import AnswersWriter, key_bytes; "
+              "from engine.answers import AnswersWriter, key_bytes, value; "
               "from engine.responses import etag; "
               "path, header, answers = pickle.loads(sys.stdin.buffer.read()); "
               "w = AnswersWriter(Path(path), header, 10_000); "
-              "assert w.write([(key_bytes(k), b, etag(Path(path).stem, k)) for k, b in answers]); "
+              "assert w.write([(key_bytes(k), value(etag(Path(path).stem, k), b)) "
+              "for k, b in answers]); "
               "w.close()")
     subprocess.run([sys.executable, "-c", script], check=True,
                    input=pickle.dumps((str(path), header, answers)))
@@ -685,7 +686,7 @@ async def test_hot_keys_of_every_worker_go_first_and_summed(demo: Running,
     declared = sorted(everything)
     done = declared[1:3]
     writer = AnswersWriter(path_of(folders["hot"], bare.token), "", 2**20)
-    assert writer.write([(key_bytes(k), b"earlier", etag(bare.token, k)) for k in done])
+    assert writer.write([(key_bytes(k), value(etag(bare.token, k), b"earlier")) for k in done])
     writer.close()
     # Two workers: one asked for keys 0-4, the other 3-8; 3 and 4 most of all, summed.
     inputs = []
