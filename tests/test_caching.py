@@ -753,6 +753,21 @@ def test_request_window_counts_what_a_publish_would_leave_to_misses() -> None:
     assert len(window["stats"]) == WINDOW_KEYS * 10 and window["stats"][(2,)] == 2
 
 
+def test_popularity_stays_bounded_and_old_favourites_fade() -> None:
+    """Past twice its limit a table halves its counts and forgets the keys that fall to 0."""
+    pop = Popularity(10)
+    for _ in range(8):
+        pop.seen("stats", ("fav",))
+    for _ in range(3):
+        pop.seen("stats", ("second",))
+    for k in range(38):  # one-offs: the table never holds more than twice its limit
+        pop.seen("stats", (k,))
+        assert len(pop.hottest("stats", 10**6)) <= 2 * 10
+    # Two overflows (at the 19th and the 38th one-off): 8 -> 4 -> 2, 3 -> 1 -> forgotten, and
+    # the one-offs before each overflow forgotten with it.
+    assert pop.hottest("stats", 10**6) == [(("fav",), 2)]
+
+
 async def test_requests_for_declared_keys_hold_the_publish_for_their_warm(
         tmp_path: Path, serve: Any) -> None:
     """With no time before the publish, the CPU rule off (`busy_share` 0, a machine never
