@@ -97,13 +97,15 @@ SETTING_KEYS: dict[str, str] = {
     "`public, max-age=5, stale-while-revalidate=30`).",
     "endpoints.*.warm": "Compute this endpoint's popular responses before a publish "
     "(default true).",
-    "endpoints.*.warm_sql": "A query over the endpoint's datasets whose columns are named after "
-    "parameters; every row is a request answered before each publish (default none).",
+    "endpoints.*.warm_sql": "A query over declared datasets (typically the endpoint's) whose "
+    "columns are named after parameters; every row is a request answered before each publish "
+    "(default none).",
     "endpoints.*.params.*.type": "`int`, `float`, `string`, `enum` or `bool` (required).",
     "endpoints.*.params.*.list": "Accept a list (repeated or comma-separated) (default false).",
     "endpoints.*.params.*.max_items": "Longest list accepted (default 50).",
     "endpoints.*.params.*.required": "Must be given (default: true unless `default` is set).",
-    "endpoints.*.params.*.default": "Value when absent; absent and not required binds NULL.",
+    "endpoints.*.params.*.default": "Value when absent; absent and not required binds NULL (a "
+                                    "list: an empty list).",
     "endpoints.*.params.*.min": "Lowest int/float accepted.",
     "endpoints.*.params.*.max": "Highest int/float accepted.",
     "endpoints.*.params.*.max_length": "Longest string accepted (default 200).",
