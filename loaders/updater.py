@@ -458,14 +458,11 @@ class Updater:
         except BaseException:
             self.catalog.discard(snap)
             raise
-        if publisher is not None:
-            publisher.commit(snap)  # ... before any serves it
+        # Published from here on. The loader's record (admin API, metrics, state.json, a
+        # worker that starts now) says so before any worker serves it: a client that has been
+        # served the new export never reads an older record afterwards.
         self.catalog.commit(snap)
         seconds = time.perf_counter() - start
-        log.info(
-            "published %s in %.3fs",
-            ", ".join(f"{v.dataset}/{v.export_id} as {v.version_id}" for v in built), seconds,
-        )
         for version in built:
             steps = (timings or {}).get(version.dataset)
             if steps is not None:
@@ -473,6 +470,13 @@ class Updater:
                 steps["total"] = sum(steps.values())
             self._served(version, steps)
         self._save()
+        if publisher is not None:
+            publisher.commit(snap)  # ... before any serves it
+        log.info(
+            "published %s in %.3fs",
+            ", ".join(f"{v.dataset}/{v.export_id} as {v.version_id}" for v in built),
+            time.perf_counter() - start,
+        )
         self._warm_after(snap)
 
     def _warm_after(self, snap: Snapshot) -> None:

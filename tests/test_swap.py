@@ -23,8 +23,10 @@ from conftest import (
     wait_for,
     write_seq_export,
 )
+from loaders.admin import dataset_doc
 from serving.app import UPDATER
 from serving.state import STORE
+from serving.worker import WORKER
 
 
 async def test_zero_failed_requests_during_30_swaps(tmp_path: Path, serve) -> None:
@@ -70,6 +72,27 @@ async def test_zero_failed_requests_during_30_swaps(tmp_path: Path, serve) -> No
         "seqdata"].version_id
     ok = [e for e in srv.app[UPDATER].history if e.ok]
     assert len(ok) == 32
+
+
+async def test_the_loader_records_a_publish_before_any_worker_serves_it(
+        tmp_path: Path, serve) -> None:
+    """A client served the new export and then asking the admin API is never told the old one
+    is served (the worker's commit comes after the loader's record)."""
+    write_seq_export(tmp_path, 1)
+    srv: Running = await serve(seq_config(tmp_path))
+    await srv.wait_ready()
+    updater, worker = srv.app[UPDATER], srv.app[WORKER]
+    seen: list[str | None] = []
+    commit = worker.commit
+
+    async def recording(snap: Any) -> None:
+        seen.append((dataset_doc(updater, "seqdata")["served"] or {}).get("export_id"))
+        await commit(snap)
+
+    worker.commit = recording  # type: ignore[method-assign]
+    write_seq_export(tmp_path, 2)
+    await srv.wait_export("/v1/rows", 2)
+    assert seen == ["export-000002"]
 
 
 def _rss_bytes() -> int:
