@@ -85,8 +85,15 @@ class Supervisor:
         self._generation = 0
 
     def bind(self) -> int:
-        """Hold `host:port` (0: any free port) for the workers; returns the port."""
+        """Hold `host:port` (0: any free port) for the workers; returns the port. OSError
+        (EADDRINUSE) where anything else holds it: SO_REUSEPORT would let a second server
+        bind beside the first, and the kernel would split connections between the two."""
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        if self.port:
+            with socket.socket(family, socket.SOCK_STREAM) as alone:  # no SO_REUSEPORT
+                # SO_REUSEADDR: a stopped server's connections in TIME_WAIT do not count
+                alone.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                alone.bind((self.host, self.port))
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)

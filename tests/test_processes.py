@@ -192,3 +192,19 @@ async def test_no_client_sees_an_older_export_with_two_workers(tmp_path: Path) -
         stop.set()
         await asyncio.gather(*clients)
         assert failed == [] and backwards == []
+
+
+async def test_a_second_server_on_the_same_port_is_refused(tmp_path: Path) -> None:
+    """SO_REUSEPORT would let it bind beside the first and take half the connections."""
+    write_seq_export(tmp_path / "src", 1, rows=10)
+    with _server(tmp_path) as (proc, base):
+        await wait_for(lambda: _ready(base), 90, "/readyz")
+        port = base.rsplit(":", 1)[1]
+        second = tmp_path / "second"
+        (second / "src").mkdir(parents=True)
+        config = _config(second, int(port))
+        done = subprocess.run([sys.executable, "-m", "serving.cli", "serve", "--config",
+                               str(config)], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 2, done.stderr[-2000:]
+        assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in done.stderr
+        assert proc.poll() is None and await _ready(base)
