@@ -82,7 +82,8 @@ def _scalar(spec: ParamSpec, text: str) -> Scalar:
         if len(text) > spec.max_length:
             raise ParamError(name, f"expected at most {spec.max_length} characters")
         if spec.pattern is not None and not re.fullmatch(spec.pattern, text):
-            raise ParamError(name, f"expected a string matching {spec.pattern!r}, got {text!r}")
+            raise ParamError(name, f"expected a string matching the pattern {spec.pattern}, "
+                                   f"got {text!r}")
         return text
     if spec.min is not None and value < spec.min:
         raise ParamError(name, f"expected a value >= {spec.min}, got {value}")

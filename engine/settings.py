@@ -5,6 +5,7 @@ Every error names the file, the key and what is wrong.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import tomllib
@@ -37,7 +38,8 @@ SETTING_KEYS: dict[str, str] = {
     "readiness probe's period).",
     "server.shutdown_seconds": "After the listener closes, the most seconds the requests in "
     "flight get to finish before the server stops (default 10).",
-    "server.log_level": "Python log level (default INFO); at DEBUG every request is logged to "
+    "server.log_level": "DEBUG, INFO, WARNING, ERROR or CRITICAL (default INFO); at DEBUG "
+    "every request is logged to "
     "`aiohttp.access` too (at thousands of requests a second that log costs more CPU than the "
     "answers; the CDN in front keeps its own).",
     "server.cache_mb": "Byte budget of the response cache in MiB: the warmed answers of the "
@@ -357,6 +359,10 @@ def parse_settings(raw: Mapping[str, Any], file: str = "<config>") -> Settings:
     positive(source, "concurrency", settings.concurrency)
     positive(server, "threads", settings.threads)
     positive(server, "query_timeout", settings.query_timeout)
+    levels = [n for n in logging.getLevelNamesMapping() if n not in ("NOTSET", "WARN", "FATAL")]
+    if settings.log_level.upper() not in levels:
+        raise server.fail("log_level", f"expected one of {', '.join(levels)}, got "
+                                       f"{settings.log_level!r}")
     if not 0 <= settings.port <= 65535:
         raise server.fail("port", f"must be 0-65535, got {settings.port}")
     for r in (server, source, root):

@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -229,7 +230,8 @@ def cmd_check_export(args: argparse.Namespace) -> int:
         return 2
     report = check_folder(folder, schema, settings.threads)
     if report.problems:
-        print(f"{folder}: refused as {dataset} ({len(report.problems)} problems):")
+        n = len(report.problems)
+        print(f"{folder}: refused as {dataset} ({n} problem{'' if n == 1 else 's'}):")
         for problem in report.problems:
             print(f"  - {problem}")
         return 1
@@ -247,6 +249,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _number(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type: an int from `low` to `high`."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be {low}-{high}, got {value}")
+        return value
+
+    return parse
+
+
 def main(argv: list[str] | None = None) -> int:
     from engine import openapi
 
@@ -256,8 +272,10 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="serve the endpoints of a config (default: the demo)")
     serve.add_argument("--config", help="TOML config file; omit to serve the bundled demo")
-    serve.add_argument("--host", default=None)
-    serve.add_argument("--port", type=int, default=None)
+    serve.add_argument("--host", default=None, help="address to listen on (default: "
+                       "server.host, 127.0.0.1)")
+    serve.add_argument("--port", type=_number(0, 65535), default=None,
+                       help="port to listen on, 0 for any free one (default: server.port, 8080)")
     serve.set_defaults(func=cmd_serve)
     check = sub.add_parser("check-config", help="validate a config and prepare its SQL")
     check.add_argument("config")
@@ -274,7 +292,8 @@ def main(argv: list[str] | None = None) -> int:
         "--root", default="duckswap-demo", help="source folder (default ./duckswap-demo)"
     )
     demo.add_argument("--size", choices=["default", "medium", "small"], default="default")
-    demo.add_argument("--seq", type=int, default=None, help="export number (default: next)")
+    demo.add_argument("--seq", type=_number(1, 999_999), default=None,
+                      help="export number (default: next)")
     demo.add_argument("--manifest", action="store_true", help="write _manifest.json, not _SUCCESS")
     demo.set_defaults(func=cmd_demo)
     args = parser.parse_args(argv)

@@ -209,9 +209,11 @@ def _query(request: web.Request) -> tuple[dict[str, list[str]], str | None, str]
     fmt = None
     for key, value in request.query.items():
         if key == "format":
-            if fmt is not None or value not in FORMATS:
-                raise BadParameter(f"format: expected one of {', '.join(FORMATS)}, once",
-                                   parameter="format")
+            if fmt is not None:
+                raise BadParameter("format: given more than once", parameter="format")
+            if value not in FORMATS:
+                raise BadParameter(f"format: expected one of {', '.join(FORMATS)}, got "
+                                   f"{value!r}", parameter="format")
             fmt = value
         elif key == "v":
             if wanted is not None:
@@ -225,8 +227,15 @@ def _query(request: web.Request) -> tuple[dict[str, list[str]], str | None, str]
     return out, wanted, fmt or "json"
 
 
+def _no_query(request: web.Request) -> None:
+    """A cacheable document takes no query parameters: each one would be another CDN key."""
+    for name in request.query:
+        raise BadParameter(f"{name}: unknown parameter", parameter=name)
+
+
 async def version_pointer(request: web.Request) -> web.Response:
     """`/v1/version`: current dataset versions and every endpoint's token. Tiny, short TTL."""
+    _no_query(request)
     body, tag = request.app[SERVING].pointer()
     headers = {"ETag": tag, "Cache-Control": VERSION_CACHE_CONTROL}
     if if_none_match(request.headers.get("If-None-Match"), tag):
@@ -244,6 +253,7 @@ def openapi_handler(settings: Settings) -> Handler:
     headers = {"ETag": tag, "Cache-Control": OPENAPI_CACHE_CONTROL}
 
     async def handle(request: web.Request) -> web.Response:
+        _no_query(request)
         if if_none_match(request.headers.get("If-None-Match"), tag):
             return web.Response(status=304, headers=headers)
         return web.Response(body=body, content_type="application/json", headers=headers)
@@ -252,7 +262,7 @@ def openapi_handler(settings: Settings) -> Handler:
 
 
 async def healthz(request: web.Request) -> web.Response:
-    return json_response({"status": "ok"})
+    return json_response({"status": "ok"}, headers={"Cache-Control": NO_STORE})
 
 
 async def readyz(request: web.Request) -> web.Response:
@@ -283,7 +293,7 @@ async def readyz(request: web.Request) -> web.Response:
         "data_age_s": {n: round(now - v.loaded_at, 3) for n, v in snap.versions.items()},
         "source": {"url": status.get("source_url"), "errors": status.get("source_errors", 0),
                    "last_listed_age_s": round(now - listed, 3) if listed else None},
-    })
+    }, headers={"Cache-Control": NO_STORE})
 
 
 STATUS_CONTENT_TYPE = "text/html; charset=utf-8"

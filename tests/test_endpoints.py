@@ -77,7 +77,8 @@ async def test_every_demo_endpoint_is_covered(tmp_path: Path) -> None:
         ("/v1/champions/0/stats?role=mid", "champion_id", "expected a value >= 1"),
         ("/v1/champions/3/stats?role=wizard", "role", "expected one of top, jungle"),
         ("/v1/champions/3/stats", "role", "required parameter"),
-        ("/v1/champions/3/stats?role=mid&patch=1'%20OR%201=1--", "patch", "matching"),
+        ("/v1/champions/3/stats?role=mid&patch=1'%20OR%201=1--", "patch",
+         r"matching the pattern \d{2}\.\d{2}, got"),
         ("/v1/champions/3/stats?role=mid&region=euw;DROP%20TABLE%20x", "region", "expected one"),
         ("/v1/champions/3/stats?role=mid&rank=gold&rank=iron", "rank", "single value"),
         ("/v1/champions/3/stats?role=mid&debug=1", "debug", "unknown parameter"),
@@ -111,6 +112,20 @@ async def test_unknown_route_and_method(demo: Running) -> None:
     async with demo.session.post(demo.url("/v1/champions")) as resp:
         assert resp.status == 405
         assert (await resp.json())["error"] == "method_not_allowed"
+
+
+async def test_cacheable_documents_refuse_query_parameters(demo: Running) -> None:
+    """Each one would be another CDN key for the same bytes."""
+    for path in ("/v1/version?t=1", "/openapi.json?x=1"):
+        status, body = await demo.get(path)
+        assert status == 400 and body["message"] == f"{path[-3]}: unknown parameter", body
+
+
+async def test_health_answers_are_never_cached(demo: Running) -> None:
+    await demo.wait_ready()
+    for path in ("/healthz", "/readyz"):
+        async with demo.session.get(demo.url(path)) as resp:
+            assert resp.status == 200 and resp.headers["Cache-Control"] == "no-store"
 
 
 async def test_row_limit_truncates_and_says_so(demo: Running) -> None:

@@ -131,10 +131,14 @@ async def test_a_versioned_url_keeps_its_format(demo: Running) -> None:
     assert status == 307 and "format=csv" in location and f"v={tok}" in location
 
 
-@pytest.mark.parametrize("query", ["format=xml", "format=csv&format=csv", "format="])
-async def test_an_unknown_format_is_a_400(demo: Running, query: str) -> None:
+@pytest.mark.parametrize(("query", "message"), [
+    ("format=xml", "format: expected one of json, csv, arrow, got 'xml'"),
+    ("format=csv&format=csv", "format: given more than once"),
+    ("format=", "format: expected one of json, csv, arrow, got ''")])
+async def test_an_unknown_format_is_a_400(demo: Running, query: str, message: str) -> None:
     status, _, body = await _get(demo, f"/v1/champions/2/builds?role=top&{query}")
-    assert status == 400 and orjson.loads(body)["parameter"] == "format"
+    doc = orjson.loads(body)
+    assert status == 400 and doc["parameter"] == "format" and doc["message"] == message
 
 
 async def test_popular_csv_answers_are_warmed_before_a_publish(tmp_path: Path,

@@ -105,6 +105,8 @@ def _write(tmp_path: Path, raw: dict[str, Any]) -> Path:
         ("endpoints.one.warm_sql", "SELECT id FROM stats WHERE games > $x",
          "endpoints.one.warm_sql", "takes no parameters"),
         ("server.cache_mb", -1, "server.cache_mb", "must not be negative"),
+        ("server.log_level", "LOUD", "server.log_level",
+         "expected one of CRITICAL, ERROR, WARNING, INFO, DEBUG, got 'LOUD'"),
         ("server.warm_seconds", 5, "server.warm_seconds", "removed: the warm's time budgets"),
         ("server.no_such_key", 5, "server.no_such_key", "unknown key"),
         ("datasets.stats.export", "../export-1", "datasets.stats.export", "not an export id"),
@@ -175,6 +177,17 @@ def test_check_config_cli(tmp_path: Path) -> None:
     )
     assert res.returncode == 2
     assert f"{bad}: endpoints.one.sql: SQL does not prepare" in res.stderr
+
+
+@pytest.mark.parametrize(("argv", "error"), [
+    (["serve", "--port", "99999"], "argument --port: must be 0-65535, got 99999"),
+    (["serve", "--port", "http"], "argument --port: expected a whole number, got 'http'"),
+    (["demo", "--seq", "-1"], "argument --seq: must be 1-999999, got -1")])
+def test_command_line_numbers_are_checked(tmp_path: Path, argv: list[str], error: str) -> None:
+    res = subprocess.run([sys.executable, "-m", "serving.cli", *argv],
+                         capture_output=True, text=True, cwd=tmp_path)
+    assert res.returncode == 2 and error in res.stderr, res.stderr
+    assert not any(tmp_path.iterdir())  # nothing started, nothing written
 
 
 def test_env_overrides_single_keys(tmp_path: Path) -> None:
