@@ -83,7 +83,7 @@ class Loader:
             "pending": {n: [{"export_id": e, "since": round(t, 3)} for e, t in sorted(p.items())]
                         for n, p in list(u.source.pending.items()) if p},
             "source_problem": u.source_problem,
-            "awaiting": u.awaiting_named(),
+            "named": u.named_exports(),
             "settled": self.warmer.settled,
             "source_url": u.source.url,
             "source_errors": u.source_errors,

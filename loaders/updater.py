@@ -266,16 +266,15 @@ class Updater:
         """The group `name` is published with (a dataset in none: a group of its own)."""
         return self.group_of.get(name) or RunGroup(name, (name,))
 
-    def awaiting_named(self) -> dict[str, str]:
-        """Datasets not serving the export their config names, with it, while nothing says it
-        cannot be loaded (a replica is not ready meanwhile: it serves what it kept)."""
-        current = self.catalog.current.versions
+    def named_exports(self) -> dict[str, str]:
+        """The exports the config names (`datasets.*.export`), where nothing says they cannot
+        be loaded: a replica not serving one is not ready (it serves what it kept). Each
+        worker compares them with the Snapshot it serves, not the loader's record, which
+        is ahead of the workers during a publish."""
         out = {}
         for name in self.schemas:
             named = self.config_export(name)
-            if named is None or self.group(name).name in self.config_problems:
-                continue
-            if (v := current.get(name)) is None or v.export_id != named:
+            if named is not None and self.group(name).name not in self.config_problems:
                 out[name] = named
         return out
 
@@ -288,12 +287,12 @@ class Updater:
         for run_id, since in pending.items():
             if now - since >= group.incomplete_seconds \
                     and (group.name, run_id) not in self.overdue:
-                self.overdue.add((group.name, run_id))
                 log.error("run %s of group %s is still incomplete after %.0fs (complete: %s; "
                           "missing: %s); it is not published until every dataset of the group "
                           "has a complete export with that id", run_id, group.name, now - since,
                           ", ".join(self._members_with(group, run_id, True)) or "none",
                           ", ".join(self._members_with(group, run_id, False)) or "none")
+                self.overdue.add((group.name, run_id))  # after the log line: tests poll it
         self.overdue = {(g, r) for g, r in self.overdue if g != group.name or r in pending}
 
     def _note_incomplete_exports(self, dataset: str) -> None:
@@ -593,9 +592,13 @@ class Updater:
             self._record(event)
             return event
         reason = str(failed.error)
-        # Logged first: whoever sees the refusal in the state can find it in the log.
+        # Logged and counted first: whoever sees the refusal in the state finds it in the
+        # log, the history and the metrics.
         log.error("refused export %s/%s: %s (previous version keeps serving)",
                   candidate.dataset, candidate.export_id, reason)
+        event = LoadEvent(candidate.dataset, candidate.export_id, False, reason,
+                          failed.seconds, listing=self.listings)
+        self._record(event)
         if self.config_export(candidate.dataset) == candidate.export_id:  # said at once
             self._config_problem(self.group(candidate.dataset), candidate.export_id,
                                  _refused(candidate.export_id, candidate.dataset, reason))
@@ -604,9 +607,6 @@ class Updater:
             candidate.dataset, candidate.export_id, candidate.fingerprint, reason, time.time())
         for old in sorted(quarantine, key=lambda e: quarantine[e].at)[:-QUARANTINE_KEPT]:
             del quarantine[old]
-        event = LoadEvent(candidate.dataset, candidate.export_id, False, reason,
-                          failed.seconds, listing=self.listings)
-        self._record(event)
         self._save()
         return event
 
@@ -675,11 +675,12 @@ class Updater:
             raise NotKept(f"{dataset} does not keep version {version_id!r} (kept: {kept})")
         return record
 
-    def _serve(self, record: VersionRecord) -> None:
-        current = self.catalog.current.versions.get(record.dataset)
-        if current is not None and current.version_id == record.version_id:
-            return
-        self._publish([self._attach(record)])
+    def _serve(self, records: list[VersionRecord]) -> None:
+        current = self.catalog.current.versions
+        todo = [r for r in records if (c := current.get(r.dataset)) is None
+                or c.version_id != r.version_id]
+        if todo:
+            self._publish([self._attach(r) for r in todo])
 
     def rollback(self, dataset: str, version_id: str | None = None) -> VersionRecord:
         """Serve the previously served version (or a kept one) and pin it, so the watcher
@@ -692,21 +693,38 @@ class Updater:
         return self._pin(dataset, self._kept(dataset, version_id, 0))
 
     def _pin(self, dataset: str, record: VersionRecord) -> VersionRecord:
-        ds = self.state[dataset]
-        before, ds.pinned = ds.pinned, record.version_id  # saved with the publish
+        """Pin `record`, and in a group the same export of every other member: a run is
+        served whole (one Snapshot), never mixed with another."""
+        group = self.group(dataset)
+        records = [record, *(self._same_export(d, record.export_id, group)
+                             for d in group.datasets if d != dataset)]
+        before = {r.dataset: self.state[r.dataset].pinned for r in records}
+        for r in records:
+            self.state[r.dataset].pinned = r.version_id  # saved with the publish
         try:
-            self._serve(record)
+            self._serve(records)
         except BaseException:
-            ds.pinned = before
+            for name, pinned in before.items():
+                self.state[name].pinned = pinned
             raise
         self._save()
         return record
 
+    def _same_export(self, dataset: str, export_id: str, group: RunGroup) -> VersionRecord:
+        for r in self.state[dataset].versions:
+            if r.export_id == export_id:
+                return r
+        raise NotKept(f"{dataset} keeps no version of export {export_id}, and group "
+                      f"{group.name} is served whole (kept: "
+                      f"{', '.join(r.export_id for r in self.state[dataset].versions) or 'none'})")
+
     def unpin(self, dataset: str) -> list[LoadEvent]:
-        """Follow the source again: the newest valid export is loaded now."""
-        self.state[dataset].pinned = None
+        """Follow the source again (the whole group): the newest valid export is loaded now."""
+        names = list(self.group(dataset).datasets)
+        for name in names:
+            self.state[name].pinned = None
         self._save()
-        return self.refresh([dataset])
+        return self.refresh(names)
 
     def reload(self, dataset: str | None = None, retry: bool = False) -> list[LoadEvent]:
         """List the source now; `retry` also forgets quarantined exports."""

@@ -279,7 +279,8 @@ async def readyz(request: web.Request) -> web.Response:
             "waiting for datasets to load", missing=missing,
             pending={n: [p["export_id"] for p in pending.get(n, [])] for n in missing},  # ids
             source_problem=status.get("source_problem")))
-    awaiting = status.get("awaiting")
+    awaiting = {d: e for d, e in status.get("named", {}).items()
+                if (v := snap.versions.get(d)) is None or v.export_id != e}
     if awaiting:  # serving what it kept, not yet the exports its config names
         return error_response(NotReady("waiting for the exports the config names (serving "
                                        "what the data dir kept meanwhile)", awaiting=awaiting))

@@ -260,6 +260,40 @@ async def test_a_run_is_published_whole_or_not_at_all(
     await wait_for(lambda: published((5, 5)), 30, "run 5")
 
 
+async def test_a_rollback_moves_the_whole_run(tmp_path: Path, serve: Any) -> None:
+    """Rolling back, pinning or unpinning one member of a group moves every member: an
+    endpoint joining two never serves two runs at once."""
+    for name in ("alpha", "beta"):
+        write_run(tmp_path, name, 1)
+    srv: Running = await serve(group_config(tmp_path))
+
+    async def pair() -> tuple[int, int]:
+        status, body = await srv.get("/v1/pair")
+        assert status == 200, body
+        return body["data"][0]["alpha_seq"], body["data"][0]["beta_seq"]
+
+    await srv.wait_ready()
+    for name in ("alpha", "beta"):
+        write_run(tmp_path, name, 2)
+
+    async def second() -> bool:
+        return await pair() == (2, 2)
+
+    await wait_for(second, 30, "run 2")
+    status, body = await admin(srv, "POST", "/admin/datasets/alpha/rollback")
+    assert status == 200, body
+    assert await pair() == (1, 1)
+    for name in ("alpha", "beta"):
+        status, doc = await admin(srv, "GET", f"/admin/datasets/{name}")
+        assert doc["served"]["export_id"] == "export-000001"
+        assert doc["pinned"] == doc["served"]["version"]
+    status, body = await admin(srv, "POST", "/admin/datasets/beta/unpin")
+    assert status == 200, body
+    assert await pair() == (2, 2)
+    for name in ("alpha", "beta"):
+        assert (await admin(srv, "GET", f"/admin/datasets/{name}"))[1]["pinned"] is None
+
+
 def test_a_group_names_declared_datasets_once() -> None:
     raw = {"source": {"url": "file:///x"},
            "datasets": {"a": {"key": ["k"], "columns": {"k": "INTEGER"}}},

@@ -299,8 +299,8 @@ async def test_restart_with_the_bucket_down_serves_the_cached_version(
     await srv.stop()
     emulator.stop()
     again = await serve(settings)
-    await again.wait_export("/v1/rows", 1, timeout=10)  # gcsfs alone retries ~30 s
-    await again.wait_ready(timeout=10)
+    await again.wait_export("/v1/rows", 1, timeout=25)  # under gcsfs's own ~30 s of retries
+    await again.wait_ready(timeout=25)
     _, after = await again.get("/readyz")
     assert after["versions"] == before["versions"]
     assert after["data_age_s"]["seqdata"] >= before["data_age_s"]["seqdata"]

@@ -206,15 +206,20 @@ async def test_restart_serves_the_cached_version_first(tmp_path: Path, serve: An
     _, pointer = await srv.get("/v1/version")
     await admin(srv, "POST", "/admin/datasets/seqdata/rollback")  # pinned at export 2
     write_seq_export(source, 4)
+
+    async def collected() -> bool:  # keep_versions: the served one and the one before
+        return len(list((data / "versions").iterdir())) == 2
+
+    await wait_for(collected, 30, "export 1's file to be deleted")
     await srv.stop()
     kept = sorted(p.name for p in (data / "versions").iterdir())
-    assert len(kept) == 2  # keep_versions: the served one and the one before
+    assert len(kept) == 2
 
     for seq in (1, 2, 3, 4):  # the source has nothing to offer any more
         for f in (source / "seqdata" / f"export-{seq:06d}").iterdir():
             f.unlink()
     again = await serve(settings)
-    await again.wait_ready(timeout=10)
+    await again.wait_ready(timeout=60)
     assert await served_seq(again) == 2  # cached, and still pinned
     _, listing = await admin(again, "GET", "/admin/datasets/seqdata")
     assert listing["pinned"] == listing["served"]["version"]
