@@ -10,7 +10,7 @@ import os
 import re
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -165,6 +165,13 @@ class Settings:
     staging_dir: str | None = None
     cache_mb: float = 256.0
     file: str = field(default="<config>", compare=False)
+    # key -> the environment variable that set it (`apply_env`), for errors to name
+    env: Mapping[str, str] = field(default_factory=dict, compare=False)
+
+    def origin(self, *keys: str) -> str:
+        """What set `keys` (the first set from the environment wins): its variable, else the
+        config file; an error about them names it."""
+        return next((v for k in keys if (v := _variable(self.env, k))), self.file)
 
     @property
     def source_path(self) -> Path:
@@ -415,13 +422,17 @@ def load_settings(path: str | Path, environ: Mapping[str, str] | None = None) ->
         if url.startswith("file://") and not url.startswith("file:///"):
             source["url"] = "file://" + str((base / url.removeprefix("file://")).resolve())
     try:
-        return parse_settings(raw, file)
+        return replace(parse_settings(raw, file), env=from_env)
     except ConfigError as exc:
-        variable = next((v for k, v in from_env.items()
-                         if k == exc.key or k.startswith(exc.key + ".")), None)
+        variable = _variable(from_env, exc.key)
         if variable is None:
             raise
         raise ConfigError(variable, exc.key, exc.problem) from None
+
+
+def _variable(from_env: Mapping[str, str], key: str) -> str | None:
+    """The variable that set `key` or a key inside it (`apply_env`), if one did."""
+    return next((v for k, v in from_env.items() if k == key or k.startswith(key + ".")), None)
 
 
 def reference_table() -> str:

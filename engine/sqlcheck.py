@@ -30,9 +30,9 @@ def declared_tables(settings: Settings) -> Iterator[duckdb.DuckDBPyConnection]:
                 # table evaluates nothing, and hides a parameter that cannot bind).
                 con.execute(f"INSERT INTO {quote_ident(ds.name)} DEFAULT VALUES")
             except duckdb.Error as exc:
-                raise ConfigError(
-                    settings.file, f"datasets.{ds.name}.columns", f"invalid column type: {exc}"
-                ) from None
+                key = f"datasets.{ds.name}.columns"
+                raise ConfigError(settings.origin(key), key, f"invalid column type: {exc}") \
+                    from None
         lock_down(con)  # as the serving connections run: endpoint SQL reads no file or URL
         yield con
     finally:
@@ -89,7 +89,7 @@ def check_sql(settings: Settings) -> None:
                         con.execute(f"SELECT * FROM ({ep.sql}) LIMIT 1", samples).fetchall()
                     except (duckdb.ConversionException, duckdb.InvalidInputException) as exc:
                         given = ", ".join(f"${n} = {v!r}" for n, v in samples.items())
-                        raise ConfigError(settings.file, key, "fails with values of the "
+                        raise ConfigError(settings.origin(key), key, "fails with values of the "
                                           f"parameters' declared types ({given}): "
                                           f"{str(exc).splitlines()[0]}") from None
                     if ep.warm_sql:
@@ -97,8 +97,9 @@ def check_sql(settings: Settings) -> None:
                         cur = con.execute(f"SELECT * FROM ({ep.warm_sql}) LIMIT 0")
                         extra = [d[0] for d in cur.description or [] if d[0] not in ep.params]
                         if extra:
-                            raise ConfigError(settings.file, key,
+                            raise ConfigError(settings.origin(key), key,
                                               f"column {extra[0]!r} is not a parameter")
             except duckdb.Error as exc:
                 first = str(exc).splitlines()[0]
-                raise ConfigError(settings.file, key, f"SQL does not prepare: {first}") from None
+                raise ConfigError(settings.origin(key), key,
+                                  f"SQL does not prepare: {first}") from None

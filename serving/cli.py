@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -109,8 +110,11 @@ def _start(args: argparse.Namespace) -> int:
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    host = args.host or settings.host
-    port = settings.port if args.port is None else args.port
+    given = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    if given:  # the command line wins, and an error about them names it
+        settings = replace(settings, **given,
+                           env={**settings.env, **{f"server.{k}": f"--{k}" for k in given}})
+    host, port = settings.host, settings.port
     from loaders.loader import Loader
     from loaders.state import DataDirError
     from loaders.workers import Workers
@@ -119,7 +123,7 @@ def _start(args: argparse.Namespace) -> int:
     try:
         loader = Loader(settings, workers)
     except DataDirError as exc:
-        print(f"{settings.file}: server.data_dir: {exc}", file=sys.stderr)
+        print(f"{settings.origin('server.data_dir')}: server.data_dir: {exc}", file=sys.stderr)
         return 2
     loop = new_event_loop()
     asyncio.set_event_loop(loop)
@@ -156,8 +160,8 @@ async def _serve(loader: Loader, workers: Workers, host: str, port: int,
     try:
         port = supervisor.bind()
     except OSError as exc:  # the port is taken, the address is not this machine's
-        print(f"{settings.file}: cannot listen on {host}:{port}: {exc.strerror or exc}",
-              file=sys.stderr)
+        print(f"{settings.origin('server.host', 'server.port')}: cannot listen on "
+              f"{host}:{port}: {exc.strerror or exc}", file=sys.stderr)
         loader.close()
         return 2
     stop = asyncio.Event()

@@ -489,8 +489,16 @@ def test_an_unusable_data_dir_stops_startup_with_a_clear_error(tmp_path: Path) -
     done = subprocess.run([sys.executable, "-m", "serving.cli", "serve", "--config",
                            str(config)], capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
-    assert f"server.data_dir: data dir {blocker / 'data'} cannot be used" in done.stderr
+    assert f"{config}: server.data_dir: data dir {blocker / 'data'} cannot be used" \
+        in done.stderr
     assert "Traceback" not in done.stderr
+    # set from the environment: the error names the variable
+    env = {**os.environ, "DUCKSWAP_SERVER__DATA_DIR": str(blocker / "other")}
+    done = subprocess.run([sys.executable, "-m", "serving.cli", "serve", "--config",
+                           str(config)], capture_output=True, text=True, timeout=60, env=env)
+    assert done.returncode == 2
+    assert (f"DUCKSWAP_SERVER__DATA_DIR: server.data_dir: data dir {blocker / 'other'} "
+            "cannot be used") in done.stderr, done.stderr
 
 
 def _parts(folder: Path, parts: list[list[tuple[Any, ...]]]) -> list[str]:

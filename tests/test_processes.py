@@ -206,5 +206,11 @@ async def test_a_second_server_on_the_same_port_is_refused(tmp_path: Path) -> No
         done = subprocess.run([sys.executable, "-m", "serving.cli", "serve", "--config",
                                str(config)], capture_output=True, text=True, timeout=60)
         assert done.returncode == 2, done.stderr[-2000:]
-        assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in done.stderr
+        assert f"{config}: cannot listen on 127.0.0.1:{port}: Address already in use" \
+            in done.stderr
+        done = subprocess.run([sys.executable, "-m", "serving.cli", "serve", "--config",
+                               str(config), "--port", port],
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 2 and f"--port: cannot listen on 127.0.0.1:{port}" \
+            in done.stderr, done.stderr[-2000:]
         assert proc.poll() is None and await _ready(base)
