@@ -66,40 +66,58 @@ def size_problems(sizes: Mapping[str, int], schema: DatasetSchema) -> list[str]:
 
 def verify(export: Export, allow_empty: bool = False) -> tuple[str, dict[str, int]]:
     """Check files against the manifest (if any); return a content-derived version id
-    and the expected row count per file from the manifest (empty without one)."""
+    and the expected row count per file from the manifest (empty without one). LoadError
+    with the first problem `audit` finds."""
+    version_id, expected_rows, problems = audit(export, allow_empty)
+    if problems:
+        raise LoadError(problems[0])
+    return version_id, expected_rows
+
+
+def audit(export: Export, allow_empty: bool = False) -> tuple[str, dict[str, int], list[str]]:
+    """`verify`'s checks with every problem found (`duckswap check-export`), in order."""
+    problems: list[str] = []
     if not export.files and not allow_empty:
-        raise LoadError("export has a marker but no part-*.parquet files (allow_empty is false)")
-    manifest = _manifest(export)
+        problems.append("export has a marker but no part-*.parquet files (allow_empty is false)")
     sums = {p.name: _digests(p) for p in export.files}
     digests = {name: d[0] for name, d in sums.items()}
     expected_rows: dict[str, int] = {}
+    try:
+        manifest = _manifest(export)
+    except LoadError as exc:
+        return _version_id(digests), expected_rows, [*problems, str(exc)]
     if manifest is not None:
         listed = {}
         for entry in manifest["files"]:
             if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
-                raise LoadError("_manifest.json: each file needs a 'path'")
+                return (_version_id(digests), expected_rows,
+                        [*problems, "_manifest.json: each file needs a 'path'"])
             listed[Path(entry["path"]).name] = entry
-        missing = sorted(set(listed) - set(digests))
-        if missing:
-            raise LoadError(f"_manifest.json lists missing file {missing[0]}")
-        extra = sorted(set(digests) - set(listed))
-        if extra:
-            raise LoadError(f"file {extra[0]} is not listed in _manifest.json")
+        problems += [f"_manifest.json lists missing file {name}"
+                     for name in sorted(set(listed) - set(digests))]
+        problems += [f"file {name} is not listed in _manifest.json"
+                     for name in sorted(set(digests) - set(listed))]
         for name, entry in listed.items():
+            if name not in sums:
+                continue
             size = (export.path / name).stat().st_size
             if "size" in entry and entry["size"] != size:
-                raise LoadError(f"{name}: size {size} != manifest size {entry['size']}")
+                problems.append(f"{name}: size {size} != manifest size {entry['size']}")
             for i, algo in enumerate(("sha256", "md5", "crc32c")):
                 if algo in entry and entry[algo] != sums[name][i]:
-                    raise LoadError(f"{name}: {algo} does not match the manifest")
+                    problems.append(f"{name}: {algo} does not match the manifest")
             if "rows" in entry:
                 expected_rows[name] = int(entry["rows"])
         if "rows" in manifest:
             expected_rows[TOTAL] = int(manifest["rows"])
+    return _version_id(digests), expected_rows, problems
+
+
+def _version_id(digests: Mapping[str, str]) -> str:
     h = hashlib.sha256()
     for name in sorted(digests):
         h.update(f"{name}\0{digests[name]}\n".encode())
-    return h.hexdigest()[:16], expected_rows
+    return h.hexdigest()[:16]
 
 
 def check_export(export: Export, schema: DatasetSchema) -> str:
@@ -212,8 +230,18 @@ def _create_sql(schema: DatasetSchema, has_files: bool, sort: bool = True) -> st
 
 
 def check_types(con: duckdb.DuckDBPyConnection, files: list[str], schema: DatasetSchema) -> None:
+    """LoadError with the first problem `type_problems` finds."""
+    problems = type_problems(con, files, schema, first=True)
+    if problems:
+        raise LoadError(problems[0])
+
+
+def type_problems(con: duckdb.DuckDBPyConnection, files: list[str], schema: DatasetSchema,
+                  first: bool = False) -> list[str]:
     """Each part's column types are the declared ones, or widen to them the way DuckDB casts
-    implicitly (INTEGER -> BIGINT, FLOAT -> DOUBLE); never a narrowing or a change of kind."""
+    implicitly (INTEGER -> BIGINT, FLOAT -> DOUBLE); never a narrowing or a change of kind.
+    Every problem (`first`: up to the first one)."""
+    problems: list[str] = []
     widens: dict[tuple[str, str], bool] = {}
     for file in files:
         rel = con.read_parquet(file)
@@ -229,12 +257,15 @@ def check_types(con: duckdb.DuckDBPyConnection, files: list[str], schema: Datase
                     f"SELECT can_cast_implicitly(NULL::{actual}, NULL::{declared})").fetchone()
                 widens[pair] = bool(row and row[0])
             if not widens[pair]:
-                raise LoadError(f"{name}: column {column!r} is {actual}, declared {declared}")
+                problems.append(f"{name}: column {column!r} is {actual}, declared {declared}")
         if schema.extra_columns == "refuse":
             extra = sorted(set(found) - set(schema.columns))
             if extra:
-                raise LoadError(f"{name}: column {extra[0]!r} is not declared "
+                problems.append(f"{name}: column {extra[0]!r} is not declared "
                                 "(extra_columns = refuse)")
+        if first and problems:
+            break
+    return problems
 
 
 def check_content(con: duckdb.DuckDBPyConnection, schema: DatasetSchema, rows: int) -> None:

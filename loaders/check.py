@@ -9,8 +9,10 @@ import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import duckdb
+
 from engine.schema import DatasetSchema
-from loaders.build import TOTAL, build_file, size_problems, validate_files, verify
+from loaders.build import TOTAL, audit, build_file, size_problems, type_problems, validate_files
 from loaders.errors import LoadError
 from loaders.source import MARKERS, Export, marker_of, parts_of
 
@@ -34,11 +36,10 @@ def check_folder(folder: Path, schema: DatasetSchema, threads: int = 2) -> Check
     export = Export(schema.name, folder.name, folder, files, marker or "", "",
                     {p.name: p.stat().st_size for p in files})
     problems.extend(size_problems(export.sizes, schema))
-    expected: dict[str, int] = {}
-    try:
-        report.version_id, expected = verify(export, schema.allow_empty)
-    except LoadError as exc:
-        problems.append(str(exc))
+    version_id, expected, found = audit(export, schema.allow_empty)
+    problems.extend(found)
+    if not found:
+        report.version_id = version_id
     readable = True
     for path in files:  # each part on its own, so every bad one is named
         try:
@@ -54,6 +55,14 @@ def check_folder(folder: Path, schema: DatasetSchema, threads: int = 2) -> Check
             validate_files(export, schema, {TOTAL: expected[TOTAL]})
         except LoadError as exc:
             problems.append(str(exc))
+    con = duckdb.connect()
+    try:  # every part's types (a build stops at the first part that is wrong)
+        types = type_problems(con, [str(p) for p in files], schema)
+    finally:
+        con.close()
+    if types:
+        problems.extend(types)
+        return report
     with tempfile.TemporaryDirectory(prefix="duckswap-check-") as tmp:
         try:
             report.rows, _ = build_file([str(p) for p in files], schema,

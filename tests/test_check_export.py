@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from bad_exports import BAD_EXPORTS, missing_column, write_atomically
 
@@ -71,6 +73,20 @@ def test_every_problem_is_listed_not_only_the_first(tmp_path: Path, config: Path
     assert "(3 problems)" in res.stdout, res.stdout
 
 
+def test_every_part_of_the_wrong_type_is_named(tmp_path: Path, config: Path) -> None:
+    folder = tmp_path / "src" / "seqdata" / "export-000001"
+    folder.mkdir(parents=True)
+    for i in range(3):
+        pq.write_table(pa.table({"k": pa.array([str(i)]), "export_seq": pa.array([1], pa.int32()),
+                                 "label": pa.array(["x"])}), folder / f"part-{i:05d}.parquet")
+    (folder / "_SUCCESS").write_text("")
+    res = _check(folder, config)
+    assert res.returncode == 1
+    for i in range(3):
+        assert f"part-{i:05d}.parquet: column 'k' is VARCHAR, declared INTEGER" in res.stdout
+    assert "(3 problems)" in res.stdout, res.stdout
+
+
 def test_a_good_export_passes_with_the_servers_version_id(tmp_path: Path, config: Path) -> None:
     folder = write_seq_export(tmp_path / "src", 1, 50)
     res = _check(folder, config)
@@ -105,8 +121,6 @@ def test_a_spark_style_manifest_passes(tmp_path: Path, config: Path) -> None:
     import json
 
     import google_crc32c
-    import pyarrow as pa
-    import pyarrow.parquet as pq
 
     folder = tmp_path / "src" / "seqdata" / "2026-12-04T0600"
     folder.mkdir(parents=True)
@@ -130,9 +144,14 @@ def test_a_spark_style_manifest_passes(tmp_path: Path, config: Path) -> None:
     res = _check(folder, config)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "30 rows" in res.stdout
-    doc["files"][2]["crc32c"] = doc["files"][1]["crc32c"]  # a part the manifest misdescribes
+    doc["files"][2]["crc32c"] = doc["files"][1]["crc32c"]  # parts the manifest misdescribes
+    doc["files"][1]["size"] += 1
     doc["files"][0]["rows"] = 11
     (folder / "_manifest.json").write_text(json.dumps(doc))
     res = _check(folder, config)
     assert res.returncode == 1, res.stdout
-    assert "crc32c does not match the manifest" in res.stdout, res.stdout
+    names = [f["path"] for f in doc["files"]]
+    for problem in (f"{names[2]}: crc32c does not match the manifest",  # every one of them
+                    f"{names[1]}: size {doc['files'][1]['size'] - 1} != manifest size",
+                    f"{names[0]}: 10 rows != manifest rows 11"):
+        assert problem in res.stdout, res.stdout
