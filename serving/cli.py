@@ -244,11 +244,22 @@ def cmd_check_export(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from data.generate import next_seq, write_export
+    from data.generate import DATASETS, export_id, next_seq, write_export
 
     root = Path(args.root)
     seq = args.seq if args.seq is not None else next_seq(root)
-    for name, folder in write_export(root, seq, args.size, manifest=args.manifest).items():
+    there = [str(p) for d in DATASETS if (p := root / d / export_id(seq)).exists()]
+    if there:  # a server may have loaded it: an export id never names other data
+        print(f"duckswap demo: {there[0]} exists; an export is never rewritten (omit --seq "
+              "for the next one)", file=sys.stderr)
+        return 2
+    try:
+        written = write_export(root, seq, args.size, manifest=args.manifest)
+    except OSError as exc:
+        print(f"duckswap demo: cannot write under {root}: {exc.strerror or exc}",
+              file=sys.stderr)
+        return 2
+    for name, folder in written.items():
         print(f"{name}: {folder}")
     return 0
 

@@ -190,6 +190,23 @@ def test_command_line_numbers_are_checked(tmp_path: Path, argv: list[str], error
     assert not any(tmp_path.iterdir())  # nothing started, nothing written
 
 
+def test_the_demo_command_never_rewrites_an_export(tmp_path: Path) -> None:
+    def demo(*argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "serving.cli", "demo", "--size", "small",
+                               *argv], capture_output=True, text=True, cwd=tmp_path)
+
+    assert demo("--root", "src").returncode == 0
+    part = tmp_path / "src" / "patches" / "export-000001" / "part-00000.parquet"
+    before = part.stat().st_mtime_ns
+    res = demo("--root", "src", "--seq", "1")
+    assert res.returncode == 2 and "export-000001 exists" in res.stderr, res.stderr
+    assert part.stat().st_mtime_ns == before
+    (tmp_path / "file").write_text("")
+    res = demo("--root", "file/src")  # a root that cannot be made: one line, no traceback
+    assert res.returncode == 2 and "cannot write under file/src" in res.stderr, res.stderr
+    assert "Traceback" not in res.stderr
+
+
 def test_env_overrides_single_keys(tmp_path: Path) -> None:
     path = _write(tmp_path, BASE)
     settings = load_settings(path, {"DUCKSWAP_SERVER__PORT": "9123",
